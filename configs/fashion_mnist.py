@@ -1,0 +1,64 @@
+"""Fashion-MNIST, paper setup (reference notebooks): n=4 FF students by default.
+
+Fields whose value is '' or -1 take the paper's value for the chosen
+num_students from the matching `*_by_n` table, so `--config.num_students=8`
+switches architecture and schedules together. Presets after a colon:
+`configs/fashion_mnist.py:smoke` is a seconds-long run on a small subset.
+"""
+import ml_collections
+
+# Student trunks per n (reference Sec. 3); the output Dense of the chunk's
+# width is appended by the library.
+STUDENTS_FMNIST = {
+    '1': 'C32 C32 MP C16 C16 MP Do.25 F D64r Do.3',
+    '2': 'C32 C32 MP C16 C16 MP Do.25 F D16r Do.3',
+    '4': 'C32 C32 MP C16 C16 MP Do.25 F D16r Do.3',
+    '8': 'C32 C32 MP C16 C16 MP Do.25 F D16r Do.3',
+}
+
+
+def get_config(preset: str = ''):
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_students = 4
+  c.method = 'ff'
+  c.layers_impl = 'auto'          # 'auto' | 'im2col' | 'xla'.
+  c.eval_batch_size = 1000
+  c.allow_config_change = False
+
+  c.data = ml_collections.ConfigDict(dict(
+      name='fashion_mnist', dir='', split_seed=0, val_fraction=0.2,
+      train_size=0, test_size=0))
+
+  c.teacher = ml_collections.ConfigDict(dict(
+      body='C32 C64 MP Do.25 F D256r D256r', head_dropout=0.5,
+      optimizer='adam', learning_rate=1e-3, batch_size=256, epochs=20))
+
+  c.students = ml_collections.ConfigDict(dict(
+      arch='', arch_by_n=STUDENTS_FMNIST, init='normal', out_relu=False,
+      optimizer='adam', learning_rate=1e-3, batch_size=128, epochs=10,
+      strategy='auto'))
+
+  c.head = ml_collections.ConfigDict(dict(
+      dropout=-1.0, dropout_by_n={'1': 0.5, '2': 0.5, '4': 0.5, '8': 0.3},
+      optimizer='', optimizer_by_n={'1': 'adam', '2': 'adam', '4': 'adam',
+                                    '8': 'nadam'},
+      learning_rate=1e-3, batch_size=128,
+      epochs=-1, epochs_by_n={'1': 5, '2': 30, '4': 20, '8': 10}))
+
+  if preset:
+    apply_preset(c, preset)
+  return c
+
+
+def apply_preset(c, preset):
+  """'smoke': a small real-data subset and short schedules (tests, demos)."""
+  if preset != 'smoke':
+    raise ValueError(f'unknown preset {preset!r}; known: smoke')
+  c.data.train_size, c.data.test_size = 2000, 1000
+  c.teacher.epochs = 2
+  c.teacher.batch_size = 100
+  c.students.epochs = 2
+  c.students.batch_size = 100
+  c.head.epochs = 2
+  c.head.batch_size = 100

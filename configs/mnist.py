@@ -1,0 +1,29 @@
+"""MNIST, paper setup (reference notebooks): n=4 FF students by default."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import fashion_mnist  # pylint: disable=g-import-not-at-top
+
+# MNIST FF student trunks per n (reference Sec. 3).
+STUDENTS_MNIST = {
+    '1': 'C64 C64 MP C32 C32 MP Do.25 F D16r Do.3',
+    '2': 'C16 C16 MP C16 C16 MP Do.25 F Do.3',
+    '4': 'C32 C32 MP C16 C16 MP Do.25 F D8r Do.3',
+    '8': 'C16 C16 MP C16 C16 MP Do.25 F D12r Do.3',
+}
+
+
+def get_config(preset: str = ''):
+  c = fashion_mnist.get_config()
+  c.data.name = 'mnist'
+  c.teacher.epochs = 12
+  c.students.arch_by_n = STUDENTS_MNIST
+  c.students.epochs = -1
+  c.students.epochs_by_n = {'1': 20, '2': 10, '4': 10, '8': 20}
+  c.head.dropout_by_n = {'1': 0.5, '2': 0.5, '4': 0.5, '8': 0.5}
+  c.head.optimizer_by_n = {'1': 'adam', '2': 'adam', '4': 'adam', '8': 'adam'}
+  c.head.epochs_by_n = {'1': 20, '2': 10, '4': 5, '8': 10}
+  if preset:
+    fashion_mnist.apply_preset(c, preset)
+  return c

@@ -1,0 +1,121 @@
+"""The assembled Teacher-Class Network: students -> concat -> teacher head.
+
+`TCN` is a plain description (architectures as data plus parameters) that
+`predict` runs without the teacher, and that `save_tcn` / `load_tcn` store as
+one Orbax checkpoint (parameters + a JSON description of the architecture).
+"""
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tcn_jax import checkpoint
+from tcn_jax import engine
+from tcn_jax import models
+from tcn_jax.errors import TCNError
+
+
+@dataclasses.dataclass
+class StudentGroup:
+  """Identical students (same architecture and output width), stacked."""
+  spec: str
+  out_dim: int
+  member_ids: list[int]   # Which chunks, in feature order, these students own.
+  out_relu: bool = False
+  init: str = 'normal'
+  params: Any = None      # Leading axis = member.
+
+  def model(self, impl='auto'):
+    return models.student(self.spec, self.out_dim, self.out_relu, self.init,
+                          impl)
+
+  def describe(self):
+    return {k: v for k, v in dataclasses.asdict(self).items() if k != 'params'}
+
+
+@dataclasses.dataclass
+class TCN:
+  groups: list[StudentGroup]
+  num_classes: int
+  head_dropout: float
+  head_params: Any = None
+  impl: str = 'auto'
+
+  @property
+  def num_students(self):
+    return sum(len(g.member_ids) for g in self.groups)
+
+
+def group_students(specs, out_dims, out_relu=False, init='normal'):
+  """Groups students with identical (architecture, width), keeping order."""
+  groups = {}
+  for i, (spec, dim) in enumerate(zip(specs, out_dims)):
+    groups.setdefault((spec, dim), []).append(i)
+  return [StudentGroup(spec, dim, ids, out_relu, init)
+          for (spec, dim), ids in groups.items()]
+
+
+def student_outputs_fn(tcn: TCN, strategy='auto'):
+  """Jitted `(students_params, x) -> (batch, D)`: concatenated in chunk order."""
+  appliers = []
+  for g in tcn.groups:
+    model = g.model(tcn.impl)
+    fn = lambda p, x, model=model: model.apply({'params': p}, x)
+    appliers.append(engine.make_apply_fn(fn, len(g.member_ids), strategy))
+  order = np.argsort([i for g in tcn.groups for i in g.member_ids])
+
+  def outputs(group_params, x):
+    parts = []
+    for apply, params in zip(appliers, group_params):
+      parts.extend(list(apply(params, x)))     # One (batch, d) per member.
+    return jnp.concatenate([parts[i] for i in order], axis=-1)
+
+  return jax.jit(outputs)
+
+
+def make_predict(tcn: TCN, strategy='auto'):
+  """Jitted `predict(images) -> logits` of the assembled network."""
+  outputs = student_outputs_fn(tcn, strategy)
+  head = models.Head(tcn.num_classes, tcn.head_dropout)
+  students = [g.params for g in tcn.groups]
+  head_params = tcn.head_params
+  return jax.jit(lambda x: head.apply({'params': head_params},
+                                      outputs(students, x)))
+
+
+def save_tcn(path: str, tcn: TCN):
+  """Saves the whole TCN (all students + head + architecture) as one checkpoint."""
+  state = {'students': {str(i): g.params for i, g in enumerate(tcn.groups)},
+           'head': tcn.head_params}
+  meta = {'kind': 'tcn_jax.TCN', 'groups': [g.describe() for g in tcn.groups],
+          'num_classes': tcn.num_classes, 'head_dropout': tcn.head_dropout}
+  ckpt = checkpoint.StageCheckpoint(path, max_to_keep=1)
+  ckpt.save(1, state, meta)
+  ckpt.close()
+
+
+def load_tcn(path: str, example_input_shape=None, strategy='auto'):
+  """Loads a saved TCN; returns (jitted predict(images) -> logits, TCN)."""
+  if not os.path.isdir(path):
+    raise TCNError(f'load_tcn: {path} is not a directory')
+  ckpt = checkpoint.StageCheckpoint(path, max_to_keep=1)
+  if not ckpt.latest_epoch():
+    raise TCNError(f'load_tcn: {path} holds no TCN checkpoint')
+  meta = ckpt.manager.restore(ckpt.latest_epoch(), args=checkpoint.ocp.args
+                              .Composite(record=checkpoint.ocp.args
+                                         .JsonRestore())).record
+  if not isinstance(meta, dict) or meta.get('kind') != 'tcn_jax.TCN':
+    raise TCNError(f'load_tcn: {path} is a checkpoint but not of a TCN')
+  groups = [StudentGroup(**g) for g in meta['groups']]
+  tcn = TCN(groups, meta['num_classes'], meta['head_dropout'])
+  state = ckpt.manager.restore(ckpt.latest_epoch(), args=checkpoint.ocp.args
+                               .Composite(state=checkpoint.ocp.args
+                                          .StandardRestore())).state
+  for i, g in enumerate(groups):
+    g.params = state['students'][str(i)]
+  tcn.head_params = state['head']
+  ckpt.close()
+  return make_predict(tcn, strategy), tcn
