@@ -55,10 +55,7 @@ def apply_preset(c, preset):
   """'smoke': a small real-data subset and short schedules (tests, demos)."""
   if preset != 'smoke':
     raise ValueError(f'unknown preset {preset!r}; known: smoke')
-  c.data.train_size, c.data.test_size = 2000, 1000
-  c.teacher.epochs = 2
-  c.teacher.batch_size = 100
-  c.students.epochs = 2
-  c.students.batch_size = 100
-  c.head.epochs = 2
-  c.head.batch_size = 100
+  c.data.train_size, c.data.test_size = 3000, 1000
+  c.teacher.epochs, c.teacher.batch_size = 3, 100
+  c.students.epochs, c.students.batch_size = 4, 100
+  c.head.epochs, c.head.batch_size = 3, 100

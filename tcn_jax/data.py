@@ -9,6 +9,7 @@ import dataclasses
 import gzip
 import os
 import struct
+import zlib
 
 import numpy as np
 
@@ -54,13 +55,16 @@ def read_idx(path: str, expected_magic: int) -> np.ndarray:
   try:
     with opener(path, 'rb') as f:
       raw = f.read()
-  except (OSError, EOFError) as e:
+  except (OSError, EOFError, zlib.error) as e:
     raise TCNError(f'cannot read IDX file {path}: {e}') from None
   if len(raw) < 4 or struct.unpack('>I', raw[:4])[0] != expected_magic:
     raise TCNError(f'{path} is not an IDX file of the expected kind '
                    f'(magic number should be {expected_magic:#010x})')
   ndim = expected_magic & 0xFF
   header = 4 + 4 * ndim
+  if len(raw) < header:
+    raise TCNError(f'{path} is truncated: its {len(raw)} bytes end inside '
+                   f'the {header}-byte header')
   shape = struct.unpack(f'>{ndim}I', raw[4:header])
   size = int(np.prod(shape))
   if len(raw) - header != size:

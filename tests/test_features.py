@@ -1,0 +1,101 @@
+"""Tests for splitting teacher features into chunks and computing them."""
+import jax
+import numpy as np
+import pytest
+
+from tcn_jax import features
+from tcn_jax import models
+from tcn_jax.errors import TCNError
+
+BODY = 'C32 C64 MP Do.25 F D256r D256r'
+
+
+def _features(n_rows, dim, seed=0):
+  return np.random.default_rng(seed).normal(size=(n_rows, dim)).astype(
+      np.float32)
+
+
+@pytest.mark.parametrize('n', [1, 2, 4, 8])
+def test_chunk_round_trip_and_order(n):
+  """Chunks are contiguous equal slices in order; unchunk restores them."""
+  f = _features(5, 256)
+  chunks = features.chunk(f, n)
+  assert len(chunks) == n
+  width = 256 // n
+  for i, c in enumerate(chunks):
+    assert c.shape == (5, width)
+    np.testing.assert_array_equal(c, f[:, i * width:(i + 1) * width])
+  np.testing.assert_array_equal(features.unchunk(chunks), f)
+
+
+def test_chunk_uneven():
+  """D=10, n=3 gives widths [4, 3, 3], like numpy.array_split."""
+  f = _features(4, 10)
+  assert features.chunk_sizes(10, 3) == [4, 3, 3]
+  assert features.chunk_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
+  chunks = features.chunk(f, 3)
+  assert [c.shape[1] for c in chunks] == [4, 3, 3]
+  for c, ref in zip(chunks, np.array_split(f, 3, axis=1)):
+    np.testing.assert_array_equal(c, ref)
+  np.testing.assert_array_equal(features.unchunk(chunks), f)
+
+
+def test_chunk_sizes_cover_dim():
+  """Widths sum to D and differ by at most one, larger ones first."""
+  for dim in (1, 7, 10, 64, 256):
+    for n in range(1, min(dim, 12) + 1):
+      sizes = features.chunk_sizes(dim, n)
+      assert sum(sizes) == dim
+      assert max(sizes) - min(sizes) <= 1
+      assert sizes == sorted(sizes, reverse=True)
+
+
+@pytest.mark.parametrize('n', [0, -1, 11])
+def test_bad_num_students_raise(n):
+  """n < 1 and n > D are user errors, reported with the value."""
+  f = _features(2, 10)
+  with pytest.raises(TCNError, match=str(n)):
+    features.chunk(f, n)
+  with pytest.raises(TCNError):
+    features.chunk_sizes(10, n)
+
+
+@pytest.fixture(scope='module')
+def teacher_and_params():
+  teacher = models.Teacher(BODY, 10)
+  x = np.zeros((1, 28, 28, 1), np.float32)
+  params = jax.jit(teacher.init)(jax.random.key(0), x)['params']
+  return teacher, params
+
+
+def _images(n, seed=1):
+  return np.random.default_rng(seed).uniform(size=(n, 28, 28, 1)).astype(
+      np.float32)
+
+
+def _trunk_direct(params, x):
+  """The trunk applied on its own, with the teacher's trunk parameters."""
+  trunk = models.Net(BODY, 'glorot_uniform')
+  return np.asarray(jax.jit(trunk.apply)({'params': params['trunk']}, x))
+
+
+@pytest.mark.parametrize('n,batch_size', [(37, 16), (32, 16), (5, 16)])
+def test_teacher_features_match_trunk(teacher_and_params, n, batch_size):
+  """Batched features equal the trunk's output, padding or not."""
+  teacher, params = teacher_and_params
+  x = _images(n)
+  got = features.teacher_features(teacher, params, x, batch_size=batch_size)
+  assert got.shape == (n, 256)
+  assert isinstance(got, np.ndarray)
+  np.testing.assert_allclose(got, _trunk_direct(params, x),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_features_rows_independent_of_batching(teacher_and_params):
+  """A row's feature does not depend on the batch it falls in."""
+  teacher, params = teacher_and_params
+  x = _images(37, seed=2)
+  a = features.teacher_features(teacher, params, x, batch_size=16)
+  b = features.teacher_features(teacher, params, x, batch_size=37)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  assert (a >= 0).all()
