@@ -5,6 +5,7 @@ teacher -> features (cached) -> chunks -> students (one program per group)
 Every stage checkpoints per epoch under the workdir and is resumed or skipped
 when the same command runs again.
 """
+import dataclasses
 import fcntl
 import json
 import os
@@ -73,19 +74,23 @@ def fit(stage_dir, *, name, model, loss, tx, params, x, targets, ids, epochs,
   """Trains a stacked group for `epochs`, resuming from `stage_dir`.
 
   loss(pred, target) is the per-member loss; val_metric(pred, target) is
-  reported per member after each epoch. Returns (params, history).
+  reported per member after each epoch. Without stage_dir nothing is saved;
+  without writer nothing goes to TensorBoard.
+  Returns (params, history, training seconds).
   """
   n = len(ids)
   opt_state = jax.vmap(tx.init)(params)
-  ckpt = checkpoint.StageCheckpoint(stage_dir)
-  start, history, seconds = ckpt.latest_epoch(), [], 0.0
+  ckpt = checkpoint.StageCheckpoint(stage_dir) if stage_dir else None
+  start = ckpt.latest_epoch() if ckpt else 0
+  history, seconds = [], 0.0
   if start:
     state, record = ckpt.restore({'params': params, 'opt_state': opt_state})
     params, opt_state = state['params'], state['opt_state']
     history, seconds = record['history'], record['seconds']
     logging.info('[%s] resuming after epoch %d/%d', name, start, epochs)
   if start >= epochs:
-    ckpt.close()
+    if ckpt:
+      ckpt.close()
     return params, history, seconds
 
   def loss_fn(p, xb, tb, key):
@@ -116,16 +121,19 @@ def fit(stage_dir, *, name, model, loss, tx, params, x, targets, ids, epochs,
     record = {'epoch': epoch + 1, 'train_loss': losses.mean(0).tolist(),
               'val': val, 'seconds': seconds}
     history.append(record)
-    ckpt.save(epoch + 1, {'params': params, 'opt_state': opt_state},
-              {'history': history, 'seconds': seconds})
+    if ckpt:
+      ckpt.save(epoch + 1, {'params': params, 'opt_state': opt_state},
+                {'history': history, 'seconds': seconds})
     scalars = {f'{name}/train_loss/{i}': l for i, l in
                zip(ids, record['train_loss'])}
     scalars.update({f'{name}/val/{i}': v for i, v in zip(ids, val)})
-    writer.scalars(epoch + 1, scalars)
+    if writer:
+      writer.scalars(epoch + 1, scalars)
     progress.epoch(epoch + 1, {'loss': float(losses[-len(losses) // 10 - 1:]
                                              .mean()),
                                'val': float(np.mean(val))})
-  ckpt.close()
+  if ckpt:
+    ckpt.close()
   return params, history, seconds
 
 
@@ -179,6 +187,13 @@ def validate(config):
     raise TCNError(f'unknown dataset {config.data.name!r} (config.data.name); '
                    f'choose one of {data_lib.DATASETS}')
   engine.resolve_strategy(config.students.strategy)
+  try:
+    dense = [l for l in models.parse(config.teacher.body) if l['kind'] == 'dense']
+  except ValueError as e:
+    raise TCNError(f'config.teacher.body: {e}') from None
+  if not dense:
+    raise TCNError('config.teacher.body must end in a Dense feature layer')
+  features_lib.chunk_sizes(dense[-1]['features'], n)
   for section in ('teacher', 'students', 'head'):
     for field in ('epochs', 'batch_size'):
       value = per_n(config[section], field, n)
@@ -188,23 +203,27 @@ def validate(config):
                        f' integer, got {value!r}')
 
 
-def train_teacher(config, ds, workdir, writer):
-  """Stage 1: the teacher, trained with cross-entropy (or restored)."""
-  c = config.teacher
-  teacher = models.Teacher(c.body, ds.num_classes, c.head_dropout,
-                           config.layers_impl)
-  seed = stage_seed(config.seed, 'teacher')
+def _stage_dir(workdir, *parts):
+  return os.path.join(workdir, *parts) if workdir else None
+
+
+def train_teacher(teacher, ds, *, epochs, batch_size=256, optimizer='adam',
+                  learning_rate=1e-3, seed=0, workdir=None, writer=None):
+  """Stage 1: trains the teacher with cross-entropy (resumable in workdir).
+
+  Returns (params, info) with info = {'history', 'seconds'}.
+  """
+  seed = stage_seed(seed, 'teacher')
   init = lambda k: teacher.init(k, ds.train.x[:1])['params']
-  params = engine.init_group(init, seed, [0])
   params, history, seconds = fit(
-      os.path.join(workdir, 'teacher'), name='teacher', model=teacher,
-      loss=ce_loss, tx=make_optimizer(c.optimizer, c.learning_rate,
+      _stage_dir(workdir, 'teacher'), name='teacher', model=teacher,
+      loss=ce_loss, tx=make_optimizer(optimizer, learning_rate,
                                       'config.teacher.optimizer'),
-      params=params, x=ds.train.x, targets=ds.train.y[None], ids=[0],
-      epochs=c.epochs, batch_size=c.batch_size, seed=seed,
-      strategy='auto', val_x=ds.val.x, val_targets=ds.val.y[None],
-      val_metric=metrics.accuracy, writer=writer)
-  return teacher, engine.unstack(params, 1)[0], history, seconds
+      params=engine.init_group(init, seed, [0]), x=ds.train.x,
+      targets=ds.train.y[None], ids=[0], epochs=epochs,
+      batch_size=batch_size, seed=seed, strategy='auto', val_x=ds.val.x,
+      val_targets=ds.val.y[None], val_metric=metrics.accuracy, writer=writer)
+  return engine.unstack(params, 1)[0], {'history': history, 'seconds': seconds}
 
 
 def cached_features(teacher, params, ds, workdir, batch_size):
@@ -224,67 +243,87 @@ def cached_features(teacher, params, ds, workdir, batch_size):
   return feats
 
 
-def train_students(config, ds, feats, workdir, writer):
-  """Stage 2: all students, one compiled program per group of identical ones."""
-  c, n = config.students, config.num_students
-  dim = feats['train'].shape[1]
-  sizes = features_lib.chunk_sizes(dim, n)
-  spec = per_n(c, 'arch', n)
-  tcn = assemble.TCN(
-      assemble.group_students([spec] * n, sizes, c.out_relu, c.init),
-      ds.num_classes, float(per_n(config.head, 'dropout', n)),
-      impl=config.layers_impl)
-  train_chunks = features_lib.chunk(feats['train'], n)
-  val_chunks = features_lib.chunk(feats['val'], n)
-  seed = stage_seed(config.seed, 'students')
-  histories, seconds = {}, 0.0
-  for gi, group in enumerate(tcn.groups):
-    model = group.model(config.layers_impl)
-    init = lambda k, model=model: model.init(k, ds.train.x[:1])['params']
-    params = engine.init_group(init, seed, group.member_ids)
+def train_students(specs, x, features, num_students, *, epochs,
+                   batch_size=128, optimizer='adam', learning_rate=1e-3,
+                   out_relu=False, init='normal', seed=0, strategy='auto',
+                   impl='auto', val=None, workdir=None, writer=None):
+  """Stage 2: n students regress the n contiguous chunks of `features`.
+
+  specs: one architecture string for all students, or one per student.
+  Identical students (same architecture and chunk width) form a group that
+  trains in one compiled program. val: optional (x_val, features_val).
+  Returns (groups with trained params, info) with info = {'val_mse': per
+  student list over epochs (empty without val), 'seconds'}.
+  """
+  if isinstance(specs, str):
+    specs = [specs] * num_students
+  if len(specs) != num_students:
+    raise TCNError(f'{len(specs)} student architectures given for '
+                   f'num_students={num_students}')
+  sizes = features_lib.chunk_sizes(features.shape[1], num_students)
+  groups = assemble.group_students(specs, sizes, out_relu, init)
+  chunks = features_lib.chunk(features, num_students)
+  val_x, val_chunks = x[:1], [c[:1] for c in chunks]
+  if val is not None:
+    val_x, val_chunks = val[0], features_lib.chunk(val[1], num_students)
+  seed = stage_seed(seed, 'students')
+  val_mse, seconds = {}, 0.0
+  for gi, group in enumerate(groups):
+    model = group.model(impl)
+    init_fn = lambda k, model=model: model.init(k, x[:1])['params']
     group.params, hist, secs = fit(
-        os.path.join(workdir, 'students', f'group{gi}'),
+        _stage_dir(workdir, 'students', f'group{gi}'),
         name=f'students[{gi}]', model=model, loss=mse_loss,
-        tx=make_optimizer(c.optimizer, c.learning_rate,
+        tx=make_optimizer(optimizer, learning_rate,
                           'config.students.optimizer'),
-        params=params, x=ds.train.x,
-        targets=np.stack([train_chunks[i] for i in group.member_ids]),
-        ids=group.member_ids, epochs=per_n(c, 'epochs', n),
-        batch_size=c.batch_size, seed=seed, strategy=c.strategy,
-        val_x=ds.val.x,
+        params=engine.init_group(init_fn, seed, group.member_ids), x=x,
+        targets=np.stack([chunks[i] for i in group.member_ids]),
+        ids=group.member_ids, epochs=epochs, batch_size=batch_size,
+        seed=seed, strategy=strategy, val_x=val_x,
         val_targets=np.stack([val_chunks[i] for i in group.member_ids]),
         val_metric=metrics.mse, writer=writer)
     for i, mid in enumerate(group.member_ids):
-      histories[mid] = [h['val'][i] for h in hist]
+      val_mse[mid] = [h['val'][i] for h in hist] if val is not None else []
     seconds += secs
-  return tcn, histories, seconds
+  return groups, {'val_mse': [val_mse[i] for i in range(num_students)],
+                  'seconds': seconds}
 
 
-def finetune_head(config, tcn, teacher_head, ds, workdir, writer):
-  """Stage 3: head initialised from the teacher's, trained with CE on frozen
-  student outputs. Returns accuracies before and after fine-tuning."""
-  c, n = config.head, config.num_students
-  outputs = assemble.student_outputs_fn(tcn, config.students.strategy)
+def finetune_head(tcn, ds, *, epochs, batch_size=128, optimizer='adam',
+                  learning_rate=1e-3, seed=0, strategy='auto',
+                  eval_batch_size=1000, workdir=None, writer=None):
+  """Stage 3: trains `tcn`'s head (initialised from the teacher's) with CE on
+  the frozen students' outputs (inference mode, computed once).
+
+  Returns (tcn with the new head, info) with info = {'test_acc_before',
+  'test_acc_after', 'history', 'seconds'} (paper Table 2).
+  """
+  outputs = assemble.student_outputs_fn(tcn, strategy)
   group_params = [g.params for g in tcn.groups]
   feats = {s: engine.batched(lambda xb: outputs(group_params, xb),
-                             getattr(ds, s).x, config.eval_batch_size)
+                             getattr(ds, s).x, eval_batch_size)
            for s in ('train', 'val', 'test')}
-  head = models.Head(ds.num_classes, tcn.head_dropout)
+  head = models.Head(tcn.num_classes, tcn.head_dropout)
   logits = lambda p, f: np.asarray(head.apply({'params': p}, f))
-  before = metrics.accuracy(logits(teacher_head, feats['test']), ds.test.y)
-  seed = stage_seed(config.seed, 'head')
+  before = metrics.accuracy(logits(tcn.head_params, feats['test']), ds.test.y)
+  seed = stage_seed(seed, 'head')
   params, history, seconds = fit(
-      os.path.join(workdir, 'head'), name='head', model=head, loss=ce_loss,
-      tx=make_optimizer(per_n(c, 'optimizer', n), c.learning_rate,
-                        'config.head.optimizer'),
-      params=engine.stack([teacher_head]), x=feats['train'],
-      targets=ds.train.y[None], ids=[0], epochs=per_n(c, 'epochs', n),
-      batch_size=c.batch_size, seed=seed, strategy='auto',
+      _stage_dir(workdir, 'head'), name='head', model=head, loss=ce_loss,
+      tx=make_optimizer(optimizer, learning_rate, 'config.head.optimizer'),
+      params=engine.stack([tcn.head_params]), x=feats['train'],
+      targets=ds.train.y[None], ids=[0], epochs=epochs,
+      batch_size=batch_size, seed=seed, strategy='auto',
       val_x=feats['val'], val_targets=ds.val.y[None],
       val_metric=metrics.accuracy, writer=writer)
-  tcn.head_params = engine.unstack(params, 1)[0]
+  tcn = dataclasses.replace(tcn, head_params=engine.unstack(params, 1)[0])
   after = metrics.accuracy(logits(tcn.head_params, feats['test']), ds.test.y)
-  return before, after, history, seconds
+  return tcn, {'test_acc_before': before, 'test_acc_after': after,
+               'history': history, 'seconds': seconds}
+
+
+def evaluate(predict, x, y, batch_size: int = 1000) -> float:
+  """Test accuracy of a jitted `predict(images) -> logits`."""
+  return metrics.accuracy(engine.batched(predict, x, batch_size), y)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -292,21 +331,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validate(config)
   lock = check_workdir(config, workdir)
   writer = metrics.Writer(os.path.join(workdir, 'tensorboard'))
-  wall, t = {}, time.time()
+  n, wall, t = config.num_students, {}, time.time()
   ds = data_lib.load(config.data)
   wall['data'] = time.time() - t
   logging.info('data: %s from %s: train %d, val %d, test %d',
                config.data.name, ds.source, len(ds.train), len(ds.val),
                len(ds.test))
 
-  t = time.time()
-  teacher, teacher_params, _, teacher_train_s = train_teacher(
-      config, ds, workdir, writer)
+  t, c = time.time(), config.teacher
+  teacher = models.Teacher(c.body, ds.num_classes, c.head_dropout,
+                           config.layers_impl)
+  teacher_params, teacher_info = train_teacher(
+      teacher, ds, epochs=c.epochs, batch_size=c.batch_size,
+      optimizer=c.optimizer, learning_rate=c.learning_rate, seed=config.seed,
+      workdir=workdir, writer=writer)
   wall['teacher'] = time.time() - t
-  teacher_logits = engine.batched(
+  teacher_acc = evaluate(
       jax.jit(lambda xb: teacher.apply({'params': teacher_params}, xb)),
-      ds.test.x, config.eval_batch_size)
-  teacher_acc = metrics.accuracy(teacher_logits, ds.test.y)
+      ds.test.x, ds.test.y, config.eval_batch_size)
   logging.info('teacher test accuracy %.4f', teacher_acc)
 
   t = time.time()
@@ -314,37 +356,48 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                           config.eval_batch_size)
   wall['features'] = time.time() - t
 
-  t = time.time()
-  tcn, mse_history, students_train_s = train_students(config, ds, feats,
-                                                      workdir, writer)
+  t, c = time.time(), config.students
+  groups, students_info = train_students(
+      per_n(c, 'arch', n), ds.train.x, feats['train'], n,
+      epochs=per_n(c, 'epochs', n), batch_size=c.batch_size,
+      optimizer=c.optimizer, learning_rate=c.learning_rate,
+      out_relu=c.out_relu, init=c.init, seed=config.seed,
+      strategy=c.strategy, impl=config.layers_impl,
+      val=(ds.val.x, feats['val']), workdir=workdir, writer=writer)
   wall['students'] = time.time() - t
 
-  t = time.time()
-  before, after, _, head_train_s = finetune_head(
-      config, tcn, teacher_params['head'], ds, workdir, writer)
+  t, c = time.time(), config.head
+  tcn = assemble.TCN(groups, ds.num_classes, float(per_n(c, 'dropout', n)),
+                     teacher_params['head'], config.layers_impl)
+  tcn, head_info = finetune_head(
+      tcn, ds, epochs=per_n(c, 'epochs', n), batch_size=c.batch_size,
+      optimizer=per_n(c, 'optimizer', n), learning_rate=c.learning_rate,
+      seed=config.seed, strategy=config.students.strategy,
+      eval_batch_size=config.eval_batch_size, workdir=workdir, writer=writer)
   wall['head'] = time.time() - t
   logging.info('TCN test accuracy: %.4f before, %.4f after fine-tuning',
-               before, after)
+               head_info['test_acc_before'], head_info['test_acc_after'])
 
   assemble.save_tcn(os.path.join(workdir, 'tcn'), tcn)
   student_params = [models.num_params(g.params) // len(g.member_ids)
                     for g in tcn.groups for _ in g.member_ids]
   results = {
       'dataset': config.data.name, 'data_source': ds.source,
-      'num_students': config.num_students, 'method': config.method,
-      'seed': config.seed, 'backend': jax.default_backend(),
+      'num_students': n, 'method': config.method, 'seed': config.seed,
+      'backend': jax.default_backend(),
       'teacher_test_acc': teacher_acc,
-      'student_val_mse': [mse_history[i][-1] if mse_history[i] else None
-                          for i in range(config.num_students)],
-      'tcn_test_acc_before_finetune': before,
-      'tcn_test_acc_after_finetune': after,
+      'student_val_mse': [h[-1] if h else None
+                          for h in students_info['val_mse']],
+      'tcn_test_acc_before_finetune': head_info['test_acc_before'],
+      'tcn_test_acc_after_finetune': head_info['test_acc_after'],
       'params': {'teacher': models.num_params(teacher_params),
                  'students_each': student_params,
                  'students_total': int(sum(student_params)),
                  'head': models.num_params(tcn.head_params)},
       'wall_seconds_this_run': wall,
-      'train_seconds': {'teacher': teacher_train_s,
-                        'students': students_train_s, 'head': head_train_s},
+      'train_seconds': {'teacher': teacher_info['seconds'],
+                        'students': students_info['seconds'],
+                        'head': head_info['seconds']},
   }
   checkpoint.write_json(os.path.join(workdir, 'results.json'), results)
   writer.close()

@@ -1,0 +1,47 @@
+"""tcn_jax: Teacher-Class Networks (BMVC 2021) in JAX/Flax.
+
+Functional API, one call per stage of the paper's pipeline:
+
+  import tcn_jax as tcn
+  ds = tcn.load_dataset('fashion_mnist')
+  teacher = tcn.Teacher('C32 C64 MP Do.25 F D256r D256r', num_classes=10)
+  t_params, _ = tcn.train_teacher(teacher, ds, epochs=12)
+  feats = tcn.teacher_features(teacher, t_params, ds.train.x)
+  groups, _ = tcn.train_students('C32 C32 MP C16 C16 MP Do.25 F D16r Do.3',
+                                 ds.train.x, feats, num_students=4, epochs=10)
+  net = tcn.TCN(groups, 10, head_dropout=0.5, head_params=t_params['head'])
+  net, info = tcn.finetune_head(net, ds, epochs=20)
+  predict = tcn.make_predict(net)          # images -> logits, no teacher
+"""
+from tcn_jax.assemble import load_tcn
+from tcn_jax.assemble import make_predict
+from tcn_jax.assemble import save_tcn
+from tcn_jax.assemble import StudentGroup
+from tcn_jax.assemble import TCN
+from tcn_jax.data import Dataset
+from tcn_jax.errors import TCNError
+from tcn_jax.features import chunk
+from tcn_jax.features import chunk_sizes
+from tcn_jax.features import teacher_features
+from tcn_jax.features import unchunk
+from tcn_jax.models import Head
+from tcn_jax.models import Net
+from tcn_jax.models import student
+from tcn_jax.models import Teacher
+from tcn_jax.train import evaluate
+from tcn_jax.train import finetune_head
+from tcn_jax.train import run
+from tcn_jax.train import train_students
+from tcn_jax.train import train_teacher
+
+
+def load_dataset(name: str = 'fashion_mnist', data_dir: str = '',
+                 split_seed: int = 0, val_fraction: float = 0.2,
+                 train_size: int = 0, test_size: int = 0) -> Dataset:
+  """Loads a dataset (local IDX dir, system copy, or TFDS) with a seeded
+  validation split carved from train; see `tcn_jax.data.load`."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from tcn_jax import data  # pylint: disable=g-import-not-at-top
+  return data.load(ml_collections.ConfigDict(dict(
+      name=name, dir=data_dir, split_seed=split_seed,
+      val_fraction=val_fraction, train_size=train_size, test_size=test_size)))
