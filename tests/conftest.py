@@ -2,7 +2,12 @@
 import os
 import sys
 
+import jax
 import pytest
+
+# Equivalence tests compare float32 results across code paths; accelerators
+# default to reduced-precision (TF32) matmuls and convolutions.
+jax.config.update('jax_default_matmul_precision', 'highest')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'configs'))
