@@ -5,11 +5,15 @@ teacher -> features (cached) -> chunks -> students (one program per group)
 Every stage checkpoints per epoch under the workdir and is resumed or skipped
 when the same command runs again.
 """
+import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
+import math
 import os
 import time
+import zipfile
 
 from absl import logging
 import jax
@@ -23,6 +27,7 @@ from tcn_jax import checkpoint
 from tcn_jax import data as data_lib
 from tcn_jax import engine
 from tcn_jax import features as features_lib
+from tcn_jax import layers
 from tcn_jax import metrics
 from tcn_jax import models
 from tcn_jax.errors import TCNError
@@ -43,16 +48,20 @@ def make_optimizer(name: str, learning_rate: float, field: str):
                  "choose 'adam', 'nadam' or 'sgd'")
 
 
-def per_n(section, field: str, n: int):
-  """`section.field`, or for an unset one (''/-1) `section.field_by_n[n]`."""
+def per_n(config, path: str, n: int):
+  """`config.<path>`, or for an unset one (''/-1) the paper's value for n
+  from `config.<path>_by_n`; e.g. per_n(config, 'head.epochs', 4)."""
+  *parents, field = path.split('.')
+  section = config
+  for p in parents:
+    section = section[p]
   value = section[field]
   if value not in ('', -1, -1.0, None):
     return value
   table = section.get(field + '_by_n') or {}
   if str(n) not in table:
-    raise TCNError(f'no {field} for num_students={n}: set --config.'
-                   f'<section>.{field} (paper values exist for '
-                   f'n in {sorted(table, key=int)})')
+    raise TCNError(f'no {field} for num_students={n}: set --config.{path} '
+                   f'(paper values exist for n in {sorted(table, key=int)})')
   return table[str(n)]
 
 
@@ -104,26 +113,28 @@ def fit(stage_dir, *, name, model, loss, tx, params, x, targets, ids, epochs,
   x_dev, t_dev = jnp.asarray(x), jnp.asarray(targets)
   progress = metrics.Progress(name, epochs, start)
   for epoch in range(start, epochs):
-    t0 = time.time()
-    order = engine.batch_order(seed, epoch, len(x), batch_size)
-    params, opt_state, losses = epoch_fn(params, opt_state, x_dev, t_dev,
-                                         order, keys, epoch)
-    losses = np.asarray(losses)
-    bad = np.argwhere(~np.isfinite(losses))
-    if len(bad):
-      step, member = bad[0]
-      raise TCNError(f'non-finite loss in stage {name}, member {ids[member]}, '
-                     f'epoch {epoch + 1}, step {step}; last good checkpoint: '
-                     f'epoch {epoch} in {stage_dir}')
-    preds = engine.batched(lambda xb: apply(params, xb), val_x, axis=1)
-    val = [val_metric(preds[m], val_targets[m]) for m in range(n)]
-    seconds += time.time() - t0
-    record = {'epoch': epoch + 1, 'train_loss': losses.mean(0).tolist(),
-              'val': val, 'seconds': seconds}
-    history.append(record)
-    if ckpt:
-      ckpt.save(epoch + 1, {'params': params, 'opt_state': opt_state},
-                {'history': history, 'seconds': seconds})
+    with checkpoint.signals_deferred():   # A stop waits for epoch + save.
+      t0 = time.time()
+      order = engine.batch_order(seed, epoch, len(x), batch_size)
+      params, opt_state, losses = epoch_fn(params, opt_state, x_dev, t_dev,
+                                           order, keys, epoch)
+      losses = np.asarray(losses)
+      bad = np.argwhere(~np.isfinite(losses))
+      if len(bad):
+        step, member = bad[0]
+        raise TCNError(
+            f'non-finite loss in stage {name}, member {ids[member]}, epoch '
+            f'{epoch + 1}, step {step}; last good checkpoint: '
+            + (f'epoch {epoch} in {stage_dir}' if epoch and ckpt else 'none'))
+      preds = engine.batched(lambda xb: apply(params, xb), val_x, axis=1)
+      val = [val_metric(preds[m], val_targets[m]) for m in range(n)]
+      seconds += time.time() - t0
+      record = {'epoch': epoch + 1, 'train_loss': losses.mean(0).tolist(),
+                'val': val, 'seconds': seconds}
+      history.append(record)
+      if ckpt:
+        ckpt.save(epoch + 1, {'params': params, 'opt_state': opt_state},
+                  {'history': history, 'seconds': seconds})
     scalars = {f'{name}/train_loss/{i}': l for i, l in
                zip(ids, record['train_loss'])}
     scalars.update({f'{name}/val/{i}': v for i, v in zip(ids, val)})
@@ -175,6 +186,21 @@ def _diff(old, new, prefix=''):
   return out
 
 
+def _check_number(field, value, kind, low, high=None, strict=False):
+  """TCNError unless `value` is a finite `kind` (int or float) that is
+  >= low (> low if strict) and < high."""
+  ok = isinstance(value, (int, float) if kind is float else int) and (
+      not isinstance(value, bool) and math.isfinite(value)
+      and (value > low if strict else value >= low)
+      and (high is None or value < high))
+  if not ok:
+    rule = f'{">" if strict else ">="} {low}' + (
+        f' and < {high}' if high is not None else '')
+    raise TCNError(f'config.{field} must be '
+                   f'{"a number" if kind is float else "an integer"} {rule}, '
+                   f'got {value!r}')
+
+
 def validate(config):
   """Fails fast, naming the field, on values that cannot work."""
   n = config.num_students
@@ -187,20 +213,53 @@ def validate(config):
     raise TCNError(f'unknown dataset {config.data.name!r} (config.data.name); '
                    f'choose one of {data_lib.DATASETS}')
   engine.resolve_strategy(config.students.strategy)
-  try:
-    dense = [l for l in models.parse(config.teacher.body) if l['kind'] == 'dense']
-  except ValueError as e:
-    raise TCNError(f'config.teacher.body: {e}') from None
+  if config.layers_impl not in layers.IMPLS:
+    raise TCNError(f'unknown layers_impl {config.layers_impl!r}; '
+                   f'choose one of {layers.IMPLS}')
+  if config.students.init not in models.INITS:
+    raise TCNError(f'unknown initializer {config.students.init!r} (config.'
+                   f'students.init); choose one of {tuple(models.INITS)}')
+  parsed = {}
+  for field, spec in (('teacher.body', config.teacher.body),
+                      ('students.arch', per_n(config.students, 'arch', n))):
+    try:
+      parsed[field] = models.parse(spec)
+    except (ValueError, AttributeError) as e:
+      raise TCNError(f'config.{field}: {e}') from None
+  dense = [l for l in parsed['teacher.body'] if l['kind'] == 'dense']
   if not dense:
     raise TCNError('config.teacher.body must end in a Dense feature layer')
   features_lib.chunk_sizes(dense[-1]['features'], n)
   for section in ('teacher', 'students', 'head'):
-    for field in ('epochs', 'batch_size'):
-      value = per_n(config[section], field, n)
-      if not isinstance(value, int) or value < (0 if field == 'epochs' else 1):
-        raise TCNError(f'config.{section}.{field} must be a '
-                       f'{"non-negative" if field == "epochs" else "positive"}'
-                       f' integer, got {value!r}')
+    c = config[section]
+    _check_number(f'{section}.epochs', per_n(c, 'epochs', n), int, 0)
+    _check_number(f'{section}.batch_size', c.batch_size, int, 1)
+    _check_number(f'{section}.learning_rate', c.learning_rate, float, 0,
+                  strict=True)
+    make_optimizer(per_n(c, 'optimizer', n), c.learning_rate,
+                   f'config.{section}.optimizer')
+  _check_number('teacher.head_dropout', config.teacher.head_dropout, float,
+                0, 1)
+  _check_number('head.dropout', per_n(config.head, 'dropout', n), float, 0, 1)
+  _check_number('data.val_fraction', config.data.val_fraction, float, 0, 1,
+                strict=True)
+  _check_number('data.train_size', config.data.train_size, int, 0)
+  _check_number('data.test_size', config.data.test_size, int, 0)
+  _check_number('eval_batch_size', config.eval_batch_size, int, 1)
+
+
+def check_fits(field, spec, input_shape, impl):
+  """Fails, naming `field`, unless `spec` maps one input of `input_shape` to
+  a flat feature vector."""
+  try:
+    out = models.output_shape(spec, input_shape, impl)
+  except ValueError as e:
+    raise TCNError(f'config.{field} {spec!r} does not fit inputs of shape '
+                   f'{tuple(input_shape)}: {e}') from None
+  if len(out) != 1:
+    raise TCNError(f'config.{field} {spec!r} gives outputs of shape {out} '
+                   f'for inputs of shape {tuple(input_shape)}; add F '
+                   '(Flatten) before its Dense layers')
 
 
 def _stage_dir(workdir, *parts):
@@ -227,19 +286,26 @@ def train_teacher(teacher, ds, *, epochs, batch_size=256, optimizer='adam',
 
 
 def cached_features(teacher, params, ds, workdir, batch_size):
-  """Teacher features of train/val, computed once and kept in the workdir."""
+  """Teacher features of train/val, computed once and kept in the workdir.
+
+  The file records a digest of the teacher's parameters and the images, so
+  features of another teacher or data are recomputed, as is a damaged file.
+  """
   path = os.path.join(workdir, 'features.npz')
-  if os.path.exists(path):
+  digest = hashlib.sha256()
+  for a in jax.tree_util.tree_leaves(params) + [ds.train.x, ds.val.x]:
+    digest.update(np.ascontiguousarray(a).data)
+  digest = digest.hexdigest()
+  try:
     with np.load(path) as f:
-      if f['train'].shape[0] == len(ds.train) and f['val'].shape[0] == len(
-          ds.val):
+      if str(f['digest']) == digest:
         return {'train': f['train'], 'val': f['val']}
+  except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+    pass   # Missing, from another version, or damaged: compute again.
   feats = {s: features_lib.teacher_features(teacher, params, getattr(ds, s).x,
                                             batch_size)
            for s in ('train', 'val')}
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, **feats)
-  os.replace(tmp, path)
+  checkpoint.atomic_write(path, lambda f: np.savez(f, digest=digest, **feats))
   return feats
 
 
@@ -329,14 +395,23 @@ def evaluate(predict, x, y, batch_size: int = 1000) -> float:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the whole pipeline; returns and writes results.json."""
   validate(config)
-  lock = check_workdir(config, workdir)
-  writer = metrics.Writer(os.path.join(workdir, 'tensorboard'))
+  with check_workdir(config, workdir), contextlib.closing(
+      metrics.Writer(os.path.join(workdir, 'tensorboard'))) as writer:
+    return _pipeline(config, workdir, writer)
+
+
+def _pipeline(config, workdir, writer):
   n, wall, t = config.num_students, {}, time.time()
   ds = data_lib.load(config.data)
   wall['data'] = time.time() - t
   logging.info('data: %s from %s: train %d, val %d, test %d',
                config.data.name, ds.source, len(ds.train), len(ds.val),
                len(ds.test))
+  image_shape = ds.train.x.shape[1:]
+  check_fits('teacher.body', config.teacher.body, image_shape,
+             config.layers_impl)
+  check_fits('students.arch', per_n(config.students, 'arch', n) + ' D1',
+             image_shape, config.layers_impl)
 
   t, c = time.time(), config.teacher
   teacher = models.Teacher(c.body, ds.num_classes, c.head_dropout,
@@ -358,8 +433,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   t, c = time.time(), config.students
   groups, students_info = train_students(
-      per_n(c, 'arch', n), ds.train.x, feats['train'], n,
-      epochs=per_n(c, 'epochs', n), batch_size=c.batch_size,
+      per_n(config, 'students.arch', n), ds.train.x, feats['train'], n,
+      epochs=per_n(config, 'students.epochs', n), batch_size=c.batch_size,
       optimizer=c.optimizer, learning_rate=c.learning_rate,
       out_relu=c.out_relu, init=c.init, seed=config.seed,
       strategy=c.strategy, impl=config.layers_impl,
@@ -367,11 +442,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   wall['students'] = time.time() - t
 
   t, c = time.time(), config.head
-  tcn = assemble.TCN(groups, ds.num_classes, float(per_n(c, 'dropout', n)),
+  tcn = assemble.TCN(groups, ds.num_classes,
+                     float(per_n(config, 'head.dropout', n)),
                      teacher_params['head'], config.layers_impl)
   tcn, head_info = finetune_head(
-      tcn, ds, epochs=per_n(c, 'epochs', n), batch_size=c.batch_size,
-      optimizer=per_n(c, 'optimizer', n), learning_rate=c.learning_rate,
+      tcn, ds, epochs=per_n(config, 'head.epochs', n),
+      batch_size=c.batch_size,
+      optimizer=per_n(config, 'head.optimizer', n),
+      learning_rate=c.learning_rate,
       seed=config.seed, strategy=config.students.strategy,
       eval_batch_size=config.eval_batch_size, workdir=workdir, writer=writer)
   wall['head'] = time.time() - t
@@ -400,6 +478,4 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         'head': head_info['seconds']},
   }
   checkpoint.write_json(os.path.join(workdir, 'results.json'), results)
-  writer.close()
-  lock.close()
   return results

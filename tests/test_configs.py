@@ -1,0 +1,56 @@
+"""Configs: paper architectures per n, and a run of the MNIST config on
+TFDS mock data (the real MNIST is not installed here)."""
+import importlib
+
+import jax
+import pytest
+import tensorflow_datasets as tfds
+
+from tcn_jax import engine
+from tcn_jax import features
+from tcn_jax import models
+from tcn_jax import train
+
+# Per-student parameter counts of the authors' FF students (reference Sec. 3).
+PAPER_STUDENT_PARAMS = {
+    'fashion_mnist': {1: 49_600, 2: 22_800, 4: 21_712, 8: 21_168},
+    'mnist': {1: 77_840, 2: 40_016, 4: 19_144, 8: 10_620},
+}
+
+
+@pytest.mark.parametrize('name', sorted(PAPER_STUDENT_PARAMS))
+@pytest.mark.parametrize('n', [1, 2, 4, 8])
+def test_paper_students_per_n(name, n):
+  config = importlib.import_module(name).get_config()
+  config.num_students = n
+  train.validate(config)
+  spec = train.per_n(config, 'students.arch', n)
+  width = features.chunk_sizes(256, n)[0]
+  model = models.student(spec, width, init=config.students.init)
+  params = model.init(jax.random.key(0), jax.numpy.zeros((1, 28, 28, 1)))
+  assert models.num_params(params) == PAPER_STUDENT_PARAMS[name][n]
+  for field in ('epochs', 'dropout', 'optimizer'):
+    assert train.per_n(config, f'head.{field}', n) not in ('', -1, -1.0)
+
+
+def test_unset_value_without_paper_entry_is_refused():
+  config = importlib.import_module('fashion_mnist').get_config()
+  config.num_students = 3
+  with pytest.raises(train.TCNError,
+                     match='no arch for num_students=3: set --config.students.arch'):
+    train.validate(config)
+  config.students.arch = 'C8 MP F D16r'
+  assert train.per_n(config, 'students.arch', 3) == 'C8 MP F D16r'
+
+
+def test_mnist_config_runs_on_mock_data(tmp_path):
+  config = importlib.import_module('mnist').get_config('smoke')
+  config.num_students = 2
+  config.data.train_size, config.data.test_size = 0, 0
+  with tfds.testing.mock_data(num_examples=250):
+    results = train.run(config, str(tmp_path))
+  assert results['data_source'] == 'tfds'
+  assert results['params']['students_each'] == [40_016, 40_016]
+  assert len(results['student_val_mse']) == 2
+  assert 0.0 <= results['tcn_test_acc_after_finetune'] <= 1.0
+  assert engine.resolve_strategy('auto') in ('vmap', 'unrolled')
