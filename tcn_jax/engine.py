@@ -13,7 +13,6 @@ Member i's randomness (init, dropout) comes from `fold_in(key, member_id)`, so
 a member trained in a group gets the same numbers as trained alone.
 The same engine trains the teacher and the head (groups of one).
 """
-import functools
 from typing import Any, Callable
 
 import jax
@@ -74,18 +73,20 @@ def _member_step(loss_fn, tx, params, opt_state, x, target, key):
   return optax.apply_updates(params, updates), opt_state, loss
 
 
-def make_epoch_fn(loss_fn: LossFn, tx: optax.GradientTransformation,
-                  num_members: int, strategy: str):
-  """Returns jitted `epoch(params, opt_state, x, targets, order, keys, epoch)`.
+def make_group_epoch(member_step, num_members: int, strategy: str):
+  """Returns jitted `epoch(state, x, targets, order, keys, epoch)`.
 
-  x: (N, ...) shared by all members; targets: (members, N, ...); order: the
-  epoch's (steps, batch) indices; keys: (members,) member keys. Returns the
-  new params and opt_state and the per-step losses (steps, members).
+  member_step(state, x, target, key) -> (state, metrics) is one training
+  step of one member (any state pytree: params, optimizer state, batch
+  statistics, a discriminator, ...); metrics is a pytree of scalars.
+  state: stacked over members; x: (N, ...) shared by all members; targets:
+  (members, N, ...); order: the epoch's (steps, batch) indices; keys:
+  (members,) member keys. Returns the new state and the metrics stacked as
+  (steps, members). The state is donated.
   """
   strategy = resolve_strategy(strategy)
-  step = functools.partial(_member_step, loss_fn, tx)
 
-  def epoch_fn(params, opt_state, x, targets, order, keys, epoch):
+  def epoch_fn(state, x, targets, order, keys, epoch):
     epoch_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, epoch + 1)
     steps = jnp.arange(order.shape[0])
 
@@ -94,32 +95,45 @@ def make_epoch_fn(loss_fn: LossFn, tx: optax.GradientTransformation,
           jax.random.fold_in, (0, None))(epoch_keys, i)
 
     if strategy == 'vmap':
-      vstep = jax.vmap(step, in_axes=(0, 0, None, 0, 0))
+      vstep = jax.vmap(member_step, in_axes=(0, None, 0, 0))
 
       def body(carry, inp):
         xb, tb, kb = batch(*inp)
-        p, o, loss = vstep(*carry, xb, tb, kb)
-        return (p, o), loss
+        return vstep(carry, xb, tb, kb)
 
-      (params, opt_state), losses = jax.lax.scan(
-          body, (params, opt_state), (order, steps))
-      return params, opt_state, losses
+      return jax.lax.scan(body, state, (order, steps))
 
     def body(carry, inp):
       xb, tb, kb = batch(*inp)
-      new, losses = [], []
-      for m, (p, o) in enumerate(carry):
-        p, o, loss = step(p, o, xb, tb[m], kb[m])
-        new.append((p, o))
-        losses.append(loss)
-      return tuple(new), jnp.stack(losses)
+      out = [member_step(s, xb, tb[m], kb[m]) for m, s in enumerate(carry)]
+      return tuple(s for s, _ in out), stack([m for _, m in out])
 
-    carry = tuple(zip(unstack(params, num_members),
-                      unstack(opt_state, num_members)))
-    carry, losses = jax.lax.scan(body, carry, (order, steps))
-    return stack([p for p, _ in carry]), stack([o for _, o in carry]), losses
+    carry, metrics = jax.lax.scan(body, tuple(unstack(state, num_members)),
+                                  (order, steps))
+    return stack(carry), metrics
 
-  return jax.jit(epoch_fn, donate_argnums=(0, 1))
+  return jax.jit(epoch_fn, donate_argnums=(0,))
+
+
+def make_epoch_fn(loss_fn: LossFn, tx: optax.GradientTransformation,
+                  num_members: int, strategy: str):
+  """Gradient-descent epochs of `loss_fn` for a group (see make_group_epoch).
+
+  Returns jitted `epoch(params, opt_state, x, targets, order, keys, epoch)`
+  -> (params, opt_state, losses (steps, members)).
+  """
+  def member_step(state, x, target, key):
+    params, opt_state, loss = _member_step(loss_fn, tx, *state, x, target, key)
+    return (params, opt_state), loss
+
+  group_epoch = make_group_epoch(member_step, num_members, strategy)
+
+  def epoch_fn(params, opt_state, x, targets, order, keys, epoch):
+    (params, opt_state), losses = group_epoch((params, opt_state), x, targets,
+                                              order, keys, epoch)
+    return params, opt_state, losses
+
+  return epoch_fn
 
 
 def make_apply_fn(apply_fn, num_members: int, strategy: str):
