@@ -59,7 +59,7 @@ def group_students(specs, out_dims, out_relu=False, init='normal'):
 
 
 def student_outputs_fn(tcn: TCN, strategy='auto'):
-  """Jitted `(students_params, x) -> (batch, D)`: concatenated in chunk order."""
+  """Jitted `(students_params, x) -> (batch, D)`, in chunk order."""
   appliers = []
   for g in tcn.groups:
     model = g.model(tcn.impl)
@@ -87,13 +87,13 @@ def make_predict(tcn: TCN, strategy='auto'):
 
 
 def save_tcn(path: str, tcn: TCN):
-  """Saves the whole TCN (all students + head + architecture) as one checkpoint."""
+  """Saves the TCN (all students, head, architecture) as one checkpoint."""
   state = {'students': {str(i): g.params for i, g in enumerate(tcn.groups)},
            'head': tcn.head_params}
   meta = {'kind': 'tcn_jax.TCN', 'groups': [g.describe() for g in tcn.groups],
           'num_classes': tcn.num_classes, 'head_dropout': tcn.head_dropout}
   ckpt = checkpoint.StageCheckpoint(path, max_to_keep=1)
-  ckpt.save(1, state, meta)
+  ckpt.save(ckpt.latest_epoch() + 1, state, meta)   # Replaces an older TCN.
   ckpt.close()
 
 
@@ -101,21 +101,16 @@ def load_tcn(path: str, example_input_shape=None, strategy='auto'):
   """Loads a saved TCN; returns (jitted predict(images) -> logits, TCN)."""
   if not os.path.isdir(path):
     raise TCNError(f'load_tcn: {path} is not a directory')
-  ckpt = checkpoint.StageCheckpoint(path, max_to_keep=1)
+  ckpt = checkpoint.StageCheckpoint(path, read_only=True)
   if not ckpt.latest_epoch():
     raise TCNError(f'load_tcn: {path} holds no TCN checkpoint')
-  meta = ckpt.manager.restore(ckpt.latest_epoch(), args=checkpoint.ocp.args
-                              .Composite(record=checkpoint.ocp.args
-                                         .JsonRestore())).record
+  state, meta = ckpt.restore()
+  ckpt.close()
   if not isinstance(meta, dict) or meta.get('kind') != 'tcn_jax.TCN':
     raise TCNError(f'load_tcn: {path} is a checkpoint but not of a TCN')
   groups = [StudentGroup(**g) for g in meta['groups']]
   tcn = TCN(groups, meta['num_classes'], meta['head_dropout'])
-  state = ckpt.manager.restore(ckpt.latest_epoch(), args=checkpoint.ocp.args
-                               .Composite(state=checkpoint.ocp.args
-                                          .StandardRestore())).state
   for i, g in enumerate(groups):
     g.params = state['students'][str(i)]
   tcn.head_params = state['head']
-  ckpt.close()
   return make_predict(tcn, strategy), tcn

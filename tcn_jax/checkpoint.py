@@ -5,58 +5,166 @@ Orbax `CheckpointManager`, saved after every epoch: parameters, optimizer
 state and a JSON record (epoch, history). Running the same command again
 resumes from the latest epoch, and a stage whose last epoch is saved is
 skipped. The assembled TCN is one more checkpoint (see `assemble`).
+
+A checkpoint is written to a temporary directory and renamed when complete,
+so a kill mid-write leaves the previous epochs intact (the leftover is
+removed on the next start). A latest epoch that cannot be read is reported,
+never trained over.
 """
+import contextlib
+import hashlib
 import json
 import os
+import signal
+import threading
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from tcn_jax.errors import TCNError
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+  """Holds SIGTERM/SIGINT until the block ends, then re-raises the first one,
+  so that an epoch and its checkpoint are finished before a stop."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  caught = []
+  old = {s: signal.signal(s, lambda signum, _: caught.append(signum))
+         for s in STOP_SIGNALS}
+  try:
+    yield
+  finally:
+    for s, handler in old.items():
+      signal.signal(s, signal.SIG_DFL if handler is None else handler)
+    if caught:
+      signal.raise_signal(caught[0])
+
+
+def _first_line(e: Exception) -> str:
+  lines = str(e).strip().splitlines() or ['']
+  return f'{type(e).__name__}: {lines[0][:200]}'
+
+
+def _shapes(tree) -> dict:
+  """{'a/b/c': shape} of a pytree of arrays or of Orbax array metadata."""
+  def name(k):
+    return str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'/'.join(name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in leaves}
+
 
 class StageCheckpoint:
-  """Per-epoch checkpoints of one training stage."""
+  """Per-epoch checkpoints of one training stage (`read_only` for loading)."""
 
-  def __init__(self, directory: str, max_to_keep: int = 2):
+  def __init__(self, directory: str, max_to_keep: int = 2,
+               read_only: bool = False):
     self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                             create=True))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=not read_only,
+            read_only=read_only, cleanup_tmp_directories=not read_only),
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'record': ocp.JsonCheckpointHandler()})
 
   def latest_epoch(self) -> int:
     """Number of finished epochs saved (0 = nothing saved)."""
     return self.manager.latest_step() or 0
 
   def save(self, epoch: int, state, record: dict):
-    self.manager.save(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)))
-    self.manager.wait_until_finished()
+    """Writes epoch `epoch` completely (a stop signal waits for it)."""
+    with signals_deferred():
+      try:
+        saved = self.manager.save(epoch, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            record=ocp.args.JsonSave(record)))
+        self.manager.wait_until_finished()
+      except Exception as e:  # Disk full, unwritable, ...: Orbax varies.
+        raise TCNError(f'cannot write checkpoint {self.directory}/{epoch} '
+                       f'({_first_line(e)}); earlier epochs are kept'
+                       ) from None
+    if not saved:   # Orbax skips, silently, a step that is already there.
+      raise TCNError(f'checkpoint {self.directory}/{epoch} already exists')
 
-  def restore(self, state_template):
-    """(state, record) of the latest epoch, shaped like `state_template`."""
+  def restore(self, state_template=None):
+    """(state, record) of the latest epoch, shaped like `state_template`.
+
+    Refuses, naming the checkpoint, one that holds other shapes (another
+    architecture or input size) or cannot be read (damaged or truncated).
+    """
     epoch = self.latest_epoch()
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
-                                      state_template)
-    try:
-      out = self.manager.restore(epoch, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract),
-          record=ocp.args.JsonRestore()))
-    except Exception as e:  # Orbax raises several types for bad checkpoints.
-      raise TCNError(f'cannot restore checkpoint {self.directory}/{epoch} '
-                     f'(another architecture or a damaged file?): '
-                     f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
-                     ) from None
+    where = f'{self.directory}/{epoch}'
+    older = [s for s in self.manager.all_steps() if s < epoch]
+    damaged = (f'checkpoint {where} is damaged or truncated ({{}}); move it '
+               'away to resume from ' +
+               (f'epoch {max(older)}' if older else 'scratch'))
+    with signals_deferred():
+      try:
+        stored = _shapes(self.manager.item_metadata(epoch)['state'].tree)
+      except Exception as e:  # Orbax raises several types for bad files.
+        raise TCNError(damaged.format(_first_line(e))) from None
+      abstract = None
+      if state_template is not None:
+        wanted = _shapes(state_template)
+        if stored != wanted:
+          key = sorted(set(stored) ^ set(wanted)) or sorted(
+              k for k in wanted if stored[k] != wanted[k])
+          raise TCNError(
+              f'checkpoint {where} holds another architecture or input size '
+              f'than this config ({key[0]}: stored '
+              f'{stored.get(key[0], "nothing")}, expected '
+              f'{wanted.get(key[0], "nothing")}); use a new workdir')
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
+                                          state_template)
+      try:
+        out = self.manager.restore(epoch, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract),
+            record=ocp.args.JsonRestore()))
+      except Exception as e:  # Orbax raises several types for bad files.
+        raise TCNError(damaged.format(_first_line(e))) from None
     return out.state, out.record
+
+  def record(self) -> dict:
+    """The JSON record of the latest epoch (no arrays are read)."""
+    return self.manager.restore(self.latest_epoch(), args=ocp.args.Composite(
+        record=ocp.args.JsonRestore())).record
 
   def close(self):
     self.manager.close()
 
 
-def write_json(path: str, obj):
-  """Writes JSON atomically (temp file + rename), so a crash never truncates."""
+def digest(*trees) -> str:
+  """SHA-256 over every array in `trees` (shapes, dtypes and bytes): equal
+  digests mean bitwise-equal parameters or data."""
+  h = hashlib.sha256()
+  for leaf in jax.tree_util.tree_leaves(trees):
+    a = np.ascontiguousarray(leaf)
+    h.update(f'{a.shape}{a.dtype}'.encode())
+    h.update(a.data)
+  return h.hexdigest()
+
+
+def atomic_write(path: str, write):
+  """Calls write(file) on a temporary file, then renames it to `path`, so a
+  crash or a full disk never leaves a truncated file or loses the old one."""
   tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'wb') as f:
+      write(f)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_json(path: str, obj):
+  """Writes JSON atomically."""
+  atomic_write(path, lambda f: f.write(
+      json.dumps(obj, indent=2, sort_keys=True).encode()))

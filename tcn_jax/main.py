@@ -1,8 +1,12 @@
 """Command line: `python -m tcn_jax.main --config configs/X.py --workdir DIR`.
 
 Any config field can be overridden, e.g. `--config.num_students=8`.
-Errors in the config, data or workdir print one line and exit with code 2.
+Errors in the flags, config, data or workdir print one line
+(`error: ...`) and exit with code 2. SIGTERM/SIGINT finish the epoch in
+progress and its checkpoint (outside an epoch: stop at once), print one line
+and exit with 128 + the signal number; the same command resumes.
 """
+import signal
 import sys
 
 from absl import app
@@ -11,6 +15,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from tcn_jax import train
+from tcn_jax.errors import Interrupted
 from tcn_jax.errors import TCNError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.',
@@ -19,19 +24,47 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (resumable).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _fail(e: Exception, code: int = 2):
+  """Prints `e` as one `error:` line (first and last line of a long message,
+  e.g. a config file's traceback) and exits."""
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [repr(e)]
+  text = lines[0] if len(lines) == 1 else f'{lines[0]} ... {lines[-1]}'
+  print(f'error: {text}', file=sys.stderr)
+  sys.exit(code)
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a bad flag or override as one `error:` line."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:   # Overriding a field not there.
+    field = str(e).strip('\'"')
+    _fail(TCNError(f'no config field {field!r} (check the --config.* '
+                   'overrides)'))
+  except (flags.Error, OSError, ValueError, TypeError) as e:
+    _fail(e)
+
+
+def _stop(signum, _):
+  raise Interrupted(signum)
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # Orbax logs every checkpoint write at INFO; keep the console to progress.
   logging.get_absl_handler().addFilter(
       lambda record: 'orbax' not in record.pathname)
+  for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, _stop)
   try:
+    if len(argv) > 1:
+      raise TCNError(f'unexpected arguments: {argv[1:]}')
     results = train.run(_CONFIG.value, _WORKDIR.value)
   except TCNError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    _fail(e, e.exit_code)
+  except OSError as e:   # A config file that does not load, a full disk, ...
+    _fail(e)
   logging.info('results: %s', results)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

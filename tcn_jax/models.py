@@ -150,5 +150,31 @@ def student(spec: str, out_dim: int, out_relu: bool = False,
   return Net(f'{spec} D{out_dim}{"r" if out_relu else ""}', init, impl)
 
 
+def output_shape(spec: str, input_shape, impl: str = 'auto') -> tuple:
+  """Shape of `Net(spec)`'s output for one input of `input_shape`.
+
+  Raises ValueError naming the first layer that cannot apply (e.g. more
+  pooling or a larger kernel than the image allows).
+  """
+  tokens = spec.split()
+
+  def shape(k):
+    net = Net(' '.join(tokens[:k]), impl=impl)
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    out = jax.eval_shape(
+        lambda x: net.init_with_output(jax.random.key(0), x)[0], x).shape
+    if 0 in out:
+      raise ValueError(f'empty output {out[1:]}')
+    return out[1:]
+
+  for k in range(len(tokens) + 1):
+    try:
+      out = shape(k)
+    except Exception:  # Flax/XLA raise several types for bad shapes.
+      raise ValueError(f'layer {k} ({tokens[k - 1]!r}) cannot apply to its '
+                       f'input of shape {shape(k - 1)}') from None
+  return out
+
+
 def num_params(params) -> int:
   return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))

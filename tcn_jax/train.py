@@ -8,7 +8,6 @@ when the same command runs again.
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -59,6 +58,8 @@ def per_n(config, path: str, n: int):
   if value not in ('', -1, -1.0, None):
     return value
   table = section.get(field + '_by_n') or {}
+  if not table:
+    return value   # No paper values: `validate` judges the value itself.
   if str(n) not in table:
     raise TCNError(f'no {field} for num_students={n}: set --config.{path} '
                    f'(paper values exist for n in {sorted(table, key=int)})')
@@ -201,6 +202,14 @@ def _check_number(field, value, kind, low, high=None, strict=False):
                    f'got {value!r}')
 
 
+def _parse(field, spec):
+  """models.parse, failing with a TCNError that names `config.<field>`."""
+  try:
+    return models.parse(spec)
+  except (ValueError, AttributeError) as e:
+    raise TCNError(f'config.{field}: {e}') from None
+
+
 def validate(config):
   """Fails fast, naming the field, on values that cannot work."""
   n = config.num_students
@@ -219,28 +228,24 @@ def validate(config):
   if config.students.init not in models.INITS:
     raise TCNError(f'unknown initializer {config.students.init!r} (config.'
                    f'students.init); choose one of {tuple(models.INITS)}')
-  parsed = {}
-  for field, spec in (('teacher.body', config.teacher.body),
-                      ('students.arch', per_n(config.students, 'arch', n))):
-    try:
-      parsed[field] = models.parse(spec)
-    except (ValueError, AttributeError) as e:
-      raise TCNError(f'config.{field}: {e}') from None
-  dense = [l for l in parsed['teacher.body'] if l['kind'] == 'dense']
+  dense = [l for l in _parse('teacher.body', config.teacher.body)
+           if l['kind'] == 'dense']
   if not dense:
     raise TCNError('config.teacher.body must end in a Dense feature layer')
   features_lib.chunk_sizes(dense[-1]['features'], n)
+  _parse('students.arch', per_n(config, 'students.arch', n))
   for section in ('teacher', 'students', 'head'):
     c = config[section]
-    _check_number(f'{section}.epochs', per_n(c, 'epochs', n), int, 0)
+    _check_number(f'{section}.epochs', per_n(config, f'{section}.epochs', n),
+                  int, 0)
     _check_number(f'{section}.batch_size', c.batch_size, int, 1)
     _check_number(f'{section}.learning_rate', c.learning_rate, float, 0,
                   strict=True)
-    make_optimizer(per_n(c, 'optimizer', n), c.learning_rate,
+    make_optimizer(per_n(config, f'{section}.optimizer', n), c.learning_rate,
                    f'config.{section}.optimizer')
   _check_number('teacher.head_dropout', config.teacher.head_dropout, float,
                 0, 1)
-  _check_number('head.dropout', per_n(config.head, 'dropout', n), float, 0, 1)
+  _check_number('head.dropout', per_n(config, 'head.dropout', n), float, 0, 1)
   _check_number('data.val_fraction', config.data.val_fraction, float, 0, 1,
                 strict=True)
   _check_number('data.train_size', config.data.train_size, int, 0)
@@ -292,13 +297,11 @@ def cached_features(teacher, params, ds, workdir, batch_size):
   features of another teacher or data are recomputed, as is a damaged file.
   """
   path = os.path.join(workdir, 'features.npz')
-  digest = hashlib.sha256()
-  for a in jax.tree_util.tree_leaves(params) + [ds.train.x, ds.val.x]:
-    digest.update(np.ascontiguousarray(a).data)
-  digest = digest.hexdigest()
+  digest = checkpoint.digest(params, ds.train.x, ds.val.x)
   try:
     with np.load(path) as f:
       if str(f['digest']) == digest:
+        logging.info('features: reusing %s', path)
         return {'train': f['train'], 'val': f['val']}
   except (OSError, KeyError, ValueError, zipfile.BadZipFile):
     pass   # Missing, from another version, or damaged: compute again.
@@ -410,7 +413,7 @@ def _pipeline(config, workdir, writer):
   image_shape = ds.train.x.shape[1:]
   check_fits('teacher.body', config.teacher.body, image_shape,
              config.layers_impl)
-  check_fits('students.arch', per_n(config.students, 'arch', n) + ' D1',
+  check_fits('students.arch', per_n(config, 'students.arch', n) + ' D1',
              image_shape, config.layers_impl)
 
   t, c = time.time(), config.teacher
@@ -472,6 +475,10 @@ def _pipeline(config, workdir, writer):
                  'students_each': student_params,
                  'students_total': int(sum(student_params)),
                  'head': models.num_params(tcn.head_params)},
+      # Bitwise fingerprints: equal digests mean equal parameters.
+      'digests': {'teacher': checkpoint.digest(teacher_params),
+                  'tcn': checkpoint.digest([g.params for g in tcn.groups],
+                                           tcn.head_params)},
       'wall_seconds_this_run': wall,
       'train_seconds': {'teacher': teacher_info['seconds'],
                         'students': students_info['seconds'],
