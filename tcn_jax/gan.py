@@ -1,0 +1,109 @@
+"""GAN students (paper Sec. 3, "GAN" columns of Table 3).
+
+Each student (generator) has its own discriminator that sees only a feature
+chunk: real (the teacher's chunk) or fake (the student's output). As in the
+authors' code, the discriminator has two heads: a real/fake logit and a
+reconstruction of the chunk. Per batch: one discriminator step on the real
+chunk, one on the fake (each with its own BatchNorm batch statistics), then
+`g_steps_per_d_step` student steps against the frozen discriminator
+(BatchNorm in inference mode). The student's MSE term is selectable:
+
+  'student_output'       MSE(student(x), chunk), what the paper says;
+  'disc_reconstruction'  MSE(D_recon(student(x)), chunk), what the authors'
+                         notebooks do (the student is never compared to the
+                         chunk directly).
+"""
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from tcn_jax.errors import TCNError
+
+MSE_TARGETS = ('student_output', 'disc_reconstruction')
+
+
+class Discriminator(nn.Module):
+  """Unconditional MLP on a chunk: Dense -> LeakyReLU, then [Dense -> BN ->
+  LeakyReLU] blocks; heads: real/fake logit and chunk reconstruction."""
+  hidden: Sequence[int]
+  out_dim: int
+  first_bias: bool = False
+  recon_relu: bool = False
+
+  @nn.compact
+  def __call__(self, chunk, train: bool = False):
+    x = nn.Dense(self.hidden[0], use_bias=self.first_bias)(chunk)
+    x = nn.leaky_relu(x, 0.2)
+    for width in self.hidden[1:]:
+      x = nn.Dense(width)(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.99,
+                       epsilon=1e-3)(x)
+      x = nn.leaky_relu(x, 0.2)
+    logit = nn.Dense(1, name='real_fake')(x)[..., 0]
+    recon = nn.Dense(self.out_dim, name='recon')(x)
+    return logit, nn.relu(recon) if self.recon_relu else recon
+
+
+def bce(logits, label: float):
+  return optax.sigmoid_binary_cross_entropy(
+      logits, jnp.full_like(logits, label)).mean()
+
+
+def mse(a, b):
+  return jnp.mean((a - b) ** 2)
+
+
+def init_state(student, disc, g_tx, d_tx, key, x_example):
+  """One member's state: student and discriminator params, D's batch
+  statistics, and both optimizers' states."""
+  k_g, k_d = jax.random.split(key)
+  g = student.init(k_g, x_example)['params']
+  d_vars = disc.init(k_d, student.apply({'params': g}, x_example))
+  return {'g': g, 'g_opt': g_tx.init(g), 'd': d_vars['params'],
+          'd_stats': d_vars['batch_stats'], 'd_opt': d_tx.init(d_vars['params'])}
+
+
+def make_member_step(student, disc, g_tx, d_tx, *, mse_target='student_output',
+                     adv_weight=1.0, mse_weight=1.0, g_steps_per_d_step=1):
+  """member_step(state, x, chunk, key) -> (state, metrics) for the engine."""
+  if mse_target not in MSE_TARGETS:
+    raise TCNError(f'unknown gan.mse_target {mse_target!r}; choose one of '
+                   f'{MSE_TARGETS}')
+
+  def d_loss(d, stats, inp, label, chunk):
+    (logit, recon), upd = disc.apply({'params': d, 'batch_stats': stats}, inp,
+                                     train=True, mutable=['batch_stats'])
+    return bce(logit, label) + mse(recon, chunk), upd['batch_stats']
+
+  def d_step(state, inp, label, chunk):
+    (loss, stats), grads = jax.value_and_grad(d_loss, has_aux=True)(
+        state['d'], state['d_stats'], inp, label, chunk)
+    updates, d_opt = d_tx.update(grads, state['d_opt'], state['d'])
+    return dict(state, d=optax.apply_updates(state['d'], updates),
+                d_stats=stats, d_opt=d_opt), loss
+
+  def g_loss(g, state, x, chunk, key):
+    pred = student.apply({'params': g}, x, train=True, rngs={'dropout': key})
+    logit, recon = disc.apply({'params': state['d'],
+                               'batch_stats': state['d_stats']}, pred)
+    target = pred if mse_target == 'student_output' else recon
+    loss = adv_weight * bce(logit, 1.0) + mse_weight * mse(target, chunk)
+    return loss, mse(pred, chunk)
+
+  def member_step(state, x, chunk, key):
+    fake = jax.lax.stop_gradient(student.apply({'params': state['g']}, x))
+    state, real_loss = d_step(state, chunk, 1.0, chunk)
+    state, fake_loss = d_step(state, fake, 0.0, chunk)
+    for k in range(g_steps_per_d_step):
+      (loss, direct), grads = jax.value_and_grad(g_loss, has_aux=True)(
+          state['g'], state, x, chunk, key if k == 0 else jax.random.fold_in(key, k))
+      updates, g_opt = g_tx.update(grads, state['g_opt'], state['g'])
+      state = dict(state, g=optax.apply_updates(state['g'], updates),
+                   g_opt=g_opt)
+    return state, {'d_loss': (real_loss + fake_loss) / 2, 'g_loss': loss,
+                   'mse': direct}
+
+  return member_step

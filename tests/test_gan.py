@@ -1,0 +1,93 @@
+"""GAN students: strategies agree, the losses do what they say."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from tcn_jax import engine
+from tcn_jax import gan
+from tcn_jax import models
+from tcn_jax import train
+from tcn_jax.errors import TCNError
+
+SPEC = 'C4 MP F D8r Do.1'
+
+
+def _setup(ids, width=6, n_data=64):
+  student = models.student(SPEC, width, impl='im2col')
+  disc = gan.Discriminator((16, 32), width)
+  rng = np.random.default_rng(0)
+  x = rng.random((n_data, 12, 12, 1), np.float32)
+  chunks = rng.random((4, n_data, width), np.float32)[ids]
+  keys = engine.member_keys(5, ids)
+  return student, disc, jnp.asarray(x), jnp.asarray(chunks), keys
+
+
+def _run(ids, strategy, epochs=2, tx=None, **kw):
+  """Trains a group. Plain SGD by default: the Dense biases before BatchNorm
+  have an exactly-zero true gradient, and Adam would turn float noise there
+  into full-size steps that differ between equally valid programs."""
+  student, disc, x, chunks, keys = _setup(ids)
+  g_tx = d_tx = tx or optax.sgd(0.05)
+  state = engine.stack([gan.init_state(student, disc, g_tx, d_tx, k, x[:2])
+                        for k in keys])
+  epoch = engine.make_group_epoch(
+      gan.make_member_step(student, disc, g_tx, d_tx, **kw), len(ids),
+      strategy)
+  metrics = []
+  for e in range(epochs):
+    state, m = epoch(state, x, chunks, engine.batch_order(1, e, len(x), 16),
+                     keys, e)
+    metrics.append(m)
+  return state, jax.tree_util.tree_map(lambda *a: np.concatenate(a), *metrics)
+
+
+@pytest.mark.parametrize('mse_target', gan.MSE_TARGETS)
+def test_gan_strategies_equal_training_alone(mse_target):
+  ids = [0, 1, 3]
+  got = {s: _run(ids, s, mse_target=mse_target)[0]
+         for s in ('vmap', 'unrolled')}
+  for i, member in enumerate(ids):
+    alone, _ = _run([member], 'unrolled', mse_target=mse_target)
+    for state in got.values():
+      jax.tree_util.tree_map(
+          lambda a, b, i=i: np.testing.assert_allclose(a[i], b[0], atol=1e-4,
+                                                       rtol=1e-4),
+          state, alone)
+
+
+def test_without_adversarial_term_student_output_equals_ff():
+  """adv_weight=0 and the paper's MSE target: the student trains exactly as
+  an FF student (the discriminator has no influence)."""
+  student, _, x, chunks, keys = _setup([0, 1])
+  tx = optax.adam(1e-3)
+  state, _ = _run([0, 1], 'unrolled', tx=tx, adv_weight=0.0)
+  params = engine.stack([gan.init_state(student, gan.Discriminator((16, 32), 6),
+                                        tx, tx, k, x[:2])['g'] for k in keys])
+  opt_state = jax.vmap(tx.init)(params)
+
+  def loss_fn(p, xb, tb, key):
+    pred = student.apply({'params': p}, xb, train=True, rngs={'dropout': key})
+    return train.mse_loss(pred, tb)
+
+  epoch = engine.make_epoch_fn(loss_fn, tx, 2, 'unrolled')
+  for e in range(2):
+    params, opt_state, _ = epoch(params, opt_state, x, chunks,
+                                 engine.batch_order(1, e, len(x), 16), keys, e)
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), state['g'],
+      params)
+
+
+def test_discriminator_learns_and_student_mse_falls():
+  _, m = _run([0], 'unrolled', epochs=15, tx=optax.adam(1e-3))
+  assert m['mse'][-4:].mean() < m['mse'][:4].mean()
+  assert np.isfinite(m['d_loss']).all() and np.isfinite(m['g_loss']).all()
+
+
+def test_bad_mse_target():
+  student, disc, *_ = _setup([0])
+  with pytest.raises(TCNError, match='gan.mse_target'):
+    gan.make_member_step(student, disc, optax.adam(1e-3), optax.adam(1e-3),
+                         mse_target='pixels')
