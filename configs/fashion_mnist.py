@@ -46,15 +46,30 @@ def get_config(preset: str = ''):
       learning_rate=1e-3, batch_size=128,
       epochs=-1, epochs_by_n={'1': 5, '2': 30, '4': 20, '8': 10}))
 
-  if preset:
-    apply_preset(c, preset)
+  # GAN students (config.method='gan'; the ':gan' preset also sets the
+  # paper's GAN schedules). Discriminator widths per n (reference Sec. 4).
+  c.gan = ml_collections.ConfigDict(dict(
+      disc='', disc_by_n={'1': '64 128 256 512 1024', '2': '64 128 256 512 1024',
+                          '4': '64 128 256 512', '8': '64 128 256 512 1024'},
+      disc_first_bias=False, mse_target='student_output', adv_weight=1.0,
+      mse_weight=1.0, g_steps_per_d_step=1, d_optimizer='adam',
+      d_learning_rate=2e-4))
+
+  for p in filter(None, preset.split(',')):
+    apply_preset(c, p)
   return c
 
 
 def apply_preset(c, preset):
-  """'smoke': a small real-data subset and short schedules (tests, demos)."""
+  """'smoke': a small real-data subset and short schedules (tests, demos).
+  'gan': GAN students with the authors' Fashion-MNIST GAN schedules."""
+  if preset == 'gan':
+    c.method = 'gan'
+    c.students.epochs, c.students.learning_rate = 55, 2e-4
+    c.head.epochs_by_n = {'1': 50, '2': 30, '4': 30, '8': 100}
+    return
   if preset != 'smoke':
-    raise ValueError(f'unknown preset {preset!r}; known: smoke')
+    raise ValueError(f'unknown preset {preset!r}; known: smoke, gan')
   c.data.train_size, c.data.test_size = 3000, 1000
   c.teacher.epochs, c.teacher.batch_size = 3, 100
   c.students.epochs, c.students.batch_size = 4, 100

@@ -24,6 +24,11 @@ def get_config(preset: str = ''):
   c.head.dropout_by_n = {'1': 0.5, '2': 0.5, '4': 0.5, '8': 0.5}
   c.head.optimizer_by_n = {'1': 'adam', '2': 'adam', '4': 'adam', '8': 'adam'}
   c.head.epochs_by_n = {'1': 20, '2': 10, '4': 5, '8': 10}
-  if preset:
-    fashion_mnist.apply_preset(c, preset)
+  c.gan.disc_by_n = {k: '64 128 256 512 1024' for k in ('1', '2', '4', '8')}
+  c.gan.disc_first_bias = True
+  for p in filter(None, preset.split(',')):
+    fashion_mnist.apply_preset(c, p)
+    if p == 'gan':   # The authors' MNIST GAN schedules.
+      c.students.epochs = 40
+      c.head.epochs_by_n = {'1': 20, '2': 20, '4': 70, '8': 100}
   return c

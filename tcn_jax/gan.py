@@ -103,7 +103,8 @@ def make_member_step(student, disc, g_tx, d_tx, *, mse_target='student_output',
       updates, g_opt = g_tx.update(grads, state['g_opt'], state['g'])
       state = dict(state, g=optax.apply_updates(state['g'], updates),
                    g_opt=g_opt)
-    return state, {'d_loss': (real_loss + fake_loss) / 2, 'g_loss': loss,
+    # 'loss' is the student's (generator's) loss, as for FF students.
+    return state, {'loss': loss, 'd_loss': (real_loss + fake_loss) / 2,
                    'mse': direct}
 
   return member_step

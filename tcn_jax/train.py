@@ -26,13 +26,14 @@ from tcn_jax import checkpoint
 from tcn_jax import data as data_lib
 from tcn_jax import engine
 from tcn_jax import features as features_lib
+from tcn_jax import gan as gan_lib
 from tcn_jax import layers
 from tcn_jax import metrics
 from tcn_jax import models
 from tcn_jax.errors import TCNError
 
 STAGES = ('teacher', 'students', 'head')
-METHODS = ('ff',)
+METHODS = ('ff', 'gan')
 
 
 def make_optimizer(name: str, learning_rate: float, field: str):
@@ -81,35 +82,53 @@ def mse_loss(pred, target):
 
 def fit(stage_dir, *, name, model, loss, tx, params, x, targets, ids, epochs,
         batch_size, seed, strategy, val_x, val_targets, val_metric, writer):
-  """Trains a stacked group for `epochs`, resuming from `stage_dir`.
+  """Gradient descent on loss(model(x), target) for a stacked group; see
+  `fit_group`. Returns (params, history, training seconds)."""
+  def member_step(state, xb, tb, key):
+    def loss_fn(p):
+      pred = model.apply({'params': p}, xb, train=True, rngs={'dropout': key})
+      return loss(pred, tb)
+    value, grads = jax.value_and_grad(loss_fn)(state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    return {'params': optax.apply_updates(state['params'], updates),
+            'opt_state': opt_state}, {'loss': value}
 
-  loss(pred, target) is the per-member loss; val_metric(pred, target) is
-  reported per member after each epoch. Without stage_dir nothing is saved;
-  without writer nothing goes to TensorBoard.
-  Returns (params, history, training seconds).
+  state, history, seconds = fit_group(
+      stage_dir, name=name, member_step=member_step,
+      state={'params': params, 'opt_state': jax.vmap(tx.init)(params)},
+      predict=lambda s, xb: model.apply({'params': s['params']}, xb), x=x,
+      targets=targets, ids=ids, epochs=epochs, batch_size=batch_size,
+      seed=seed, strategy=strategy, val_x=val_x, val_targets=val_targets,
+      val_metric=val_metric, writer=writer)
+  return state['params'], history, seconds
+
+
+def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
+              epochs, batch_size, seed, strategy, val_x, val_targets,
+              val_metric, writer):
+  """Trains a stacked group for `epochs` with the engine, resuming from
+  `stage_dir` (per-epoch checkpoints of the whole state).
+
+  member_step(state, x, target, key) -> (state, metrics dict with 'loss');
+  predict(member_state, x) is scored by val_metric(pred, target) per member
+  after each epoch. Without stage_dir nothing is saved; without writer
+  nothing goes to TensorBoard. Returns (state, history, training seconds).
   """
   n = len(ids)
-  opt_state = jax.vmap(tx.init)(params)
   ckpt = checkpoint.StageCheckpoint(stage_dir) if stage_dir else None
   start = ckpt.latest_epoch() if ckpt else 0
   history, seconds = [], 0.0
   if start:
-    state, record = ckpt.restore({'params': params, 'opt_state': opt_state})
-    params, opt_state = state['params'], state['opt_state']
+    state, record = ckpt.restore(state)
     history, seconds = record['history'], record['seconds']
     logging.info('[%s] resuming after epoch %d/%d', name, start, epochs)
   if start >= epochs:
     if ckpt:
       ckpt.close()
-    return params, history, seconds
+    return state, history, seconds
 
-  def loss_fn(p, xb, tb, key):
-    pred = model.apply({'params': p}, xb, train=True, rngs={'dropout': key})
-    return loss(pred, tb)
-
-  epoch_fn = engine.make_epoch_fn(loss_fn, tx, n, strategy)
-  apply = engine.make_apply_fn(
-      lambda p, xb: model.apply({'params': p}, xb), n, strategy)
+  epoch_fn = engine.make_group_epoch(member_step, n, strategy)
+  apply = engine.make_apply_fn(predict, n, strategy)
   keys = engine.member_keys(seed, ids)
   x_dev, t_dev = jnp.asarray(x), jnp.asarray(targets)
   progress = metrics.Progress(name, epochs, start)
@@ -117,28 +136,30 @@ def fit(stage_dir, *, name, model, loss, tx, params, x, targets, ids, epochs,
     with checkpoint.signals_deferred():   # A stop waits for epoch + save.
       t0 = time.time()
       order = engine.batch_order(seed, epoch, len(x), batch_size)
-      params, opt_state, losses = epoch_fn(params, opt_state, x_dev, t_dev,
-                                           order, keys, epoch)
-      losses = np.asarray(losses)
-      bad = np.argwhere(~np.isfinite(losses))
+      state, step_metrics = epoch_fn(state, x_dev, t_dev, order, keys, epoch)
+      step_metrics = {k: np.asarray(v) for k, v in step_metrics.items()}
+      losses = step_metrics['loss']
+      bad = np.argwhere(~np.all([np.isfinite(v) for v in
+                                 step_metrics.values()], axis=0))
       if len(bad):
         step, member = bad[0]
         raise TCNError(
             f'non-finite loss in stage {name}, member {ids[member]}, epoch '
             f'{epoch + 1}, step {step}; last good checkpoint: '
             + (f'epoch {epoch} in {stage_dir}' if epoch and ckpt else 'none'))
-      preds = engine.batched(lambda xb: apply(params, xb), val_x, axis=1)
+      preds = engine.batched(lambda xb: apply(state, xb), val_x, axis=1)
       val = [val_metric(preds[m], val_targets[m]) for m in range(n)]
       seconds += time.time() - t0
       record = {'epoch': epoch + 1, 'train_loss': losses.mean(0).tolist(),
                 'val': val, 'seconds': seconds}
+      record.update({f'train_{k}': v.mean(0).tolist()
+                     for k, v in step_metrics.items() if k != 'loss'})
       history.append(record)
       if ckpt:
-        ckpt.save(epoch + 1, {'params': params, 'opt_state': opt_state},
-                  {'history': history, 'seconds': seconds})
-    scalars = {f'{name}/train_loss/{i}': l for i, l in
-               zip(ids, record['train_loss'])}
-    scalars.update({f'{name}/val/{i}': v for i, v in zip(ids, val)})
+        ckpt.save(epoch + 1, state, {'history': history, 'seconds': seconds})
+    scalars = {f'{name}/{k}/{i}': v for k, vs in record.items()
+               if k.startswith('train_') or k == 'val'
+               for i, v in zip(ids, vs)}
     if writer:
       writer.scalars(epoch + 1, scalars)
     progress.epoch(epoch + 1, {'loss': float(losses[-len(losses) // 10 - 1:]
@@ -146,7 +167,7 @@ def fit(stage_dir, *, name, model, loss, tx, params, x, targets, ids, epochs,
                                'val': float(np.mean(val))})
   if ckpt:
     ckpt.close()
-  return params, history, seconds
+  return state, history, seconds
 
 
 def check_workdir(config, workdir):
@@ -251,6 +272,21 @@ def validate(config):
   _check_number('data.train_size', config.data.train_size, int, 0)
   _check_number('data.test_size', config.data.test_size, int, 0)
   _check_number('eval_batch_size', config.eval_batch_size, int, 1)
+  if config.method == 'gan':
+    g = config.gan
+    if g.mse_target not in gan_lib.MSE_TARGETS:
+      raise TCNError(f'unknown gan.mse_target {g.mse_target!r}; choose one '
+                     f'of {gan_lib.MSE_TARGETS}')
+    widths = str(per_n(config, 'gan.disc', n)).split()
+    if not widths or not all(w.isdigit() and int(w) > 0 for w in widths):
+      raise TCNError(f'config.gan.disc must be layer widths like "64 128 256",'
+                     f' got {" ".join(widths)!r}')
+    _check_number('gan.g_steps_per_d_step', g.g_steps_per_d_step, int, 1)
+    for field in ('adv_weight', 'mse_weight'):
+      _check_number(f'gan.{field}', g[field], float, 0)
+    _check_number('gan.d_learning_rate', g.d_learning_rate, float, 0,
+                  strict=True)
+    make_optimizer(g.d_optimizer, g.d_learning_rate, 'config.gan.d_optimizer')
 
 
 def check_fits(field, spec, input_shape, impl):
@@ -315,14 +351,17 @@ def cached_features(teacher, params, ds, workdir, batch_size):
 def train_students(specs, x, features, num_students, *, epochs,
                    batch_size=128, optimizer='adam', learning_rate=1e-3,
                    out_relu=False, init='normal', seed=0, strategy='auto',
-                   impl='auto', val=None, workdir=None, writer=None):
+                   impl='auto', val=None, gan=None, workdir=None, writer=None):
   """Stage 2: n students regress the n contiguous chunks of `features`.
 
   specs: one architecture string for all students, or one per student.
   Identical students (same architecture and chunk width) form a group that
   trains in one compiled program. val: optional (x_val, features_val).
+  gan: None for FF students (MSE), or a dict of GAN settings (see
+  `gan_settings`) for adversarial students, one discriminator each.
   Returns (groups with trained params, info) with info = {'val_mse': per
-  student list over epochs (empty without val), 'seconds'}.
+  student list over epochs (empty without val), 'history': per group,
+  'seconds'}.
   """
   if isinstance(specs, str):
     specs = [specs] * num_students
@@ -336,26 +375,57 @@ def train_students(specs, x, features, num_students, *, epochs,
   if val is not None:
     val_x, val_chunks = val[0], features_lib.chunk(val[1], num_students)
   seed = stage_seed(seed, 'students')
-  val_mse, seconds = {}, 0.0
+  tx = make_optimizer(optimizer, learning_rate, 'config.students.optimizer')
+  val_mse, histories, seconds = {}, [], 0.0
   for gi, group in enumerate(groups):
     model = group.model(impl)
-    init_fn = lambda k, model=model: model.init(k, x[:1])['params']
-    group.params, hist, secs = fit(
-        _stage_dir(workdir, 'students', f'group{gi}'),
-        name=f'students[{gi}]', model=model, loss=mse_loss,
-        tx=make_optimizer(optimizer, learning_rate,
-                          'config.students.optimizer'),
-        params=engine.init_group(init_fn, seed, group.member_ids), x=x,
+    common = dict(
+        name=f'students[{gi}]', x=x, ids=group.member_ids,
         targets=np.stack([chunks[i] for i in group.member_ids]),
-        ids=group.member_ids, epochs=epochs, batch_size=batch_size,
-        seed=seed, strategy=strategy, val_x=val_x,
-        val_targets=np.stack([val_chunks[i] for i in group.member_ids]),
-        val_metric=metrics.mse, writer=writer)
+        epochs=epochs, batch_size=batch_size, seed=seed, strategy=strategy,
+        val_x=val_x, val_metric=metrics.mse, writer=writer,
+        val_targets=np.stack([val_chunks[i] for i in group.member_ids]))
+    stage_dir = _stage_dir(workdir, 'students', f'group{gi}')
+    if gan is None:
+      init_fn = lambda k, model=model: model.init(k, x[:1])['params']
+      group.params, hist, secs = fit(
+          stage_dir, model=model, loss=mse_loss, tx=tx,
+          params=engine.init_group(init_fn, seed, group.member_ids), **common)
+    else:
+      disc = gan_lib.Discriminator(gan['disc_widths'], group.out_dim,
+                                   gan['disc_first_bias'])
+      d_tx = make_optimizer(gan['d_optimizer'], gan['d_learning_rate'],
+                            'config.gan.d_optimizer')
+      init_fn = lambda k, model=model, disc=disc, d_tx=d_tx: (
+          gan_lib.init_state(model, disc, tx, d_tx, k, x[:1]))
+      state, hist, secs = fit_group(
+          stage_dir, state=engine.init_group(init_fn, seed, group.member_ids),
+          member_step=gan_lib.make_member_step(
+              model, disc, tx, d_tx, mse_target=gan['mse_target'],
+              adv_weight=gan['adv_weight'], mse_weight=gan['mse_weight'],
+              g_steps_per_d_step=gan['g_steps_per_d_step']),
+          predict=lambda s, xb, model=model: model.apply({'params': s['g']},
+                                                         xb), **common)
+      group.params = state['g']
     for i, mid in enumerate(group.member_ids):
       val_mse[mid] = [h['val'][i] for h in hist] if val is not None else []
+    histories.append(hist)
     seconds += secs
   return groups, {'val_mse': [val_mse[i] for i in range(num_students)],
-                  'seconds': seconds}
+                  'history': histories, 'seconds': seconds}
+
+
+def gan_settings(config, n):
+  """The GAN students' settings from `config.gan` (None for FF)."""
+  if config.method != 'gan':
+    return None
+  g = config.gan
+  return {'disc_widths': tuple(int(w) for w in
+                               str(per_n(config, 'gan.disc', n)).split()),
+          'disc_first_bias': g.disc_first_bias, 'mse_target': g.mse_target,
+          'adv_weight': g.adv_weight, 'mse_weight': g.mse_weight,
+          'g_steps_per_d_step': g.g_steps_per_d_step,
+          'd_optimizer': g.d_optimizer, 'd_learning_rate': g.d_learning_rate}
 
 
 def finetune_head(tcn, ds, *, epochs, batch_size=128, optimizer='adam',
@@ -441,7 +511,8 @@ def _pipeline(config, workdir, writer):
       optimizer=c.optimizer, learning_rate=c.learning_rate,
       out_relu=c.out_relu, init=c.init, seed=config.seed,
       strategy=c.strategy, impl=config.layers_impl,
-      val=(ds.val.x, feats['val']), workdir=workdir, writer=writer)
+      val=(ds.val.x, feats['val']), gan=gan_settings(config, n),
+      workdir=workdir, writer=writer)
   wall['students'] = time.time() - t
 
   t, c = time.time(), config.head
