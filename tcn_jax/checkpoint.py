@@ -47,8 +47,11 @@ def signals_deferred():
 
 
 def _first_line(e: Exception) -> str:
-  lines = str(e).strip().splitlines() or ['']
-  return f'{type(e).__name__}: {lines[0][:200]}'
+  """`Type: first line`, long ones cut in the middle (their ends matter)."""
+  line = (str(e).strip().splitlines() or [''])[0]
+  if len(line) > 200:
+    line = f'{line[:90]} ... {line[-100:]}'
+  return f'{type(e).__name__}: {line}'
 
 
 def _shapes(tree) -> dict:
@@ -114,13 +117,13 @@ class StageCheckpoint:
       if state_template is not None:
         wanted = _shapes(state_template)
         if stored != wanted:
-          key = sorted(set(stored) ^ set(wanted)) or sorted(
-              k for k in wanted if stored[k] != wanted[k])
+          key = min((k for k in set(stored) | set(wanted)
+                     if stored.get(k) != wanted.get(k)),
+                    key=lambda k: (not k.startswith('params'), k))
           raise TCNError(
-              f'checkpoint {where} holds another architecture or input size '
-              f'than this config ({key[0]}: stored '
-              f'{stored.get(key[0], "nothing")}, expected '
-              f'{wanted.get(key[0], "nothing")}); use a new workdir')
+              f'checkpoint {where} was saved for another architecture or '
+              f'input size ({key}: stored {stored.get(key, "nothing")}, this '
+              f'config needs {wanted.get(key, "nothing")}); use a new workdir')
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
                                           state_template)
       try:

@@ -38,9 +38,11 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:   # Overriding a field not there.
-    field = str(e).strip('\'"')
-    _fail(TCNError(f'no config field {field!r} (check the --config.* '
-                   'overrides)'))
+    while e.args and isinstance(e.args[0], Exception):
+      e = e.args[0]
+    field, *hint = str(e.args[0] if e.args else e).splitlines()
+    _fail(TCNError('; '.join([f'no config field {field} in the --config.* '
+                              'overrides', *hint])))
   except (flags.Error, OSError, ValueError, TypeError) as e:
     _fail(e)
 
