@@ -1,0 +1,298 @@
+"""The bad-input corpus: every case ends with exactly one `error: ...` line on
+stderr naming the cause, a non-zero exit code, and every file an earlier run
+left in the workdir (results, checkpoints, features) unchanged.
+
+Cases run `main.main` in-process on a copy of a finished tiny run; flag
+parsing errors (absl) run the real command line.
+"""
+import fcntl
+import glob
+import hashlib
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from conftest import needs_fmnist, ROOT, SMOKE, tiny_config, TINY_FLAGS
+from test_data import _synthetic, _write_split
+from tcn_jax import assemble
+from tcn_jax import main
+from tcn_jax import train
+from tcn_jax.errors import TCNError
+
+pytestmark = needs_fmnist
+
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory):
+  """A finished tiny run: the earlier output that no bad input may harm."""
+  workdir = str(tmp_path_factory.mktemp('finished') / 'run')
+  train.run(tiny_config(), workdir)
+  return workdir
+
+
+def _snapshot(workdir):
+  """{path: sha256} of the workdir's files but the lock and event files."""
+  out = {}
+  for path in glob.glob(os.path.join(workdir, '**'), recursive=True):
+    rel = os.path.relpath(path, workdir)
+    if os.path.isfile(path) and rel != 'lock' and 'tensorboard' not in rel:
+      with open(path, 'rb') as f:
+        out[rel] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+@pytest.fixture
+def run_main(monkeypatch, capsys):
+  """main.main on a config object: (exit code, its `error:` lines)."""
+  handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def call(config, workdir):
+    monkeypatch.setattr(main, '_CONFIG', types.SimpleNamespace(value=config))
+    monkeypatch.setattr(main, '_WORKDIR', types.SimpleNamespace(value=workdir))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+      main.main(['tcn_jax.main'])
+    err = capsys.readouterr().err
+    return e.value.code, [l for l in err.splitlines() if l.startswith('error: ')]
+
+  yield call
+  for s, handler in handlers.items():
+    signal.signal(s, handler)
+
+
+def _data_dir(path, shape=(28, 28), label_max=9, images_magic=0x803,
+              cut=0, labels=None, splits=('train', 'test')):
+  """IDX files of random images; optionally with a defect."""
+  os.makedirs(path)
+  for split, n in (('train', 500), ('test', 200)):
+    if split not in splits:
+      continue
+    x, y = _synthetic(n, seed=len(split))
+    x = np.resize(x, (n, *shape))
+    y = np.minimum(y, label_max) if labels is None else y[:labels]
+    y[0] = label_max
+    _write_split(path, split, x, y, style='raw')
+  if images_magic != 0x803 or cut:
+    name = os.path.join(path, 'train-images-idx3-ubyte')
+    with open(name, 'rb') as f:
+      raw = bytearray(f.read())
+    raw[:4] = images_magic.to_bytes(4, 'big')
+    with open(name, 'wb') as f:
+      f.write(raw[:len(raw) - cut])
+  return path
+
+
+def _truncate(pattern):
+  paths = glob.glob(pattern)
+  assert paths, pattern
+  for p in paths:
+    with open(p, 'r+b') as f:
+      f.truncate(os.path.getsize(p) // 2)
+
+
+def _lock(workdir):
+  handle = open(os.path.join(workdir, 'lock'), 'w')
+  fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  return handle
+
+
+# (id, config overrides, expected text in the error line, setup(tmp, workdir)
+# returning more overrides or an object to keep alive, or None).
+CASES = [
+    # Config values.
+    ('unknown dataset', {'data__name': 'cifar100'},
+     "unknown dataset 'cifar100'", None),
+    ('n below 1', {'num_students': 0}, 'num_students must be a positive', None),
+    ('n above feature width', {'num_students': 33},
+     'num_students=33 is larger than the feature width 32', None),
+    ('n without paper values', {'num_students': 3},
+     'no optimizer for num_students=3: set --config.head.optimizer', None),
+    ('wrong type in config', {'teacher__epochs': '3'},
+     "config.teacher.epochs must be an integer >= 0, got '3'", None),
+    ('unknown strategy', {'students__strategy': 'magic'},
+     "unknown strategy 'magic'", None),
+    ('unknown method', {'method': 'diffusion'}, "unknown method 'diffusion'",
+     None),
+    ('bad optimizer', {'head__optimizer': 'rmsprop'},
+     "unknown optimizer 'rmsprop' (config.head.optimizer)", None),
+    ('negative epochs', {'students__epochs': -2},
+     'config.students.epochs must be an integer >= 0, got -2', None),
+    ('zero learning rate', {'teacher__learning_rate': 0.0},
+     'config.teacher.learning_rate must be a number > 0', None),
+    ('dropout out of range', {'head__dropout': 1.5},
+     'config.head.dropout must be a number >= 0 and < 1', None),
+    ('no validation split', {'data__val_fraction': 0.0},
+     'config.data.val_fraction must be a number > 0', None),
+    ('zero eval batch', {'eval_batch_size': 0}, 'config.eval_batch_size', None),
+    ('unknown initializer', {'students__init': 'zeros'},
+     "unknown initializer 'zeros'", None),
+    ('unknown layers impl', {'layers_impl': 'tpu'},
+     "unknown layers_impl 'tpu'", None),
+    ('unknown layer in teacher', {'teacher__body': 'C8 X3 F D32r'},
+     "config.teacher.body: unknown layer 'X3'", None),
+    ('unknown layer in students', {'students__arch': 'C4 Q F'},
+     "config.students.arch: unknown layer 'Q'", None),
+    ('teacher without feature layer', {'teacher__body': 'C8 MP F'},
+     'must end in a Dense feature layer', None),
+    # Workdir.
+    ('changed config on resume',
+     {'students__learning_rate': 0.5, 'allow_config_change': False},
+     'students.learning_rate: 0.001 -> 0.5', None),
+    ('workdir under a file', {}, 'is not writable',
+     lambda tmp, wd: {'workdir': os.path.join(wd, 'results.json', 'sub')}),
+    ('workdir is a file', {}, 'is not writable',
+     lambda tmp, wd: {'workdir': os.path.join(wd, 'config.json')}),
+    ('concurrent run', {}, 'is in use by another run',
+     lambda tmp, wd: _lock(wd)),
+    # Data.
+    ('missing data dir', {'data__dir': '/nonexistent/idx'},
+     "'/nonexistent/idx' is not a directory", None),
+    ('data dir is a file', {}, 'is not a directory',
+     lambda tmp, wd: {'data__dir': os.path.join(wd, 'results.json')}),
+    ('IDX wrong magic', {}, 'is not an IDX file of the expected kind',
+     lambda tmp, wd: {'data__dir': _data_dir(tmp, images_magic=0x801)}),
+    ('IDX truncated', {}, 'truncated',
+     lambda tmp, wd: {'data__dir': _data_dir(tmp, cut=100)}),
+    ('labels out of range', {}, 'outside [0, 10)',
+     lambda tmp, wd: {'data__dir': _data_dir(tmp, label_max=10)}),
+    ('labels fewer than images', {}, 'holds 500 images but',
+     lambda tmp, wd: {'data__dir': _data_dir(tmp, labels=499)}),
+    ('missing IDX file', {}, 'no IDX file t10k-images',
+     lambda tmp, wd: {'data__dir': _data_dir(tmp, splits=('train',))}),
+    # Shapes.
+    ('more pooling than the image allows',
+     {'teacher__body': 'C8 MP MP MP MP MP F D32r'},
+     "layer 6 ('MP') cannot apply to its input of shape (1, 1, 8)", None),
+    ('kernel larger than the image', {'students__arch': 'C30-4 F'},
+     "layer 1 ('C30-4') cannot apply", None),
+    ('no flatten before the feature', {'teacher__body': 'C8 MP D32r'},
+     'add F (Flatten)', None),
+    ('data of another image size than the checkpoint', {},
+     'teacher/2 was saved for another architecture or input size',
+     lambda tmp, wd: {'data__dir': _data_dir(tmp, shape=(32, 32))}),
+    ('teacher checkpoint of another architecture',
+     {'teacher__body': 'C16 MP F D64r D32r'},
+     'teacher/2 was saved for another architecture or input size '
+     '(params/trunk/Conv_0/bias: stored (1, 8), this config needs (1, 16))',
+     None),
+    ('students checkpoint of another architecture',
+     {'students__arch': 'C6 MP F D8r'},
+     'students/group0/2 was saved for another architecture', None),
+    ('batch size larger than the data',
+     {'teacher__epochs': 3, 'teacher__batch_size': 1000},
+     'batch size 1000 is larger than the 300 training examples', None),
+    # Damaged checkpoints: refused, naming the step, never trained over.
+    ('truncated checkpoint data', {},
+     'teacher/2 is damaged or truncated', lambda tmp, wd: _truncate(
+         os.path.join(wd, 'teacher/2/state/ocdbt.process_0/d/*'))),
+    ('truncated checkpoint record', {},
+     'head/2 is damaged or truncated', lambda tmp, wd: _truncate(
+         os.path.join(wd, 'head/2/record/metadata'))),
+    ('empty checkpoint directory', {},
+     'teacher/3 is damaged or truncated (KeyError', lambda tmp, wd: os.mkdir(
+         os.path.join(wd, 'teacher/3'))),
+    # Numbers.
+    ('non-finite loss', {'teacher__epochs': 3, 'teacher__learning_rate': 1e30},
+     'non-finite loss in stage teacher, member 0, epoch 3', None),
+]
+
+
+@pytest.mark.parametrize('overrides, message, setup',
+                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(finished, tmp_path, run_main, overrides, message, setup):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(finished, workdir)
+  extra = setup(tmp_path / 'setup', workdir) if setup else None
+  overrides = dict(overrides, **(extra if isinstance(extra, dict) else {}))
+  target = overrides.pop('workdir', workdir)
+  overrides.setdefault('allow_config_change', True)   # Reach later checks.
+  before = _snapshot(workdir)
+  code, errors = run_main(tiny_config(**overrides), target)
+  assert code != 0
+  assert len(errors) == 1 and message in errors[0], errors
+  after = _snapshot(workdir)
+  if overrides.get('allow_config_change'):
+    before.pop('config.json')
+  assert {k: after.get(k) for k in before} == before
+
+
+def test_disk_full(finished, tmp_path, run_main):
+  """A checkpoint write that fails (file size limit: EFBIG, as a full disk
+  gives ENOSPC) is one error line naming it; earlier epochs stay."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(finished, workdir)
+  before = _snapshot(workdir)
+  before.pop('config.json')
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  try:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))
+    code, errors = run_main(
+        tiny_config(teacher__epochs=3, allow_config_change=True), workdir)
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, old)
+  assert code != 0
+  assert len(errors) == 1 and 'cannot write checkpoint' in errors[0], errors
+  assert 'teacher/3' in errors[0] and 'File too large' in errors[0], errors
+  after = _snapshot(workdir)
+  assert {k: after.get(k) for k in before} == before
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--config.num_students=abc', "--config.num_students=abc: invalid literal"),
+    ('--config.teacher.epoch=3', "no config field 'epoch'"),
+    (f'--config={SMOKE[:-len("smoke")]}bogus', "unknown preset 'bogus'"),
+    ('--config=configs/missing.py', 'No such file'),
+    ('stray_argument', "unexpected arguments: ['stray_argument']"),
+])
+def test_bad_command_line(tmp_path, flag, message):
+  """absl flag errors (types, unknown fields, config files) are one line."""
+  workdir = str(tmp_path / 'run')
+  cmd = [sys.executable, '-m', 'tcn_jax.main', '--config', SMOKE,
+         '--workdir', workdir, *TINY_FLAGS, flag]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
+  assert proc.returncode == 2
+  assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
+  assert not os.path.exists(workdir)
+
+
+def test_load_tcn_on_other_directories(finished, tmp_path):
+  cases = [(str(tmp_path / 'missing'), 'is not a directory'),
+           (str(tmp_path), 'holds no TCN checkpoint'),
+           (os.path.join(finished, 'teacher'), 'is a checkpoint but not of a'),
+           (finished, 'holds no TCN checkpoint')]
+  damaged = str(tmp_path / 'tcn')
+  shutil.copytree(os.path.join(finished, 'tcn'), damaged)
+  _truncate(os.path.join(damaged, '*/state/ocdbt.process_0/d/*'))
+  cases.append((damaged, 'is damaged or truncated'))
+  for path, message in cases:
+    with pytest.raises(TCNError, match=message) as e:
+      assert assemble.load_tcn(path)
+    assert '\n' not in str(e.value) and path in str(e.value)
+
+
+def test_damaged_features_cache_is_recomputed(finished, tmp_path):
+  """features.npz is derived data: a damaged one is computed again, giving
+  the same results."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(finished, workdir)
+  _truncate(os.path.join(workdir, 'features.npz'))
+  with open(os.path.join(workdir, 'features.npz.tmp'), 'w') as f:
+    f.write('left over by a kill')
+  results = train.run(tiny_config(), workdir)
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(finished, 'results.json')) as f:
+    expected = json.load(f)
+  assert results['digests'] == expected['digests']
+  assert results['student_val_mse'] == expected['student_val_mse']
