@@ -1,7 +1,7 @@
 """Resume and determinism, through the command line: a run stopped in every
-stage (SIGKILL, also mid checkpoint write; SIGTERM) and started again with
-the same command ends bitwise equal to an uninterrupted run; the same seed
-gives the same results and another seed other ones."""
+stage (SIGKILL, also mid checkpoint write; SIGTERM; FF and GAN students) and
+started again with the same command ends bitwise equal to an uninterrupted
+run; the same seed gives the same results and another seed other ones."""
 import glob
 import os
 import signal
@@ -188,3 +188,22 @@ def test_stop_signal_waits_for_the_checkpoint_write(tmp_path, monkeypatch):
                                              read_only=True).restore()
   np.testing.assert_array_equal(state['w'], np.arange(3.0))
   assert record == {'epoch': 1}
+
+
+def test_gan_students_killed_resume_bitwise(tmp_path):
+  """GAN students (generator, discriminator and both optimizer states)
+  resume bitwise too."""
+  ref = str(tmp_path / 'ref')
+  ref_proc = _start(ref, ref + '.log', '--config.method=gan')
+  workdir = str(tmp_path / 'stopped')
+  proc = _start(workdir, workdir + '.0.log', '--config.method=gan')
+  marker = os.path.join(workdir, 'students', 'group0', '1')
+  while proc.poll() is None and not os.path.exists(marker):
+    time.sleep(0.002)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait(timeout=600) == -signal.SIGKILL
+  proc = _start(workdir, workdir + '.1.log', '--config.method=gan')
+  assert proc.wait(timeout=600) == 0, _read(workdir + '.1.log')[-3000:]
+  assert '[students[0]] resuming after epoch' in _read(workdir + '.1.log')
+  assert ref_proc.wait(timeout=600) == 0, _read(ref + '.log')[-3000:]
+  assert _results(workdir) == _results(ref)
