@@ -48,6 +48,8 @@ def parse_flags(argv):
 
 
 def _stop(signum, _):
+  for s in (signal.SIGTERM, signal.SIGINT):   # A second one: still one line.
+    signal.signal(s, signal.SIG_IGN)
   raise Interrupted(signum)
 
 

@@ -168,7 +168,8 @@ def test_same_seed_same_results_other_seed_other(runs):
 
 def test_stop_signal_waits_for_the_checkpoint_write(tmp_path, monkeypatch):
   """SIGINT during a save is raised when the write is complete."""
-  old = signal.signal(signal.SIGINT, main._stop)  # pylint: disable=protected-access
+  old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  signal.signal(signal.SIGINT, main._stop)  # pylint: disable=protected-access
   try:
     ckpt = checkpoint.StageCheckpoint(str(tmp_path / 'stage'))
     finish = ckpt.manager.wait_until_finished
@@ -183,7 +184,8 @@ def test_stop_signal_waits_for_the_checkpoint_write(tmp_path, monkeypatch):
       ckpt.save(1, {'w': np.arange(3.0)}, {'epoch': 1})
     assert e.value.exit_code == 128 + signal.SIGINT
   finally:
-    signal.signal(signal.SIGINT, old)
+    for s, handler in old.items():
+      signal.signal(s, handler)
   state, record = checkpoint.StageCheckpoint(str(tmp_path / 'stage'),
                                              read_only=True).restore()
   np.testing.assert_array_equal(state['w'], np.arange(3.0))
