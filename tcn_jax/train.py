@@ -339,7 +339,7 @@ def cached_features(teacher, params, ds, workdir, batch_size):
       if str(f['digest']) == digest:
         logging.info('features: reusing %s', path)
         return {'train': f['train'], 'val': f['val']}
-  except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+  except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
     pass   # Missing, from another version, or damaged: compute again.
   feats = {s: features_lib.teacher_features(teacher, params, getattr(ds, s).x,
                                             batch_size)
@@ -474,6 +474,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _pipeline(config, workdir, writer):
+  """The stages of `run`, under its workdir lock."""
   n, wall, t = config.num_students, {}, time.time()
   ds = data_lib.load(config.data)
   wall['data'] = time.time() - t
