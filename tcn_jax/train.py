@@ -537,6 +537,7 @@ def _pipeline(config, workdir, writer):
   results = {
       'dataset': config.data.name, 'data_source': ds.source,
       'num_students': n, 'method': config.method, 'seed': config.seed,
+      'gan': gan_settings(config, n),
       'backend': jax.default_backend(),
       'teacher_test_acc': teacher_acc,
       'student_val_mse': [h[-1] if h else None
