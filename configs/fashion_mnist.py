@@ -55,6 +55,17 @@ def get_config(preset: str = ''):
       mse_weight=1.0, g_steps_per_d_step=1, d_optimizer='adam',
       d_learning_rate=2e-4))
 
+  # Hinton KD baseline (paper Table 3): one student with about the total
+  # parameters of the n TCN students. T and alpha are not in the paper.
+  c.kd = ml_collections.ConfigDict(dict(
+      enabled=False, arch='', arch_by_n={
+          '1': 'C32 C32 MP C16 C16 MP Do.25 F D124r Do.3',   # 49,630 params
+          '2': 'C32 C32 MP C16 C16 MP Do.25 F D109r Do.3',   # 45,625
+          '4': 'C32 C32 MP C16 C16 MP Do.25 F D263r Do.3',   # 86,743
+          '8': 'C32 C32 MP C16 C16 MP Do.25 F D572r Do.3'},  # 169,246
+      temperature=4.0, alpha=0.9, optimizer='adam', learning_rate=1e-3,
+      batch_size=128, epochs=10))
+
   for p in filter(None, preset.split(',')):
     apply_preset(c, p)
   return c
@@ -74,3 +85,4 @@ def apply_preset(c, preset):
   c.teacher.epochs, c.teacher.batch_size = 3, 100
   c.students.epochs, c.students.batch_size = 4, 100
   c.head.epochs, c.head.batch_size = 3, 100
+  c.kd.epochs, c.kd.batch_size = 3, 100

@@ -24,6 +24,11 @@ def get_config(preset: str = ''):
   c.head.dropout_by_n = {'1': 0.5, '2': 0.5, '4': 0.5, '8': 0.5}
   c.head.optimizer_by_n = {'1': 'adam', '2': 'adam', '4': 'adam', '8': 'adam'}
   c.head.epochs_by_n = {'1': 20, '2': 10, '4': 5, '8': 10}
+  c.kd.arch_by_n = {   # About the total parameters of the MNIST FF students.
+      '1': 'C32 C32 MP C16 C16 MP Do.25 F D230r Do.3',   # 77,932 params
+      '2': 'C32 C32 MP C16 C16 MP Do.25 F D238r Do.3',   # 80,068
+      '4': 'C32 C32 MP C16 C16 MP Do.25 F D225r Do.3',   # 76,597
+      '8': 'C32 C32 MP C16 C16 MP Do.25 F D256r Do.3'}   # 84,874
   c.gan.disc_by_n = {k: '64 128 256 512 1024' for k in ('1', '2', '4', '8')}
   c.gan.disc_first_bias = True
   for p in filter(None, preset.split(',')):

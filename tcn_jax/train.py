@@ -32,7 +32,7 @@ from tcn_jax import metrics
 from tcn_jax import models
 from tcn_jax.errors import TCNError
 
-STAGES = ('teacher', 'students', 'head')
+STAGES = ('teacher', 'students', 'head', 'kd')
 METHODS = ('ff', 'gan')
 
 
@@ -272,6 +272,17 @@ def validate(config):
   _check_number('data.train_size', config.data.train_size, int, 0)
   _check_number('data.test_size', config.data.test_size, int, 0)
   _check_number('eval_batch_size', config.eval_batch_size, int, 1)
+  if config.kd.enabled:
+    k = config.kd
+    _parse('kd.arch', per_n(config, 'kd.arch', n))
+    _check_number('kd.epochs', k.epochs, int, 0)
+    _check_number('kd.batch_size', k.batch_size, int, 1)
+    _check_number('kd.learning_rate', k.learning_rate, float, 0, strict=True)
+    _check_number('kd.temperature', k.temperature, float, 0, strict=True)
+    _check_number('kd.alpha', k.alpha, float, 0)
+    if k.alpha > 1:
+      raise TCNError(f'config.kd.alpha must be in [0, 1], got {k.alpha!r}')
+    make_optimizer(k.optimizer, k.learning_rate, 'config.kd.optimizer')
   if config.method == 'gan':
     g = config.gan
     if g.mse_target not in gan_lib.MSE_TARGETS:
@@ -460,6 +471,41 @@ def finetune_head(tcn, ds, *, epochs, batch_size=128, optimizer='adam',
                'history': history, 'seconds': seconds}
 
 
+def kd_loss(temperature: float, alpha: float):
+  """Hinton et al. (2015): alpha * T^2 * CE(softmax(t/T), softmax(s/T)) +
+  (1 - alpha) * CE(s, label). Targets are [teacher logits | label]."""
+  def loss(logits, target):
+    t_logits, labels = target[:, :-1], target[:, -1].astype(jnp.int32)
+    soft = optax.softmax_cross_entropy(
+        logits / temperature, jax.nn.softmax(t_logits / temperature)).mean()
+    return (alpha * temperature ** 2 * soft
+            + (1 - alpha) * ce_loss(logits, labels))
+  return loss
+
+
+def train_kd_student(spec, teacher_logits, ds, *, epochs, temperature=4.0,
+                     alpha=0.9, batch_size=128, optimizer='adam',
+                     learning_rate=1e-3, init='glorot_uniform', seed=0,
+                     impl='auto', workdir=None, writer=None):
+  """Baseline: one classifier student (`spec` + Dense(classes)) trained on
+  the teacher's softened logits plus labels. Returns (model, params, info)."""
+  model = models.Net(f'{spec} D{ds.num_classes}', init, impl)
+  seed = stage_seed(seed, 'kd')
+  targets = np.concatenate([teacher_logits, ds.train.y[:, None]], 1)
+  params, history, seconds = fit(
+      _stage_dir(workdir, 'kd'), name='kd', model=model,
+      loss=kd_loss(temperature, alpha),
+      tx=make_optimizer(optimizer, learning_rate, 'config.kd.optimizer'),
+      params=engine.init_group(
+          lambda k: model.init(k, ds.train.x[:1])['params'], seed, [0]),
+      x=ds.train.x, targets=targets[None].astype(np.float32), ids=[0],
+      epochs=epochs, batch_size=batch_size, seed=seed, strategy='auto',
+      val_x=ds.val.x, val_targets=ds.val.y[None],
+      val_metric=metrics.accuracy, writer=writer)
+  return model, engine.unstack(params, 1)[0], {'history': history,
+                                               'seconds': seconds}
+
+
 def evaluate(predict, x, y, batch_size: int = 1000) -> float:
   """Test accuracy of a jitted `predict(images) -> logits`."""
   return metrics.accuracy(engine.batched(predict, x, batch_size), y)
@@ -531,13 +577,34 @@ def _pipeline(config, workdir, writer):
   logging.info('TCN test accuracy: %.4f before, %.4f after fine-tuning',
                head_info['test_acc_before'], head_info['test_acc_after'])
 
+  kd = None
+  if config.kd.enabled:
+    t, c = time.time(), config.kd
+    predict_teacher = jax.jit(
+        lambda xb: teacher.apply({'params': teacher_params}, xb))
+    kd_model, kd_params, kd_info = train_kd_student(
+        per_n(config, 'kd.arch', n),
+        engine.batched(predict_teacher, ds.train.x, config.eval_batch_size),
+        ds, epochs=c.epochs, temperature=c.temperature, alpha=c.alpha,
+        batch_size=c.batch_size, optimizer=c.optimizer,
+        learning_rate=c.learning_rate, seed=config.seed,
+        impl=config.layers_impl, workdir=workdir, writer=writer)
+    wall['kd'] = time.time() - t
+    kd = {'test_acc': evaluate(
+              jax.jit(lambda xb: kd_model.apply({'params': kd_params}, xb)),
+              ds.test.x, ds.test.y, config.eval_batch_size),
+          'params': models.num_params(kd_params),
+          'temperature': c.temperature, 'alpha': c.alpha,
+          'train_seconds': kd_info['seconds']}
+    logging.info('KD student test accuracy %.4f', kd['test_acc'])
+
   assemble.save_tcn(os.path.join(workdir, 'tcn'), tcn)
   student_params = [models.num_params(g.params) // len(g.member_ids)
                     for g in tcn.groups for _ in g.member_ids]
   results = {
       'dataset': config.data.name, 'data_source': ds.source,
       'num_students': n, 'method': config.method, 'seed': config.seed,
-      'gan': gan_settings(config, n),
+      'gan': gan_settings(config, n), 'kd': kd,
       'backend': jax.default_backend(),
       'teacher_test_acc': teacher_acc,
       'student_val_mse': [h[-1] if h else None
