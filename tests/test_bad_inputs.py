@@ -59,8 +59,8 @@ def run_main(monkeypatch, capsys):
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
       main.main(['tcn_jax.main'])
-    err = capsys.readouterr().err
-    return e.value.code, [l for l in err.splitlines() if l.startswith('error: ')]
+    lines = capsys.readouterr().err.splitlines()
+    return e.value.code, [l for l in lines if l.startswith('error: ')]
 
   yield call
   for s, handler in handlers.items():
