@@ -25,6 +25,10 @@ def get_config(preset: str = ''):
   c.layers_impl = 'auto'          # 'auto' | 'im2col' | 'xla'.
   c.eval_batch_size = 1000
   c.allow_config_change = False
+  # 'contiguous' (the paper) or 'pca': students regress chunks of principal-
+  # component coefficients ('ordered' by variance, or variance-'balanced').
+  c.chunking = 'contiguous'
+  c.pca_assignment = 'balanced'
 
   c.data = ml_collections.ConfigDict(dict(
       name='fashion_mnist', dir='', split_seed=0, val_fraction=0.2,

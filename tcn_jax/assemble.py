@@ -43,6 +43,9 @@ class TCN:
   head_dropout: float
   head_params: Any = None
   impl: str = 'auto'
+  # PCA chunking: {'matrix': (D, D), 'mean': (D,)}, a fixed linear map from
+  # the concatenated students' coefficients back to feature space.
+  basis: Any = None
 
   @property
   def num_students(self):
@@ -59,19 +62,22 @@ def group_students(specs, out_dims, out_relu=False, init='normal'):
 
 
 def student_outputs_fn(tcn: TCN, strategy='auto'):
-  """Jitted `(students_params, x) -> (batch, D)`, in chunk order."""
+  """Jitted `(students_params, x) -> (batch, D)`: the students' outputs in
+  chunk order, mapped back to feature space when chunks are PCA ones."""
   appliers = []
   for g in tcn.groups:
     model = g.model(tcn.impl)
     fn = lambda p, x, model=model: model.apply({'params': p}, x)
     appliers.append(engine.make_apply_fn(fn, len(g.member_ids), strategy))
   order = np.argsort([i for g in tcn.groups for i in g.member_ids])
+  basis = tcn.basis
 
   def outputs(group_params, x):
     parts = []
     for apply, params in zip(appliers, group_params):
       parts.extend(list(apply(params, x)))     # One (batch, d) per member.
-    return jnp.concatenate([parts[i] for i in order], axis=-1)
+    out = jnp.concatenate([parts[i] for i in order], axis=-1)
+    return out if basis is None else out @ basis['matrix'] + basis['mean']
 
   return jax.jit(outputs)
 
@@ -90,14 +96,17 @@ def save_tcn(path: str, tcn: TCN):
   """Saves the TCN (all students, head, architecture) as one checkpoint."""
   state = {'students': {str(i): g.params for i, g in enumerate(tcn.groups)},
            'head': tcn.head_params}
+  if tcn.basis is not None:
+    state['basis'] = tcn.basis
   meta = {'kind': 'tcn_jax.TCN', 'groups': [g.describe() for g in tcn.groups],
-          'num_classes': tcn.num_classes, 'head_dropout': tcn.head_dropout}
+          'num_classes': tcn.num_classes, 'head_dropout': tcn.head_dropout,
+          'pca_basis': tcn.basis is not None}
   ckpt = checkpoint.StageCheckpoint(path, max_to_keep=1)
   ckpt.save(ckpt.latest_epoch() + 1, state, meta)   # Replaces an older TCN.
   ckpt.close()
 
 
-def load_tcn(path: str, example_input_shape=None, strategy='auto'):
+def load_tcn(path: str, strategy='auto'):
   """Loads a saved TCN; returns (jitted predict(images) -> logits, TCN)."""
   if not os.path.isdir(path):
     raise TCNError(f'load_tcn: {path} is not a directory')
@@ -113,4 +122,5 @@ def load_tcn(path: str, example_input_shape=None, strategy='auto'):
   for i, g in enumerate(groups):
     g.params = state['students'][str(i)]
   tcn.head_params = state['head']
+  tcn.basis = state.get('basis') if meta.get('pca_basis') else None
   return make_predict(tcn, strategy), tcn

@@ -34,6 +34,7 @@ from tcn_jax.errors import TCNError
 
 STAGES = ('teacher', 'students', 'head', 'kd')
 METHODS = ('ff', 'gan')
+CHUNKINGS = ('contiguous', 'pca')
 
 
 def make_optimizer(name: str, learning_rate: float, field: str):
@@ -272,6 +273,12 @@ def validate(config):
   _check_number('data.train_size', config.data.train_size, int, 0)
   _check_number('data.test_size', config.data.test_size, int, 0)
   _check_number('eval_batch_size', config.eval_batch_size, int, 1)
+  if config.chunking not in CHUNKINGS:
+    raise TCNError(f'unknown chunking {config.chunking!r} (config.chunking);'
+                   f' choose one of {CHUNKINGS}')
+  if config.pca_assignment not in features_lib.PCA_ASSIGNMENTS:
+    raise TCNError(f'unknown pca_assignment {config.pca_assignment!r}; '
+                   f'choose one of {features_lib.PCA_ASSIGNMENTS}')
   if config.kd.enabled:
     k = config.kd
     _parse('kd.arch', per_n(config, 'kd.arch', n))
@@ -551,6 +558,14 @@ def _pipeline(config, workdir, writer):
                           config.eval_batch_size)
   wall['features'] = time.time() - t
 
+  basis = None
+  if config.chunking == 'pca':   # Chunks of PCA coefficients, not slices.
+    pca = features_lib.fit_pca(feats['train'])
+    basis = features_lib.pca_basis(pca, features_lib.pca_order(
+        pca['variance'], n, config.pca_assignment))
+    feats = {s: features_lib.to_coefficients(f, basis)
+             for s, f in feats.items()}
+
   t, c = time.time(), config.students
   groups, students_info = train_students(
       per_n(config, 'students.arch', n), ds.train.x, feats['train'], n,
@@ -565,7 +580,7 @@ def _pipeline(config, workdir, writer):
   t, c = time.time(), config.head
   tcn = assemble.TCN(groups, ds.num_classes,
                      float(per_n(config, 'head.dropout', n)),
-                     teacher_params['head'], config.layers_impl)
+                     teacher_params['head'], config.layers_impl, basis)
   tcn, head_info = finetune_head(
       tcn, ds, epochs=per_n(config, 'head.epochs', n),
       batch_size=c.batch_size,
@@ -605,6 +620,8 @@ def _pipeline(config, workdir, writer):
       'dataset': config.data.name, 'data_source': ds.source,
       'num_students': n, 'method': config.method, 'seed': config.seed,
       'gan': gan_settings(config, n), 'kd': kd,
+      'chunking': config.chunking + (f' ({config.pca_assignment})'
+                                     if basis is not None else ''),
       'backend': jax.default_backend(),
       'teacher_test_acc': teacher_acc,
       'student_val_mse': [h[-1] if h else None

@@ -99,3 +99,24 @@ def test_teacher_features_rows_independent_of_batching(teacher_and_params):
   b = features.teacher_features(teacher, params, x, batch_size=37)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   assert (a >= 0).all()
+
+
+def test_pca_basis_round_trip_and_balance():
+  from tcn_jax import features as F  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((400, 16)) @ rng.standard_normal((16, 16)) + 2.0
+  pca = F.fit_pca(x)
+  assert (np.diff(pca['variance']) <= 1e-4).all()       # falling variance
+  shares = {}
+  for assignment in F.PCA_ASSIGNMENTS:
+    order = F.pca_order(pca['variance'], 4, assignment)
+    assert sorted(order) == list(range(16))
+    basis = F.pca_basis(pca, order)
+    coeffs = F.to_coefficients(x, basis)
+    np.testing.assert_allclose(coeffs @ basis['matrix'] + basis['mean'], x,
+                               atol=1e-3)
+    shares[assignment] = [pca['variance'][order[a:b]].sum()
+                          for a, b in F.chunk_bounds(16, 4)]
+  assert np.ptp(shares['balanced']) < 0.2 * np.ptp(shares['ordered'])
+  with pytest.raises(TCNError, match='pca_assignment'):
+    F.pca_order(pca['variance'], 4, 'random')
