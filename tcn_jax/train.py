@@ -255,7 +255,9 @@ def validate(config):
   if not dense:
     raise TCNError('config.teacher.body must end in a Dense feature layer')
   features_lib.chunk_sizes(dense[-1]['features'], n)
-  _parse('students.arch', per_n(config, 'students.arch', n))
+  specs = student_specs(config)
+  for spec in specs:
+    _parse('students.arch', spec)
   for section in ('teacher', 'students', 'head'):
     c = config[section]
     _check_number(f'{section}.epochs', per_n(config, f'{section}.epochs', n),
@@ -433,6 +435,19 @@ def train_students(specs, x, features, num_students, *, epochs,
                   'history': histories, 'seconds': seconds}
 
 
+def student_specs(config) -> list[str]:
+  """One architecture per student: `students.arch` is one string for all, or
+  n strings separated by '|' (non-identical students, paper Table 4)."""
+  n = config.num_students
+  specs = [s.strip() for s in per_n(config, 'students.arch', n).split('|')]
+  if len(specs) == 1:
+    return specs * n
+  if len(specs) != n:
+    raise TCNError(f'config.students.arch gives {len(specs)} architectures '
+                   f"('|'-separated) for num_students={n}")
+  return specs
+
+
 def gan_settings(config, n):
   """The GAN students' settings from `config.gan` (None for FF)."""
   if config.method != 'gan':
@@ -537,8 +552,8 @@ def _pipeline(config, workdir, writer):
   image_shape = ds.train.x.shape[1:]
   check_fits('teacher.body', config.teacher.body, image_shape,
              config.layers_impl)
-  check_fits('students.arch', per_n(config, 'students.arch', n) + ' D1',
-             image_shape, config.layers_impl)
+  for spec in dict.fromkeys(student_specs(config)):
+    check_fits('students.arch', spec + ' D1', image_shape, config.layers_impl)
 
   t, c = time.time(), config.teacher
   teacher = models.Teacher(c.body, ds.num_classes, c.head_dropout,
@@ -568,7 +583,7 @@ def _pipeline(config, workdir, writer):
 
   t, c = time.time(), config.students
   groups, students_info = train_students(
-      per_n(config, 'students.arch', n), ds.train.x, feats['train'], n,
+      student_specs(config), ds.train.x, feats['train'], n,
       epochs=per_n(config, 'students.epochs', n), batch_size=c.batch_size,
       optimizer=c.optimizer, learning_rate=c.learning_rate,
       out_relu=c.out_relu, init=c.init, seed=config.seed,

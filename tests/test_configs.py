@@ -54,3 +54,31 @@ def test_mnist_config_runs_on_mock_data(tmp_path):
   assert len(results['student_val_mse']) == 2
   assert 0.0 <= results['tcn_test_acc_after_finetune'] <= 1.0
   assert engine.resolve_strategy('auto') in ('vmap', 'unrolled')
+
+
+def test_heterogeneous_students_group_and_keep_chunk_order():
+  """'|'-separated architectures: identical students share a program, and
+  the assembled outputs are each student's own output in chunk order."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from tcn_jax import assemble  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module('fashion_mnist').get_config()
+  config.num_students = 3
+  config.students.arch = 'C4 MP F D8r | C8 MP F | C4 MP F D8r'
+  specs = train.student_specs(config)
+  assert specs == ['C4 MP F D8r', 'C8 MP F', 'C4 MP F D8r']
+  rng = np.random.default_rng(0)
+  x = rng.random((6, 10, 10, 1), np.float32)
+  feats = rng.random((6, 7), np.float32)       # widths 3, 2, 2
+  groups, _ = train.train_students(specs, x, feats, 3, epochs=0)
+  assert [(g.member_ids, g.out_dim) for g in groups] == [([0], 3), ([1], 2),
+                                                           ([2], 2)]
+  tcn = assemble.TCN(groups, 10, 0.5)
+  got = assemble.student_outputs_fn(tcn)([g.params for g in groups], x)
+  want = np.concatenate([
+      g.model().apply({'params': jax.tree_util.tree_map(lambda a: a[0],
+                                                        g.params)}, x)
+      for g in groups], axis=-1)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  config.students.arch = 'C4 MP F | C8 MP F'
+  with pytest.raises(train.TCNError, match='2 architectures'):
+    train.student_specs(config)
