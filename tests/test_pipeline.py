@@ -40,11 +40,7 @@ def test_losses_fall_and_histories_saved(run_dir):
   _, workdir, _ = run_dir
   from tcn_jax import checkpoint  # pylint: disable=g-import-not-at-top
   for stage in ('teacher', 'students/group0', 'head'):
-    ckpt = checkpoint.StageCheckpoint(os.path.join(workdir, stage))
-    record = ckpt.manager.restore(
-        ckpt.latest_epoch(),
-        args=checkpoint.ocp.args.Composite(
-            record=checkpoint.ocp.args.JsonRestore())).record
+    record = checkpoint.StageCheckpoint(os.path.join(workdir, stage)).record()
     losses = np.array([h['train_loss'] for h in record['history']])
     assert (losses[-1] < losses[0]).all(), (stage, losses)
 
@@ -78,3 +74,19 @@ def test_changed_config_is_refused(run_dir):
   changed.students.learning_rate = 0.5
   with pytest.raises(TCNError, match='students.learning_rate'):
     train.run(changed, workdir)
+
+
+def test_pca_chunks_run_and_basis_is_saved(tmp_path):
+  import fashion_mnist  # pylint: disable=g-import-not-at-top
+  config = fashion_mnist.get_config('smoke')
+  config.num_students = N
+  config.data.train_size = 1000
+  config.chunking = 'pca'
+  results = train.run(config, str(tmp_path))
+  assert results['chunking'] == 'pca (balanced)'
+  predict, tcn = assemble.load_tcn(str(tmp_path / 'tcn'))
+  assert tcn.basis['matrix'].shape == (256, 256)
+  ds = data.load(config.data)
+  acc = float(np.mean(np.asarray(predict(ds.test.x)).argmax(-1) == ds.test.y))
+  assert acc == pytest.approx(results['tcn_test_acc_after_finetune'],
+                              abs=1e-3)
