@@ -7,10 +7,11 @@ One uninterrupted reference run first; then chains of runs in a fresh
 workdir: each start is killed after a seeded random delay (up to half the
 reference's duration; for some trials, at the first checkpoint write after
 the delay) and started again with the same command, until the run finishes;
-a new chain starts until `--kills` kills happened. Every chain's results.json (metrics and parameter digests)
-and its saved TCN must equal the reference bitwise. All runs use tcn_jax/
-and configs/ as committed (HEAD) when the check starts. Writes
-experiments/results/chaos.md and chaos.json.
+a new chain starts until `--kills` kills happened. Every chain's
+results.json (metrics and parameter digests) and its saved TCN must equal
+the reference bitwise. All runs use tcn_jax/ and configs/ as committed
+(HEAD) when the check starts. Writes experiments/results/chaos.md and
+chaos.json.
 """
 import argparse
 import glob
@@ -124,6 +125,7 @@ def main():
     sys.exit(f'reference run failed (exit {rc}); see {ref}.log')
   expected = comparable(load_results(ref))
   print(f'reference run: {ref_seconds:.0f} s', flush=True)
+  scale = ref_seconds   # Delays are fractions of an uninterrupted run.
 
   trials, chains, chain = [], [], 0
   while len(trials) < args.kills:
@@ -133,7 +135,7 @@ def main():
       log_path = f'{workdir}.{starts}.log'
       with open(log_path, 'w') as log:
         proc = start(src, workdir, args.overrides, log)
-        delay = float(rng.uniform(0.05, 0.5) * ref_seconds)
+        delay = float(rng.uniform(0.05, 0.5) * scale)
         mode = ('write' if rng.random() < args.write_fraction else 'time')
         if len(trials) >= args.kills:
           mode = 'none'   # Enough kills: let this start finish.
@@ -166,7 +168,7 @@ def main():
         print(f'trial {len(trials)}: {trials[-1]}', flush=True)
       elif rc == 0:
         if not starts:   # Finished uncut from scratch: the machine sped up.
-          ref_seconds = time.time() - t_start
+          scale = time.time() - t_start
         break
       if error_lines or (not killed and rc):
         errors.append(f'start {starts}: exit {rc}: {error_lines[:2]}')
@@ -193,15 +195,18 @@ def main():
   lines = [
       '# Chaos: SIGKILL at random moments, resume, compare', '',
       '```bash', command, '```', '',
-      f'Commit {commit}, config `{CONFIG}` {" ".join(args.overrides)}; '
-      'reference '
-      f'(uninterrupted) run {ref_seconds:.0f} s on '
+      f'Commit {commit}, config `{CONFIG}`'
+      + (f' with `{" ".join(args.overrides)}`' if args.overrides else '')
+      + f'; reference (uninterrupted) run {ref_seconds:.0f} s on '
       f'{report["reference_results"]["backend"]}. Each start of a chain is '
       'killed with SIGKILL after a seeded random delay (mode `time`) or at '
       'the first checkpoint write after it (mode `write`), then started '
       'again with the same command. A trial survives when its chain ends '
       'with results.json (metrics and parameter digests) and the saved TCN '
-      'bitwise equal to the reference.', '',
+      'bitwise equal to the reference. Stage: from the killed start\'s log '
+      'and workdir (`students` includes computing the frozen students\' '
+      'outputs before the head); "next start resumed": the stages the '
+      'following start restored, with their saved epochs.', '',
       f'**Trials survived: {survived} / {len(trials)}** '
       f'({len(chains)} chains, all identical: '
       f'{all(c["identical"] for c in chains)})', '',
