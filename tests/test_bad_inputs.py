@@ -8,6 +8,7 @@ parsing errors (absl) run the real command line.
 import fcntl
 import glob
 import hashlib
+import json
 import os
 import resource
 import shutil
@@ -291,7 +292,6 @@ def test_damaged_features_cache_is_recomputed(finished, tmp_path):
   with open(os.path.join(workdir, 'features.npz.tmp'), 'w') as f:
     f.write('left over by a kill')
   results = train.run(tiny_config(), workdir)
-  import json  # pylint: disable=g-import-not-at-top
   with open(os.path.join(finished, 'results.json')) as f:
     expected = json.load(f)
   assert results['digests'] == expected['digests']

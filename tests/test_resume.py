@@ -3,6 +3,7 @@ stage (SIGKILL, also mid checkpoint write; SIGTERM; FF and GAN students) and
 started again with the same command ends bitwise equal to an uninterrupted
 run; the same seed gives the same results and another seed other ones."""
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -36,7 +37,6 @@ def _read(path):
 
 
 def _results(workdir):
-  import json  # pylint: disable=g-import-not-at-top
   with open(os.path.join(workdir, 'results.json')) as f:
     return {k: v for k, v in json.load(f).items() if k not in TIMING}
 
