@@ -48,7 +48,7 @@ def main(workdir, name, command, note=''):
       f'({", ".join(f"{p:,}" for p in r["params"]["students_each"])}).', '',
       'Wall time of the run that finished it (s): ' +
       ', '.join(f'{k} {v:.0f}' for k, v in wall.items()) +
-      f'; training time per stage over all attempts (s): ' +
+      '; training time per stage over all attempts (s): ' +
       ', '.join(f'{k} {v:.0f}' for k, v in r['train_seconds'].items()) + '.',
   ]
   with open(os.path.join(RESULTS, name + '.md'), 'w') as f:

@@ -59,7 +59,6 @@ def test_load_tcn_reproduces_accuracy(run_dir):
 
 def test_rerun_skips_finished_stages(run_dir):
   config, workdir, r = run_dir
-  t = time.time()
   again = train.run(config, workdir)
   for key in ('teacher_test_acc', 'tcn_test_acc_before_finetune',
               'tcn_test_acc_after_finetune', 'student_val_mse'):
