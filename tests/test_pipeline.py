@@ -2,7 +2,6 @@
 rerun skipping finished stages, the assembled TCN, a changed config (kills,
 bad inputs and the command line: test_resume.py, test_bad_inputs.py)."""
 import os
-import time
 
 import numpy as np
 import pytest
