@@ -141,11 +141,14 @@ def main():
           mode = 'none'   # Enough kills: let this start finish.
         t_start = time.time()
         killed, in_write = False, False
+        stale = set(tmp_dirs(workdir))   # Left by a kill; removed on resume.
         while proc.poll() is None and mode != 'none':
           elapsed = time.time() - t_start
-          writing = mode == 'write' and elapsed >= delay and tmp_dirs(workdir)
+          current = set(tmp_dirs(workdir))
+          stale &= current                # Once removed, the name is new.
+          writing = mode == 'write' and elapsed >= delay and current - stale
           if (mode == 'time' and elapsed >= delay) or writing:
-            in_write = bool(tmp_dirs(workdir))
+            in_write = bool(current - stale)
             proc.send_signal(signal.SIGKILL)
             killed = True
             break
