@@ -67,10 +67,18 @@ def batch_order(seed: int, epoch: int, n: int, batch_size: int) -> np.ndarray:
   return perm[:steps * batch_size].reshape(steps, batch_size).astype(np.int32)
 
 
-def _member_step(loss_fn, tx, params, opt_state, x, target, key):
-  loss, grads = jax.value_and_grad(loss_fn)(params, x, target, key)
-  updates, opt_state = tx.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state, loss
+def gradient_step(loss_fn: LossFn, tx: optax.GradientTransformation):
+  """A member step for `make_group_epoch`: one optimizer step on loss_fn.
+
+  The state is {'params', 'opt_state'}; the metrics are {'loss'}.
+  """
+  def member_step(state, x, target, key):
+    params, opt_state = state['params'], state['opt_state']
+    loss, grads = jax.value_and_grad(loss_fn)(params, x, target, key)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return {'params': optax.apply_updates(params, updates),
+            'opt_state': opt_state}, {'loss': loss}
+  return member_step
 
 
 def make_group_epoch(member_step, num_members: int, strategy: str):
@@ -122,16 +130,13 @@ def make_epoch_fn(loss_fn: LossFn, tx: optax.GradientTransformation,
   Returns jitted `epoch(params, opt_state, x, targets, order, keys, epoch)`
   -> (params, opt_state, losses (steps, members)).
   """
-  def member_step(state, x, target, key):
-    params, opt_state, loss = _member_step(loss_fn, tx, *state, x, target, key)
-    return (params, opt_state), loss
-
-  group_epoch = make_group_epoch(member_step, num_members, strategy)
+  group_epoch = make_group_epoch(gradient_step(loss_fn, tx), num_members,
+                                 strategy)
 
   def epoch_fn(params, opt_state, x, targets, order, keys, epoch):
-    (params, opt_state), losses = group_epoch((params, opt_state), x, targets,
-                                              order, keys, epoch)
-    return params, opt_state, losses
+    state, metrics = group_epoch({'params': params, 'opt_state': opt_state},
+                                 x, targets, order, keys, epoch)
+    return state['params'], state['opt_state'], metrics['loss']
 
   return epoch_fn
 

@@ -85,17 +85,12 @@ def fit(stage_dir, *, name, model, loss, tx, params, x, targets, ids, epochs,
         batch_size, seed, strategy, val_x, val_targets, val_metric, writer):
   """Gradient descent on loss(model(x), target) for a stacked group; see
   `fit_group`. Returns (params, history, training seconds)."""
-  def member_step(state, xb, tb, key):
-    def loss_fn(p):
-      pred = model.apply({'params': p}, xb, train=True, rngs={'dropout': key})
-      return loss(pred, tb)
-    value, grads = jax.value_and_grad(loss_fn)(state['params'])
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    return {'params': optax.apply_updates(state['params'], updates),
-            'opt_state': opt_state}, {'loss': value}
+  def loss_fn(p, xb, tb, key):
+    pred = model.apply({'params': p}, xb, train=True, rngs={'dropout': key})
+    return loss(pred, tb)
 
   state, history, seconds = fit_group(
-      stage_dir, name=name, member_step=member_step,
+      stage_dir, name=name, member_step=engine.gradient_step(loss_fn, tx),
       state={'params': params, 'opt_state': jax.vmap(tx.init)(params)},
       predict=lambda s, xb: model.apply({'params': s['params']}, xb), x=x,
       targets=targets, ids=ids, epochs=epochs, batch_size=batch_size,
