@@ -35,19 +35,20 @@ def get_config(preset: str = ''):
       train_size=0, test_size=0))
 
   c.teacher = ml_collections.ConfigDict(dict(
-      body='C32 C64 MP Do.25 F D256r D256r', head_dropout=0.5,
-      optimizer='adam', learning_rate=1e-3, batch_size=256, epochs=20))
+      body='C32 C64 MP Do.25 F D256r D256r', head_dropout=0.5, head_bn=False,
+      optimizer='adam', learning_rate=1e-3, weight_decay=0.0, batch_size=256,
+      epochs=20, lr_step_epochs=0, lr_step_factor=0.5))
 
   c.students = ml_collections.ConfigDict(dict(
       arch='', arch_by_n=STUDENTS_FMNIST, init='normal', out_relu=False,
-      optimizer='adam', learning_rate=1e-3, batch_size=128, epochs=10,
-      strategy='auto'))
+      optimizer='adam', learning_rate=1e-3, weight_decay=0.0, batch_size=128,
+      epochs=10, strategy='auto'))
 
   c.head = ml_collections.ConfigDict(dict(
       dropout=-1.0, dropout_by_n={'1': 0.5, '2': 0.5, '4': 0.5, '8': 0.3},
       optimizer='', optimizer_by_n={'1': 'adam', '2': 'adam', '4': 'adam',
                                     '8': 'nadam'},
-      learning_rate=1e-3, batch_size=128,
+      learning_rate=1e-3, batch_size=128, keep_teacher_bn=False,
       epochs=-1, epochs_by_n={'1': 5, '2': 30, '4': 20, '8': 10}))
 
   # GAN students (config.method='gan'; the ':gan' preset also sets the
@@ -55,7 +56,8 @@ def get_config(preset: str = ''):
   c.gan = ml_collections.ConfigDict(dict(
       disc='', disc_by_n={'1': '64 128 256 512 1024', '2': '64 128 256 512 1024',
                           '4': '64 128 256 512', '8': '64 128 256 512 1024'},
-      disc_first_bias=False, mse_target='student_output', adv_weight=1.0,
+      disc_first_bias=False, recon_relu=False, mse_target='student_output',
+      adv_weight=1.0,
       mse_weight=1.0, g_steps_per_d_step=1, d_optimizer='adam',
       d_learning_rate=2e-4))
 
@@ -68,7 +70,14 @@ def get_config(preset: str = ''):
           '4': 'C32 C32 MP C16 C16 MP Do.25 F D263r Do.3',   # 86,743
           '8': 'C32 C32 MP C16 C16 MP Do.25 F D572r Do.3'},  # 169,246
       temperature=4.0, alpha=0.9, optimizer='adam', learning_rate=1e-3,
-      batch_size=128, epochs=10))
+      weight_decay=0.0, batch_size=128, epochs=10))
+
+  # KDGAN baseline (Wang et al. 2018; what is built: tcn_jax/kdgan.py): the
+  # KD student (kd.arch, T, alpha, optimizer) plus a discriminator over
+  # [teacher feature, label] pairs.
+  c.kdgan = ml_collections.ConfigDict(dict(
+      enabled=False, epochs=10, adv_weight=0.1, gumbel_temperature=1.0,
+      disc='256 128', d_optimizer='adam', d_learning_rate=2e-4))
 
   for p in filter(None, preset.split(',')):
     apply_preset(c, p)
@@ -90,3 +99,4 @@ def apply_preset(c, preset):
   c.students.epochs, c.students.batch_size = 4, 100
   c.head.epochs, c.head.batch_size = 3, 100
   c.kd.epochs, c.kd.batch_size = 3, 100
+  c.kdgan.epochs = 3

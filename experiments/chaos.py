@@ -88,7 +88,8 @@ def same_tcn(a, b):
   """Every array of two saved TCNs is bitwise equal."""
   _, ta = assemble.load_tcn(os.path.join(a, 'tcn'))
   _, tb = assemble.load_tcn(os.path.join(b, 'tcn'))
-  trees = [([g.params for g in t.groups], t.head_params) for t in (ta, tb)]
+  trees = [([g.variables for g in t.groups], t.head_variables)
+           for t in (ta, tb)]
   leaves = [jax.tree_util.tree_leaves(t) for t in trees]
   return len(leaves[0]) == len(leaves[1]) and all(
       np.array_equal(np.asarray(x), np.asarray(y))

@@ -5,11 +5,12 @@ Functional API, one call per stage of the paper's pipeline:
   import tcn_jax as tcn
   ds = tcn.load_dataset('fashion_mnist')
   teacher = tcn.Teacher('C32 C64 MP Do.25 F D256r D256r', num_classes=10)
-  t_params, _ = tcn.train_teacher(teacher, ds, epochs=12)
-  feats = tcn.teacher_features(teacher, t_params, ds.train.x)
+  t_vars, _ = tcn.train_teacher(teacher, ds, epochs=12)
+  feats = tcn.teacher_features(teacher, t_vars, ds.train.x)
   groups, _ = tcn.train_students('C32 C32 MP C16 C16 MP Do.25 F D16r Do.3',
                                  ds.train.x, feats, num_students=4, epochs=10)
-  net = tcn.TCN(groups, 10, head_dropout=0.5, head_params=t_params['head'])
+  net = tcn.TCN(groups, 10, head_dropout=0.5,
+                head_variables=tcn.teacher_head(t_vars))
   net, info = tcn.finetune_head(net, ds, epochs=20)
   predict = tcn.make_predict(net)          # images -> logits, no teacher
 """
@@ -17,6 +18,7 @@ from tcn_jax.assemble import load_tcn
 from tcn_jax.assemble import make_predict
 from tcn_jax.assemble import save_tcn
 from tcn_jax.assemble import StudentGroup
+from tcn_jax.assemble import teacher_head
 from tcn_jax.assemble import TCN
 from tcn_jax.data import Dataset
 from tcn_jax.errors import TCNError

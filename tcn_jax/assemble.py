@@ -1,6 +1,6 @@
 """The assembled Teacher-Class Network: students -> concat -> teacher head.
 
-`TCN` is a plain description (architectures as data plus parameters) that
+`TCN` is a plain description (architectures as data plus Flax variables) that
 `predict` runs without the teacher, and that `save_tcn` / `load_tcn` store as
 one Orbax checkpoint (parameters + a JSON description of the architecture).
 """
@@ -26,14 +26,15 @@ class StudentGroup:
   member_ids: list[int]   # Which chunks, in feature order, these students own.
   out_relu: bool = False
   init: str = 'normal'
-  params: Any = None      # Leading axis = member.
+  variables: Any = None   # {'params', ['batch_stats']}; leading axis = member.
 
   def model(self, impl='auto'):
     return models.student(self.spec, self.out_dim, self.out_relu, self.init,
                           impl)
 
   def describe(self):
-    return {k: v for k, v in dataclasses.asdict(self).items() if k != 'params'}
+    return {k: v for k, v in dataclasses.asdict(self).items()
+            if k != 'variables'}
 
 
 @dataclasses.dataclass
@@ -41,15 +42,26 @@ class TCN:
   groups: list[StudentGroup]
   num_classes: int
   head_dropout: float
-  head_params: Any = None
+  head_variables: Any = None   # The head's {'params', ['batch_stats']}.
   impl: str = 'auto'
   # PCA chunking: {'matrix': (D, D), 'mean': (D,)}, a fixed linear map from
   # the concatenated students' coefficients back to feature space.
   basis: Any = None
+  head_bn: bool = False        # Keep the teacher's BatchNorm in the head.
 
   @property
   def num_students(self):
     return sum(len(g.member_ids) for g in self.groups)
+
+
+def teacher_head(teacher_variables, keep_bn: bool = False):
+  """The teacher's output layer as TCN head variables; its BatchNorm (if
+  any) only with keep_bn (the authors' CIFAR-10 TCN head drops it)."""
+  head = models.submodule_variables(teacher_variables, 'head')
+  if keep_bn:
+    return head
+  return {'params': {k: v for k, v in head['params'].items()
+                     if not k.startswith('BatchNorm')}}
 
 
 def group_students(specs, out_dims, out_relu=False, init='normal'):
@@ -62,20 +74,20 @@ def group_students(specs, out_dims, out_relu=False, init='normal'):
 
 
 def student_outputs_fn(tcn: TCN, strategy='auto'):
-  """Jitted `(students_params, x) -> (batch, D)`: the students' outputs in
+  """Jitted `(students_variables, x) -> (batch, D)`: the students' outputs in
   chunk order, mapped back to feature space when chunks are PCA ones."""
   appliers = []
   for g in tcn.groups:
     model = g.model(tcn.impl)
-    fn = lambda p, x, model=model: model.apply({'params': p}, x)
+    fn = lambda v, x, model=model: model.apply(v, x)
     appliers.append(engine.make_apply_fn(fn, len(g.member_ids), strategy))
   order = np.argsort([i for g in tcn.groups for i in g.member_ids])
   basis = tcn.basis
 
-  def outputs(group_params, x):
+  def outputs(group_variables, x):
     parts = []
-    for apply, params in zip(appliers, group_params):
-      parts.extend(list(apply(params, x)))     # One (batch, d) per member.
+    for apply, variables in zip(appliers, group_variables):
+      parts.extend(list(apply(variables, x)))     # One (batch, d) per member.
     out = jnp.concatenate([parts[i] for i in order], axis=-1)
     return out if basis is None else out @ basis['matrix'] + basis['mean']
 
@@ -85,22 +97,26 @@ def student_outputs_fn(tcn: TCN, strategy='auto'):
 def make_predict(tcn: TCN, strategy='auto'):
   """Jitted `predict(images) -> logits` of the assembled network."""
   outputs = student_outputs_fn(tcn, strategy)
-  head = models.Head(tcn.num_classes, tcn.head_dropout)
-  students = [g.params for g in tcn.groups]
-  head_params = tcn.head_params
-  return jax.jit(lambda x: head.apply({'params': head_params},
-                                      outputs(students, x)))
+  head = tcn_head(tcn)
+  students = [g.variables for g in tcn.groups]
+  head_variables = tcn.head_variables
+  return jax.jit(lambda x: head.apply(head_variables, outputs(students, x)))
+
+
+def tcn_head(tcn: TCN) -> models.Head:
+  return models.Head(tcn.num_classes, tcn.head_dropout, bn=tcn.head_bn)
 
 
 def save_tcn(path: str, tcn: TCN):
   """Saves the TCN (all students, head, architecture) as one checkpoint."""
-  state = {'students': {str(i): g.params for i, g in enumerate(tcn.groups)},
-           'head': tcn.head_params}
+  state = {'students': {str(i): g.variables
+                        for i, g in enumerate(tcn.groups)},
+           'head': tcn.head_variables}
   if tcn.basis is not None:
     state['basis'] = tcn.basis
   meta = {'kind': 'tcn_jax.TCN', 'groups': [g.describe() for g in tcn.groups],
           'num_classes': tcn.num_classes, 'head_dropout': tcn.head_dropout,
-          'pca_basis': tcn.basis is not None}
+          'head_bn': tcn.head_bn, 'pca_basis': tcn.basis is not None}
   ckpt = checkpoint.StageCheckpoint(path, max_to_keep=1)
   ckpt.save(ckpt.latest_epoch() + 1, state, meta)   # Replaces an older TCN.
   ckpt.close()
@@ -118,9 +134,10 @@ def load_tcn(path: str, strategy='auto'):
   if not isinstance(meta, dict) or meta.get('kind') != 'tcn_jax.TCN':
     raise TCNError(f'load_tcn: {path} is a checkpoint but not of a TCN')
   groups = [StudentGroup(**g) for g in meta['groups']]
-  tcn = TCN(groups, meta['num_classes'], meta['head_dropout'])
+  tcn = TCN(groups, meta['num_classes'], meta['head_dropout'],
+            head_bn=meta.get('head_bn', False))
   for i, g in enumerate(groups):
-    g.params = state['students'][str(i)]
-  tcn.head_params = state['head']
+    g.variables = state['students'][str(i)]
+  tcn.head_variables = state['head']
   tcn.basis = state.get('basis') if meta.get('pca_basis') else None
   return make_predict(tcn, strategy), tcn

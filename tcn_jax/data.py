@@ -3,11 +3,17 @@
 Source order for MNIST-style datasets: an explicit directory of IDX files
 (`config.data.dir`), else the system copy (Debian's `dataset-fashion-mnist`
 puts it in /usr/share/datasets/fashion-mnist/), else TFDS through
-`tfds.data_source` (random access, no TensorFlow needed).
+`tfds.data_source` (random access, no TensorFlow needed). CIFAR-10, IMDB and
+ImageNet come only from TFDS; for them `config.data.dir` is the TFDS data_dir
+('' = TFDS's default, ~/tensorflow_datasets). `tfds.data_source` reads only
+datasets built with `--file_format=array_record`, and decoding their images
+needs Pillow or OpenCV.
 """
+import collections
 import dataclasses
 import gzip
 import os
+import re
 import struct
 import zlib
 
@@ -21,14 +27,37 @@ IDX_NAMES = {
 }
 SYSTEM_DIRS = {'fashion_mnist': '/usr/share/datasets/fashion-mnist',
                'mnist': '/usr/share/datasets/mnist'}
+IDX_DATASETS = ('fashion_mnist', 'mnist')
+_BUILD = '--file_format=array_record'
 HOW_TO_GET = {
     'fashion_mnist': 'apt-get install -y dataset-fashion-mnist, or pass '
                      '--config.data.dir=DIR_WITH_IDX_FILES, or download it '
-                     'with TFDS (tfds build fashion_mnist)',
+                     f'with TFDS (tfds build fashion_mnist {_BUILD})',
     'mnist': 'pass --config.data.dir=DIR_WITH_IDX_FILES, or download it '
-             'with TFDS (tfds build mnist)',
+             f'with TFDS (tfds build mnist {_BUILD})',
+    'cifar10': f'download it with TFDS (tfds build cifar10 {_BUILD}) into '
+               '~/tensorflow_datasets or into --config.data.dir',
+    'imdb': f'download it with TFDS (tfds build imdb_reviews {_BUILD}) into '
+            '~/tensorflow_datasets or into --config.data.dir',
+    'imagenet': 'download the ILSVRC2012 train and val tar files by hand into '
+                '~/tensorflow_datasets/downloads/manual/ and run tfds build '
+                f'imagenet2012 {_BUILD}',
 }
 DATASETS = tuple(HOW_TO_GET)
+NUM_CLASSES = {'fashion_mnist': 10, 'mnist': 10, 'cifar10': 10, 'imdb': 2,
+               'imagenet': 1000}
+# Config names whose TFDS name differs, and TFDS's name for the test split.
+TFDS_NAMES = {'imdb': 'imdb_reviews', 'imagenet': 'imagenet2012'}
+TEST_SPLITS = {'imagenet': 'validation'}  # imagenet2012 has no labelled test.
+RESIZED = ('imagenet',)  # Images of varying sizes: resized to image_size.
+IMAGE_SIZE, VOCAB_SIZE, MAX_LEN = 224, 1000, 500  # Optional config defaults.
+# Keras imdb.load_data ids: 0 pads, 1 starts a review, 2 replaces a word out
+# of the vocabulary; the word of frequency rank r (0 = most frequent) is
+# r + INDEX_FROM = r + 4 and id 3 is never used, exactly as Keras (whose
+# word_index is 1-based, with index_from=3).
+PAD, START, OOV, INDEX_FROM = 0, 1, 2, 4
+_BREAK = re.compile(r'<br\s*/?>', re.IGNORECASE)
+_WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*")  # Letters, inner apostrophes.
 
 
 @dataclasses.dataclass
@@ -91,63 +120,209 @@ def load_idx(directory: str, split: str) -> Split:
   return Split(x[..., None], y.astype(np.int32))
 
 
-def load_tfds(name: str, split: str, data_dir: str | None = None) -> Split:
-  """Random-access TFDS source (works without TensorFlow) to numpy arrays."""
+def _resize_weights(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in) triangle-filter weights, widened when shrinking so every
+  input pixel counts (antialiasing, like PIL's BILINEAR)."""
+  scale = n_in / n_out
+  support = max(scale, 1.0)
+  centers = (np.arange(n_out) + 0.5) * scale
+  dist = np.abs(np.arange(n_in) + 0.5 - centers[:, None]) / support
+  w = np.maximum(0.0, 1.0 - dist)
+  return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """Resizes (H, W, C) uint8 so the shorter side is `size`, then crops the
+  centre `size` x `size`; numpy only, so no image library is needed."""
+  h, w = image.shape[:2]
+  scale = size / min(h, w)
+  new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+  top, left = (new_h - size) // 2, (new_w - size) // 2
+  rows = _resize_weights(h, new_h)[top:top + size]
+  cols = _resize_weights(w, new_w)[left:left + size]
+  out = np.einsum('oh,hwc->owc', rows, image.astype(np.float32))
+  out = np.einsum('pw,owc->opc', cols, out)
+  return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def tokenize(text) -> list[str]:
+  """IMDB review -> lower-case words: `<br />` tags become spaces; a word is
+  a run of letters (any alphabet) with apostrophes allowed inside (don't);
+  digits, punctuation and edge apostrophes separate words and are dropped."""
+  if isinstance(text, np.ndarray):
+    text = text.item()
+  if isinstance(text, bytes):
+    text = text.decode('utf-8', 'replace')
+  return _WORD.findall(_BREAK.sub(' ', text).lower())
+
+
+def build_vocab(texts, vocab_size: int = VOCAB_SIZE) -> dict[str, int]:
+  """Word -> id for the words whose id stays below `vocab_size` (Keras's
+  num_words): ranked by count in `texts`, ties alphabetically."""
+  counts = collections.Counter()
+  for text in texts:
+    counts.update(tokenize(text))
+  ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+  return {word: rank + INDEX_FROM for rank, (word, _) in
+          enumerate(ranked[:max(vocab_size - INDEX_FROM, 0)])}
+
+
+def encode(texts, vocab: dict[str, int], max_len: int = MAX_LEN) -> np.ndarray:
+  """(N, max_len) int32 ids as Keras imdb.load_data + pad_sequences: START,
+  then word ids (OOV outside `vocab`); pre-truncated (the last max_len ids
+  stay) and pre-padded with PAD."""
+  out = np.full((len(texts), max_len), PAD, np.int32)
+  for i, text in enumerate(texts):
+    ids = ([START] + [vocab.get(w, OOV) for w in tokenize(text)])[-max_len:]
+    out[i, max_len - len(ids):] = ids
+  return out
+
+
+def _tfds_source(name: str, split: str, data_dir: str | None = None):
+  """Opens a TFDS split for random access; TCNError saying how to get it."""
   import tensorflow_datasets as tfds  # Imported lazily: slow to import.
+  tfds_name = TFDS_NAMES.get(name, name)
   try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir,
-                              download=False)
+    return tfds.data_source(tfds_name, split=split, data_dir=data_dir,
+                            download=False)
   except Exception as e:  # TFDS raises many types for a missing dataset.
-    how = HOW_TO_GET.get(name, f'download it with TFDS (tfds build {name})')
-    raise TCNError(f'dataset {name!r} ({split}) is not available: {how} '
-                   f'[{type(e).__name__}]') from None
-  records = [source[i] for i in range(len(source))]
-  x = np.stack([r['image'] for r in records])
-  y = np.asarray([r['label'] for r in records], np.int32)
-  return Split(x, y)
+    how = HOW_TO_GET.get(name, f'download it with TFDS (tfds build '
+                         f'{tfds_name} {_BUILD})')
+    raise TCNError(f'dataset {name!r} (TFDS {tfds_name}, {split}) is not '
+                   f'available: {how} [{type(e).__name__}]') from None
 
 
-def load_split(name: str, split: str, data_dir: str = '') -> tuple[Split, str]:
-  """Loads the raw 'train' or 'test' split; returns (split, source)."""
+def _read_tfds(name, source, indices, image_size) -> Split:
+  """Decodes just the records `indices` of an open TFDS source."""
+  if not len(indices) and len(source):  # Keep x's shape on an empty subset.
+    one = _read_tfds(name, source, [0], image_size)
+    return Split(one.x[:0], one.y[:0])
+  try:
+    records = [source[int(i)] for i in indices]
+  except ImportError as e:  # TFDS decodes images with Pillow or OpenCV.
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise TCNError(f'cannot decode {name} records ({first}): pip install '
+                   'pillow') from None
+  y = np.asarray([r['label'] for r in records], np.int32).reshape(-1)
+  if records and 'text' in records[0]:
+    x = np.empty(len(records), object)
+    x[:] = [r['text'] for r in records]
+    return Split(x, y)
+  images = [r['image'] for r in records]
+  if name in RESIZED:
+    images = [resize_center_crop(im, image_size) for im in images]
+  return Split(np.stack(images) if images else np.zeros(0, np.uint8), y)
+
+
+def load_tfds(name: str, split: str, data_dir: str | None = None,
+              indices=None, image_size: int = IMAGE_SIZE) -> Split:
+  """Random-access TFDS source (works without TensorFlow) to numpy arrays.
+
+  `name` is a config name (TFDS_NAMES maps it) or a TFDS name. Only the
+  records `indices` (default: all) are decoded. Images stay uint8 (ImageNet's
+  resized to image_size); IMDB's x is an object array of raw review texts.
+  """
+  source = _tfds_source(name, split, data_dir)
+  if indices is None:
+    indices = range(len(source))
+  return _read_tfds(name, source, indices, image_size)
+
+
+def _check_dir(data_dir):
+  if data_dir and not os.path.isdir(data_dir):
+    raise TCNError(f'config.data.dir {data_dir!r} is not a directory')
+
+
+def _open(name, split, data_dir, image_size):
+  """(size, read, source) of a raw split; read(indices) -> Split of just
+  those records, so TFDS datasets decode only what a subset needs."""
   if name not in DATASETS:
     raise TCNError(f'unknown dataset {name!r} (config.data.name); '
                    f'choose one of {DATASETS}')
-  if data_dir:
-    if not os.path.isdir(data_dir):
-      raise TCNError(f'config.data.dir {data_dir!r} is not a directory')
-    return load_idx(data_dir, split), data_dir
-  system = SYSTEM_DIRS.get(name)
-  if system and os.path.isdir(system):
-    return load_idx(system, split), system
-  return load_tfds(name, split), 'tfds'
+  _check_dir(data_dir)
+  if name in IDX_DATASETS:
+    system = SYSTEM_DIRS.get(name)
+    directory = data_dir or (system if system and os.path.isdir(system)
+                             else '')
+    if directory:
+      whole = load_idx(directory, split)
+      _check_labels(name, whole.y, NUM_CLASSES[name])
+      return len(whole), lambda i: Split(whole.x[i], whole.y[i]), directory
+  if split == 'test':
+    split = TEST_SPLITS.get(name, split)
+  source = _tfds_source(name, split, data_dir or None)
+  return (len(source), lambda i: _read_tfds(name, source, i, image_size),
+          'tfds')
+
+
+def load_split(name: str, split: str, data_dir: str = '',
+               image_size: int = IMAGE_SIZE) -> tuple[Split, str]:
+  """Loads the whole raw 'train' or 'test' split; returns (split, source).
+
+  x is uint8 images, or raw review texts for IMDB; data_dir is an IDX dir
+  for MNIST-style datasets, else a TFDS data_dir ('' = TFDS's default).
+  """
+  size, read, source = _open(name, split, data_dir, image_size)
+  return read(np.arange(size)), source
+
+
+def _check_labels(name, y, num_classes):
+  if len(y) and (y.min() < 0 or y.max() >= num_classes):
+    raise TCNError(f'labels of {name} outside [0, {num_classes}): '
+                   f'found {y.min()}..{y.max()}')
+
+
+def _option(cfg, field, default, least):
+  value = cfg.get(field, default)
+  if not isinstance(value, int) or isinstance(value, bool) or value < least:
+    raise TCNError(f'config.data.{field} must be an integer >= {least}, '
+                   f'got {value!r}')
+  return value
 
 
 def load(cfg) -> Dataset:
   """Loads `cfg.name`, carves a seeded validation split from train, scales.
 
-  Images become float32 in [0, 1]. `cfg.train_size` / `cfg.test_size` (0 =
-  all) take seeded subsets, used by tests and quick runs.
+  Images become float32 in [0, 1] (divided by 255, no mean/std, as the
+  paper's code); ImageNet's are first resized (shorter side) and centre-
+  cropped to `cfg.image_size` (default 224). IMDB becomes int32 ids (see
+  `encode`) over a vocabulary of `cfg.vocab_size` (default 1000) built from
+  the whole TFDS train split (val carve-out included, test never), padded to
+  `cfg.max_len` (default 500). `cfg.train_size` / `cfg.test_size` (0 = all)
+  take seeded subsets; only their records are read from TFDS. Whole splits
+  are held in memory: full ImageNet (~1.28M images) does not fit, so use it
+  through train_size / test_size subsets.
   """
-  train, source = load_split(cfg.name, 'train', cfg.dir)
-  test, _ = load_split(cfg.name, 'test', cfg.dir)
+  image_size = _option(cfg, 'image_size', IMAGE_SIZE, 1)
+  vocab_size = _option(cfg, 'vocab_size', VOCAB_SIZE, INDEX_FROM + 1)
+  max_len = _option(cfg, 'max_len', MAX_LEN, 1)
+  num_classes = NUM_CLASSES.get(cfg.name, 10)
+  n_train, read_train, source = _open(cfg.name, 'train', cfg.dir, image_size)
+  n_test, read_test, _ = _open(cfg.name, 'test', cfg.dir, image_size)
   rng = np.random.default_rng(cfg.split_seed)
-  order = rng.permutation(len(train))
-  n_val = int(round(len(train) * cfg.val_fraction))
+  order = rng.permutation(n_train)
+  n_val = int(round(n_train * cfg.val_fraction))
   val_idx, train_idx = order[:n_val], order[n_val:]
   if cfg.train_size:
     train_idx = train_idx[:cfg.train_size]
     val_idx = val_idx[:max(cfg.train_size // 4, 1)]
-  test_idx = np.arange(len(test))
+  test_idx = np.arange(n_test)
   if cfg.test_size:
-    test_idx = rng.permutation(len(test))[:cfg.test_size]
-  num_classes = 10
-  for part in (train, test):
-    if part.y.min() < 0 or part.y.max() >= num_classes:
-      raise TCNError(f'labels of {cfg.name} outside [0, {num_classes}): '
-                     f'found {part.y.min()}..{part.y.max()}')
+    test_idx = rng.permutation(n_test)[:cfg.test_size]
+  vocab = None
+  if cfg.name == 'imdb':  # The vocabulary needs every train text.
+    whole = read_train(np.arange(n_train))
+    vocab = build_vocab(whole.x, vocab_size)
+    parts = [Split(whole.x[i], whole.y[i]) for i in (train_idx, val_idx)]
+  else:
+    parts = [read_train(train_idx), read_train(val_idx)]
+  parts.append(read_test(test_idx))
+  for part in parts:
+    _check_labels(cfg.name, part.y, num_classes)
 
-  def take(split, idx):
-    return Split(split.x[idx].astype(np.float32) / 255.0, split.y[idx])
+  def finish(split):
+    if vocab is not None:
+      return Split(encode(split.x, vocab, max_len), split.y)
+    return Split(split.x.astype(np.float32) / 255.0, split.y)
 
-  return Dataset(take(train, train_idx), take(train, val_idx),
-                 take(test, test_idx), num_classes, source)
+  return Dataset(*map(finish, parts), num_classes, source)

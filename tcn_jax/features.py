@@ -12,9 +12,13 @@ from tcn_jax import engine
 from tcn_jax.errors import TCNError
 
 
-def teacher_features(teacher, params, x, batch_size: int = 1000) -> np.ndarray:
-  """(N, D) features of the teacher's feature layer, inference mode, batched."""
-  fn = jax.jit(lambda xb: teacher.apply({'params': params}, xb,
+def teacher_features(teacher, variables, x,
+                     batch_size: int = 1000) -> np.ndarray:
+  """(N, D) features of the teacher's feature layer, inference mode, batched.
+
+  variables: the teacher's Flax variables ({'params', ['batch_stats']}).
+  """
+  fn = jax.jit(lambda xb: teacher.apply(variables, xb,
                                         method=teacher.features))
   return engine.batched(fn, np.asarray(x), batch_size)
 

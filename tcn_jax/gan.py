@@ -57,12 +57,16 @@ def mse(a, b):
 
 
 def init_state(student, disc, g_tx, d_tx, key, x_example):
-  """One member's state: student and discriminator params, D's batch
-  statistics, and both optimizers' states."""
+  """One member's state: student and discriminator params, their batch
+  statistics ('g_state' is empty for students without BatchNorm), and both
+  optimizers' states."""
   k_g, k_d = jax.random.split(key)
-  g = student.init(k_g, x_example)['params']
-  d_vars = disc.init(k_d, student.apply({'params': g}, x_example))
-  return {'g': g, 'g_opt': g_tx.init(g), 'd': d_vars['params'],
+  g_vars = student.init(k_g, x_example)
+  g = g_vars['params']
+  g_state = {k: v for k, v in g_vars.items() if k != 'params'}
+  d_vars = disc.init(k_d, student.apply(g_vars, x_example))
+  return {'g': g, 'g_state': g_state, 'g_opt': g_tx.init(g),
+          'd': d_vars['params'],
           'd_stats': d_vars['batch_stats'], 'd_opt': d_tx.init(d_vars['params'])}
 
 
@@ -86,23 +90,27 @@ def make_member_step(student, disc, g_tx, d_tx, *, mse_target='student_output',
                 d_stats=stats, d_opt=d_opt), loss
 
   def g_loss(g, state, x, chunk, key):
-    pred = student.apply({'params': g}, x, train=True, rngs={'dropout': key})
+    pred, g_state = student.apply(
+        {'params': g, **state['g_state']}, x, train=True,
+        rngs={'dropout': key}, mutable=list(state['g_state']))
     logit, recon = disc.apply({'params': state['d'],
                                'batch_stats': state['d_stats']}, pred)
     target = pred if mse_target == 'student_output' else recon
     loss = adv_weight * bce(logit, 1.0) + mse_weight * mse(target, chunk)
-    return loss, mse(pred, chunk)
+    return loss, (mse(pred, chunk), g_state)
 
   def member_step(state, x, chunk, key):
-    fake = jax.lax.stop_gradient(student.apply({'params': state['g']}, x))
+    fake = jax.lax.stop_gradient(
+        student.apply({'params': state['g'], **state['g_state']}, x))
     state, real_loss = d_step(state, chunk, 1.0, chunk)
     state, fake_loss = d_step(state, fake, 0.0, chunk)
     for k in range(g_steps_per_d_step):
-      (loss, direct), grads = jax.value_and_grad(g_loss, has_aux=True)(
-          state['g'], state, x, chunk, key if k == 0 else jax.random.fold_in(key, k))
+      g_key = key if k == 0 else jax.random.fold_in(key, k)
+      (loss, (direct, g_state)), grads = jax.value_and_grad(
+          g_loss, has_aux=True)(state['g'], state, x, chunk, g_key)
       updates, g_opt = g_tx.update(grads, state['g_opt'], state['g'])
       state = dict(state, g=optax.apply_updates(state['g'], updates),
-                   g_opt=g_opt)
+                   g_state=g_state, g_opt=g_opt)
     # 'loss' is the student's (generator's) loss, as for FF students.
     return state, {'loss': loss, 'd_loss': (real_loss + fake_loss) / 2,
                    'mse': direct}

@@ -4,13 +4,19 @@ Architectures are data (config strings in the reference notation), not code:
 
   C32       Conv 3x3 'valid' + ReLU, 32 filters      C5-32   the same, 5x5 kernel
   C32s2     ... stride 2                              C32same ... 'same' padding
+  C32lin    ... without the ReLU (any C token)        ELU     ELU activation
   MP        MaxPool 2 'valid'                          MPsame  MaxPool 2 'same'
   Do.25     Dropout 0.25                               F       Flatten
   D256r     Dense 256 + ReLU                           D256    Dense 256, linear
   BN        BatchNorm                                  R       ReLU
   Emb1000-32  Embedding (vocabulary 1000, width 32)
+  RB64s2    ResNet basic block (two 3x3 convs), 64 filters, stride 2
+  BB64      ResNet bottleneck block (1x1, 3x3, 1x1 to 4x64 filters)
+  GAP       global average pooling over all spatial axes
 
-Convolutions work on images (NHWC) and sequences (NLC) alike.
+Convolutions work on images (NHWC) and sequences (NLC) alike. Models with BN
+layers carry a 'batch_stats' collection besides 'params'; the library passes
+whole Flax variable dicts around for that reason.
 """
 import re
 from typing import Any
@@ -36,8 +42,10 @@ def _keras_embedding_init(key, shape, dtype=jnp.float32):
 
 _TOKEN = re.compile(
     r'^(?:C(?:(?P<ck>\d+)-)?(?P<cf>\d+)(?:s(?P<cs>\d+))?(?P<csame>same)?'
+    r'(?P<clin>lin)?'
     r'|(?P<mp>MP)(?P<mpsame>same)?|Do(?P<do>[\d.]+)|(?P<f>F)'
-    r'|(?:D|Out)(?P<d>\d+)(?P<dr>r)?|(?P<bn>BN)|(?P<r>R)'
+    r'|(?:D|Out)(?P<d>\d+)(?P<dr>r)?|(?P<bn>BN)|(?P<r>R)|(?P<elu>ELU)'
+    r'|(?P<gap>GAP)|(?P<block>RB|BB)(?P<bf>\d+)(?:s(?P<bs>\d+))?'
     r'|Emb(?P<ev>\d+)-(?P<ed>\d+))$')
 
 
@@ -52,7 +60,8 @@ def parse(spec: str) -> list[dict[str, Any]]:
     if g['cf']:
       out.append(dict(kind='conv', features=int(g['cf']),
                       kernel=int(g['ck'] or 3), stride=int(g['cs'] or 1),
-                      padding='SAME' if g['csame'] else 'VALID'))
+                      padding='SAME' if g['csame'] else 'VALID',
+                      relu=not g['clin']))
     elif g['mp']:
       out.append(dict(kind='pool', padding='SAME' if g['mpsame'] else 'VALID'))
     elif g['do']:
@@ -65,9 +74,54 @@ def parse(spec: str) -> list[dict[str, Any]]:
       out.append(dict(kind='bn'))
     elif g['r']:
       out.append(dict(kind='relu'))
+    elif g['elu']:
+      out.append(dict(kind='elu'))
+    elif g['gap']:
+      out.append(dict(kind='gap'))
+    elif g['block']:
+      out.append(dict(kind='bottleneck' if g['block'] == 'BB' else 'basic',
+                      features=int(g['bf']), stride=int(g['bs'] or 1)))
     else:
       out.append(dict(kind='embed', vocab=int(g['ev']), features=int(g['ed'])))
   return out
+
+
+def batch_norm(x, train):
+  """BatchNorm with Keras' defaults (momentum 0.99, epsilon 1e-3)."""
+  return nn.BatchNorm(use_running_average=not train, momentum=0.99,
+                      epsilon=1e-3)(x)
+
+
+class ResidualBlock(nn.Module):
+  """ResNet v1 block: basic (3x3, 3x3) or bottleneck (1x1, 3x3, 1x1 to
+  4x features), Conv -> BN -> ReLU, with a projection shortcut (1x1 conv +
+  BN) where the shape changes."""
+  features: int
+  stride: int = 1
+  bottleneck: bool = False
+  kernel_init: Any = nn.initializers.he_uniform()
+  impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    nd = x.ndim - 2
+
+    def conv(y, features, k, stride=1):
+      return layers.Conv(features, (k,) * nd, (stride,) * nd, 'SAME',
+                         kernel_init=self.kernel_init, impl=self.impl)(y)
+
+    if self.bottleneck:
+      plan = [(self.features, 1, 1), (self.features, 3, self.stride),
+              (4 * self.features, 1, 1)]
+    else:
+      plan = [(self.features, 3, self.stride), (self.features, 3, 1)]
+    y = x
+    for i, (features, k, stride) in enumerate(plan):
+      y = batch_norm(conv(y, features, k, stride), train)
+      y = nn.relu(y) if i < len(plan) - 1 else y
+    if x.shape != y.shape:
+      x = batch_norm(conv(x, plan[-1][0], 1, self.stride), train)
+    return nn.relu(x + y)
 
 
 class Net(nn.Module):
@@ -86,7 +140,7 @@ class Net(nn.Module):
         x = layers.Conv(layer['features'], (layer['kernel'],) * nd,
                         (layer['stride'],) * nd, layer['padding'],
                         kernel_init=kinit, impl=self.impl)(x)
-        x = nn.relu(x)
+        x = nn.relu(x) if layer['relu'] else x
       elif kind == 'pool':
         x = layers.max_pool(x, 2, layer['padding'], self.impl)
       elif kind == 'dropout':
@@ -97,10 +151,16 @@ class Net(nn.Module):
         x = nn.Dense(layer['features'], kernel_init=kinit)(x)
         x = nn.relu(x) if layer['relu'] else x
       elif kind == 'bn':
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.99,
-                         epsilon=1e-3)(x)
+        x = batch_norm(x, train)
       elif kind == 'relu':
         x = nn.relu(x)
+      elif kind == 'elu':
+        x = nn.elu(x)
+      elif kind == 'gap':
+        x = x.mean(axis=tuple(range(1, x.ndim - 1)))
+      elif kind in ('basic', 'bottleneck'):
+        x = ResidualBlock(layer['features'], layer['stride'],
+                          kind == 'bottleneck', kinit, self.impl)(x, train)
       elif kind == 'embed':
         x = nn.Embed(layer['vocab'], layer['features'],
                      embedding_init=_keras_embedding_init)(x)
@@ -108,19 +168,24 @@ class Net(nn.Module):
 
 
 class Head(nn.Module):
-  """The classifier on top of the feature: ReLU -> Dropout -> Dense (logits).
+  """The classifier on top of the feature: ReLU -> [BN] -> Dropout -> Dense.
 
   The same module is the teacher's output layer and the TCN head, so the
   teacher's weights copy over unchanged. The paper's MNIST-style teachers
-  output a post-ReLU feature, where the leading ReLU is the identity.
+  output a post-ReLU feature, where the leading ReLU is the identity; the
+  CIFAR-10 teacher has the BatchNorm (`bn=True`).
   """
   num_classes: int
   dropout: float = 0.5
   initializer: str = 'glorot_uniform'
+  bn: bool = False
 
   @nn.compact
   def __call__(self, feature, train: bool = False):
-    x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(feature))
+    x = nn.relu(feature)
+    if self.bn:
+      x = batch_norm(x, train)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes, kernel_init=INITS[self.initializer],
                     name='out')(x)
 
@@ -131,10 +196,11 @@ class Teacher(nn.Module):
   num_classes: int
   head_dropout: float = 0.5
   impl: str = 'auto'
+  head_bn: bool = False
 
   def setup(self):
     self.trunk = Net(self.body, 'glorot_uniform', self.impl)
-    self.head = Head(self.num_classes, self.head_dropout)
+    self.head = Head(self.num_classes, self.head_dropout, bn=self.head_bn)
 
   def __call__(self, x, train: bool = False):
     return self.head(self.trunk(x, train), train)
@@ -144,14 +210,30 @@ class Teacher(nn.Module):
     return self.trunk(x, False)
 
 
+def submodule_variables(variables, name: str):
+  """The variables of submodule `name` (e.g. a teacher's 'head'), every
+  collection included: {'params': ..., 'batch_stats': ...}."""
+  return {col: tree[name] for col, tree in variables.items() if name in tree}
+
+
+def l2_penalty(params) -> jax.Array:
+  """Sum of squared kernels (Keras-style L2 weight decay; biases and
+  BatchNorm scales are not decayed)."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  return sum(jnp.sum(x ** 2) for path, x in leaves
+             if getattr(path[-1], 'key', None) == 'kernel')
+
+
 def student(spec: str, out_dim: int, out_relu: bool = False,
             init: str = 'normal', impl: str = 'auto') -> Net:
   """A student: the trunk `spec` plus an output Dense of its chunk's width."""
   return Net(f'{spec} D{out_dim}{"r" if out_relu else ""}', init, impl)
 
 
-def output_shape(spec: str, input_shape, impl: str = 'auto') -> tuple:
-  """Shape of `Net(spec)`'s output for one input of `input_shape`.
+def output_shape(spec: str, input_shape, impl: str = 'auto',
+                 dtype=jnp.float32) -> tuple:
+  """Shape of `Net(spec)`'s output for one input of `input_shape` (token ids
+  for an Emb first layer: dtype int32).
 
   Raises ValueError naming the first layer that cannot apply (e.g. more
   pooling or a larger kernel than the image allows).
@@ -160,7 +242,7 @@ def output_shape(spec: str, input_shape, impl: str = 'auto') -> tuple:
 
   def shape(k):
     net = Net(' '.join(tokens[:k]), impl=impl)
-    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    x = jax.ShapeDtypeStruct((1, *input_shape), dtype)
     out = jax.eval_shape(
         lambda x: net.init_with_output(jax.random.key(0), x)[0], x).shape
     if 0 in out:

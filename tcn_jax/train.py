@@ -27,12 +27,13 @@ from tcn_jax import data as data_lib
 from tcn_jax import engine
 from tcn_jax import features as features_lib
 from tcn_jax import gan as gan_lib
+from tcn_jax import kdgan as kdgan_lib
 from tcn_jax import layers
 from tcn_jax import metrics
 from tcn_jax import models
 from tcn_jax.errors import TCNError
 
-STAGES = ('teacher', 'students', 'head', 'kd')
+STAGES = ('teacher', 'students', 'head', 'kd', 'kdgan')
 METHODS = ('ff', 'gan')
 CHUNKINGS = ('contiguous', 'pca')
 
@@ -81,22 +82,44 @@ def mse_loss(pred, target):
   return jnp.mean((pred - target) ** 2)
 
 
-def fit(stage_dir, *, name, model, loss, tx, params, x, targets, ids, epochs,
-        batch_size, seed, strategy, val_x, val_targets, val_metric, writer):
-  """Gradient descent on loss(model(x), target) for a stacked group; see
-  `fit_group`. Returns (params, history, training seconds)."""
-  def loss_fn(p, xb, tb, key):
-    pred = model.apply({'params': p}, xb, train=True, rngs={'dropout': key})
-    return loss(pred, tb)
+def fit(stage_dir, *, name, model, loss, tx, variables, x, targets, ids,
+        epochs, batch_size, seed, strategy, val_x, val_targets, val_metric,
+        writer, weight_decay=0.0):
+  """Gradient descent on loss(model(x), target) (+ weight_decay * the L2 of
+  the kernels) for a stacked group of Flax `variables`; BatchNorm statistics
+  and other mutable collections update in train mode. See `fit_group`.
+  Returns (variables, history, training seconds)."""
+  params = variables['params']
+  model_state = {k: v for k, v in variables.items() if k != 'params'}
 
+  def apply_train(p, ms, xb, key):
+    return model.apply({'params': p, **ms}, xb, train=True,
+                       rngs={'dropout': key}, mutable=list(ms))
+
+  def objective(p, pred, tb):
+    out = loss(pred, tb)
+    return out + weight_decay * models.l2_penalty(p) if weight_decay else out
+
+  if model_state:
+    def loss_fn(p, ms, xb, tb, key):
+      pred, ms = apply_train(p, ms, xb, key)
+      return objective(p, pred, tb), ms
+  else:
+    def loss_fn(p, xb, tb, key):
+      return objective(p, apply_train(p, {}, xb, key)[0], tb)
+
+  state = {'params': params, 'opt_state': jax.vmap(tx.init)(params)}
+  if model_state:
+    state['model_state'] = model_state
   state, history, seconds = fit_group(
       stage_dir, name=name, member_step=engine.gradient_step(loss_fn, tx),
-      state={'params': params, 'opt_state': jax.vmap(tx.init)(params)},
-      predict=lambda s, xb: model.apply({'params': s['params']}, xb), x=x,
+      state=state, predict=lambda s, xb: model.apply(
+          {'params': s['params'], **s.get('model_state', {})}, xb), x=x,
       targets=targets, ids=ids, epochs=epochs, batch_size=batch_size,
       seed=seed, strategy=strategy, val_x=val_x, val_targets=val_targets,
       val_metric=val_metric, writer=writer)
-  return state['params'], history, seconds
+  variables = {'params': state['params'], **state.get('model_state', {})}
+  return variables, history, seconds
 
 
 def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
@@ -219,6 +242,13 @@ def _check_number(field, value, kind, low, high=None, strict=False):
                    f'got {value!r}')
 
 
+def _check_widths(field, value):
+  widths = str(value).split()
+  if not widths or not all(w.isdigit() and int(w) > 0 for w in widths):
+    raise TCNError(f'config.{field} must be layer widths like "64 128 256",'
+                   f' got {" ".join(widths)!r}')
+
+
 def _parse(field, spec):
   """models.parse, failing with a TCNError that names `config.<field>`."""
   try:
@@ -245,11 +275,13 @@ def validate(config):
   if config.students.init not in models.INITS:
     raise TCNError(f'unknown initializer {config.students.init!r} (config.'
                    f'students.init); choose one of {tuple(models.INITS)}')
-  dense = [l for l in _parse('teacher.body', config.teacher.body)
-           if l['kind'] == 'dense']
-  if not dense:
-    raise TCNError('config.teacher.body must end in a Dense feature layer')
-  features_lib.chunk_sizes(dense[-1]['features'], n)
+  body = _parse('teacher.body', config.teacher.body)
+  sized = [l for l in body if l['kind'] in ('dense', 'gap')]
+  if not sized:
+    raise TCNError('config.teacher.body must end in a Dense feature layer '
+                   '(or GAP, global average pooling)')
+  if sized[-1]['kind'] == 'dense':   # A GAP width is checked on the data.
+    features_lib.chunk_sizes(sized[-1]['features'], n)
   specs = student_specs(config)
   for spec in specs:
     _parse('students.arch', spec)
@@ -260,8 +292,14 @@ def validate(config):
     _check_number(f'{section}.batch_size', c.batch_size, int, 1)
     _check_number(f'{section}.learning_rate', c.learning_rate, float, 0,
                   strict=True)
+    if section != 'head':
+      _check_number(f'{section}.weight_decay', c.weight_decay, float, 0)
     make_optimizer(per_n(config, f'{section}.optimizer', n), c.learning_rate,
                    f'config.{section}.optimizer')
+  _check_number('teacher.lr_step_epochs', config.teacher.lr_step_epochs, int,
+                0)
+  _check_number('teacher.lr_step_factor', config.teacher.lr_step_factor,
+                float, 0, strict=True)
   _check_number('teacher.head_dropout', config.teacher.head_dropout, float,
                 0, 1)
   _check_number('head.dropout', per_n(config, 'head.dropout', n), float, 0, 1)
@@ -287,16 +325,27 @@ def validate(config):
     if k.alpha > 1:
       raise TCNError(f'config.kd.alpha must be in [0, 1], got {k.alpha!r}')
     make_optimizer(k.optimizer, k.learning_rate, 'config.kd.optimizer')
+    _check_number('kd.weight_decay', k.weight_decay, float, 0)
+  if config.kdgan.enabled:
+    g = config.kdgan
+    _parse('kd.arch', per_n(config, 'kd.arch', n))
+    _check_number('kdgan.epochs', g.epochs, int, 0)
+    _check_number('kdgan.adv_weight', g.adv_weight, float, 0)
+    _check_number('kdgan.gumbel_temperature', g.gumbel_temperature, float, 0,
+                  strict=True)
+    _check_number('kdgan.d_learning_rate', g.d_learning_rate, float, 0,
+                  strict=True)
+    make_optimizer(g.d_optimizer, g.d_learning_rate,
+                   'config.kdgan.d_optimizer')
+    _check_widths('kdgan.disc', g.disc)
   if config.method == 'gan':
     g = config.gan
     if g.mse_target not in gan_lib.MSE_TARGETS:
       raise TCNError(f'unknown gan.mse_target {g.mse_target!r}; choose one '
                      f'of {gan_lib.MSE_TARGETS}')
-    widths = str(per_n(config, 'gan.disc', n)).split()
-    if not widths or not all(w.isdigit() and int(w) > 0 for w in widths):
-      raise TCNError(f'config.gan.disc must be layer widths like "64 128 256",'
-                     f' got {" ".join(widths)!r}')
-    _check_number('gan.g_steps_per_d_step', g.g_steps_per_d_step, int, 1)
+    _check_widths('gan.disc', per_n(config, 'gan.disc', n))
+    _check_number('gan.g_steps_per_d_step',
+                  per_n(config, 'gan.g_steps_per_d_step', n), int, 1)
     for field in ('adv_weight', 'mse_weight'):
       _check_number(f'gan.{field}', g[field], float, 0)
     _check_number('gan.d_learning_rate', g.d_learning_rate, float, 0,
@@ -304,11 +353,11 @@ def validate(config):
     make_optimizer(g.d_optimizer, g.d_learning_rate, 'config.gan.d_optimizer')
 
 
-def check_fits(field, spec, input_shape, impl):
+def check_fits(field, spec, input_shape, impl, dtype=np.float32):
   """Fails, naming `field`, unless `spec` maps one input of `input_shape` to
   a flat feature vector."""
   try:
-    out = models.output_shape(spec, input_shape, impl)
+    out = models.output_shape(spec, input_shape, impl, dtype)
   except ValueError as e:
     raise TCNError(f'config.{field} {spec!r} does not fit inputs of shape '
                    f'{tuple(input_shape)}: {e}') from None
@@ -323,32 +372,43 @@ def _stage_dir(workdir, *parts):
 
 
 def train_teacher(teacher, ds, *, epochs, batch_size=256, optimizer='adam',
-                  learning_rate=1e-3, seed=0, workdir=None, writer=None):
+                  learning_rate=1e-3, weight_decay=0.0, lr_step_epochs=0,
+                  lr_step_factor=0.5, seed=0, workdir=None, writer=None):
   """Stage 1: trains the teacher with cross-entropy (resumable in workdir).
 
-  Returns (params, info) with info = {'history', 'seconds'}.
+  With lr_step_epochs > 0 the learning rate is multiplied by lr_step_factor
+  every lr_step_epochs epochs (the CIFAR-10 teacher's schedule).
+
+  Returns (variables, info): Flax variables {'params', and 'batch_stats'
+  for teachers with BatchNorm}; info = {'history', 'seconds'}.
   """
   seed = stage_seed(seed, 'teacher')
-  init = lambda k: teacher.init(k, ds.train.x[:1])['params']
-  params, history, seconds = fit(
+  lr = learning_rate
+  if lr_step_epochs:
+    lr = optax.exponential_decay(
+        learning_rate, lr_step_epochs * (len(ds.train) // batch_size),
+        lr_step_factor, staircase=True)
+  variables, history, seconds = fit(
       _stage_dir(workdir, 'teacher'), name='teacher', model=teacher,
-      loss=ce_loss, tx=make_optimizer(optimizer, learning_rate,
-                                      'config.teacher.optimizer'),
-      params=engine.init_group(init, seed, [0]), x=ds.train.x,
-      targets=ds.train.y[None], ids=[0], epochs=epochs,
+      loss=ce_loss, tx=make_optimizer(optimizer, lr, 'config.teacher.optimizer'),
+      variables=engine.init_group(lambda k: teacher.init(k, ds.train.x[:1]),
+                                  seed, [0]),
+      x=ds.train.x, targets=ds.train.y[None], ids=[0], epochs=epochs,
       batch_size=batch_size, seed=seed, strategy='auto', val_x=ds.val.x,
-      val_targets=ds.val.y[None], val_metric=metrics.accuracy, writer=writer)
-  return engine.unstack(params, 1)[0], {'history': history, 'seconds': seconds}
+      val_targets=ds.val.y[None], val_metric=metrics.accuracy, writer=writer,
+      weight_decay=weight_decay)
+  return (engine.unstack(variables, 1)[0],
+          {'history': history, 'seconds': seconds})
 
 
-def cached_features(teacher, params, ds, workdir, batch_size):
+def cached_features(teacher, variables, ds, workdir, batch_size):
   """Teacher features of train/val, computed once and kept in the workdir.
 
   The file records a digest of the teacher's parameters and the images, so
   features of another teacher or data are recomputed, as is a damaged file.
   """
   path = os.path.join(workdir, 'features.npz')
-  digest = checkpoint.digest(params, ds.train.x, ds.val.x)
+  digest = checkpoint.digest(variables, ds.train.x, ds.val.x)
   try:
     with np.load(path) as f:
       if str(f['digest']) == digest:
@@ -356,8 +416,8 @@ def cached_features(teacher, params, ds, workdir, batch_size):
         return {'train': f['train'], 'val': f['val']}
   except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
     pass   # Missing, from another version, or damaged: compute again.
-  feats = {s: features_lib.teacher_features(teacher, params, getattr(ds, s).x,
-                                            batch_size)
+  feats = {s: features_lib.teacher_features(teacher, variables,
+                                            getattr(ds, s).x, batch_size)
            for s in ('train', 'val')}
   checkpoint.atomic_write(path, lambda f: np.savez(f, digest=digest, **feats))
   return feats
@@ -365,8 +425,9 @@ def cached_features(teacher, params, ds, workdir, batch_size):
 
 def train_students(specs, x, features, num_students, *, epochs,
                    batch_size=128, optimizer='adam', learning_rate=1e-3,
-                   out_relu=False, init='normal', seed=0, strategy='auto',
-                   impl='auto', val=None, gan=None, workdir=None, writer=None):
+                   out_relu=False, init='normal', weight_decay=0.0, seed=0,
+                   strategy='auto', impl='auto', val=None, gan=None,
+                   workdir=None, writer=None):
   """Stage 2: n students regress the n contiguous chunks of `features`.
 
   specs: one architecture string for all students, or one per student.
@@ -374,7 +435,7 @@ def train_students(specs, x, features, num_students, *, epochs,
   trains in one compiled program. val: optional (x_val, features_val).
   gan: None for FF students (MSE), or a dict of GAN settings (see
   `gan_settings`) for adversarial students, one discriminator each.
-  Returns (groups with trained params, info) with info = {'val_mse': per
+  Returns (groups with trained variables, info) with info = {'val_mse': per
   student list over epochs (empty without val), 'history': per group,
   'seconds'}.
   """
@@ -402,13 +463,14 @@ def train_students(specs, x, features, num_students, *, epochs,
         val_targets=np.stack([val_chunks[i] for i in group.member_ids]))
     stage_dir = _stage_dir(workdir, 'students', f'group{gi}')
     if gan is None:
-      init_fn = lambda k, model=model: model.init(k, x[:1])['params']
-      group.params, hist, secs = fit(
+      init_fn = lambda k, model=model: model.init(k, x[:1])
+      group.variables, hist, secs = fit(
           stage_dir, model=model, loss=mse_loss, tx=tx,
-          params=engine.init_group(init_fn, seed, group.member_ids), **common)
+          variables=engine.init_group(init_fn, seed, group.member_ids),
+          weight_decay=weight_decay, **common)
     else:
       disc = gan_lib.Discriminator(gan['disc_widths'], group.out_dim,
-                                   gan['disc_first_bias'])
+                                   gan['disc_first_bias'], gan['recon_relu'])
       d_tx = make_optimizer(gan['d_optimizer'], gan['d_learning_rate'],
                             'config.gan.d_optimizer')
       init_fn = lambda k, model=model, disc=disc, d_tx=d_tx: (
@@ -419,9 +481,9 @@ def train_students(specs, x, features, num_students, *, epochs,
               model, disc, tx, d_tx, mse_target=gan['mse_target'],
               adv_weight=gan['adv_weight'], mse_weight=gan['mse_weight'],
               g_steps_per_d_step=gan['g_steps_per_d_step']),
-          predict=lambda s, xb, model=model: model.apply({'params': s['g']},
-                                                         xb), **common)
-      group.params = state['g']
+          predict=lambda s, xb, model=model: model.apply(
+              {'params': s['g'], **s['g_state']}, xb), **common)
+      group.variables = {'params': state['g'], **state['g_state']}
     for i, mid in enumerate(group.member_ids):
       val_mse[mid] = [h['val'][i] for h in hist] if val is not None else []
     histories.append(hist)
@@ -450,9 +512,10 @@ def gan_settings(config, n):
   g = config.gan
   return {'disc_widths': tuple(int(w) for w in
                                str(per_n(config, 'gan.disc', n)).split()),
-          'disc_first_bias': g.disc_first_bias, 'mse_target': g.mse_target,
+          'disc_first_bias': g.disc_first_bias, 'recon_relu': g.recon_relu,
+          'mse_target': g.mse_target,
           'adv_weight': g.adv_weight, 'mse_weight': g.mse_weight,
-          'g_steps_per_d_step': g.g_steps_per_d_step,
+          'g_steps_per_d_step': per_n(config, 'gan.g_steps_per_d_step', n),
           'd_optimizer': g.d_optimizer, 'd_learning_rate': g.d_learning_rate}
 
 
@@ -466,24 +529,27 @@ def finetune_head(tcn, ds, *, epochs, batch_size=128, optimizer='adam',
   'test_acc_after', 'history', 'seconds'} (paper Table 2).
   """
   outputs = assemble.student_outputs_fn(tcn, strategy)
-  group_params = [g.params for g in tcn.groups]
-  feats = {s: engine.batched(lambda xb: outputs(group_params, xb),
+  students = [g.variables for g in tcn.groups]
+  feats = {s: engine.batched(lambda xb: outputs(students, xb),
                              getattr(ds, s).x, eval_batch_size)
            for s in ('train', 'val', 'test')}
-  head = models.Head(tcn.num_classes, tcn.head_dropout)
-  logits = lambda p, f: np.asarray(head.apply({'params': p}, f))
-  before = metrics.accuracy(logits(tcn.head_params, feats['test']), ds.test.y)
+  head = assemble.tcn_head(tcn)
+  logits = lambda v, f: engine.batched(jax.jit(lambda fb: head.apply(v, fb)),
+                                       f, eval_batch_size)
+  test_acc = lambda v: metrics.accuracy(logits(v, feats['test']), ds.test.y)
+  before = test_acc(tcn.head_variables)
   seed = stage_seed(seed, 'head')
-  params, history, seconds = fit(
+  variables, history, seconds = fit(
       _stage_dir(workdir, 'head'), name='head', model=head, loss=ce_loss,
       tx=make_optimizer(optimizer, learning_rate, 'config.head.optimizer'),
-      params=engine.stack([tcn.head_params]), x=feats['train'],
+      variables=engine.stack([tcn.head_variables]), x=feats['train'],
       targets=ds.train.y[None], ids=[0], epochs=epochs,
       batch_size=batch_size, seed=seed, strategy='auto',
       val_x=feats['val'], val_targets=ds.val.y[None],
       val_metric=metrics.accuracy, writer=writer)
-  tcn = dataclasses.replace(tcn, head_params=engine.unstack(params, 1)[0])
-  after = metrics.accuracy(logits(tcn.head_params, feats['test']), ds.test.y)
+  tcn = dataclasses.replace(tcn,
+                            head_variables=engine.unstack(variables, 1)[0])
+  after = test_acc(tcn.head_variables)
   return tcn, {'test_acc_before': before, 'test_acc_after': after,
                'history': history, 'seconds': seconds}
 
@@ -502,25 +568,99 @@ def kd_loss(temperature: float, alpha: float):
 
 def train_kd_student(spec, teacher_logits, ds, *, epochs, temperature=4.0,
                      alpha=0.9, batch_size=128, optimizer='adam',
-                     learning_rate=1e-3, init='glorot_uniform', seed=0,
-                     impl='auto', workdir=None, writer=None):
+                     learning_rate=1e-3, init='glorot_uniform',
+                     weight_decay=0.0, seed=0, impl='auto', workdir=None,
+                     writer=None):
   """Baseline: one classifier student (`spec` + Dense(classes)) trained on
-  the teacher's softened logits plus labels. Returns (model, params, info)."""
+  the teacher's softened logits plus labels.
+
+  Returns (model, variables, info)."""
   model = models.Net(f'{spec} D{ds.num_classes}', init, impl)
   seed = stage_seed(seed, 'kd')
   targets = np.concatenate([teacher_logits, ds.train.y[:, None]], 1)
-  params, history, seconds = fit(
+  variables, history, seconds = fit(
       _stage_dir(workdir, 'kd'), name='kd', model=model,
       loss=kd_loss(temperature, alpha),
       tx=make_optimizer(optimizer, learning_rate, 'config.kd.optimizer'),
-      params=engine.init_group(
-          lambda k: model.init(k, ds.train.x[:1])['params'], seed, [0]),
+      variables=engine.init_group(lambda k: model.init(k, ds.train.x[:1]),
+                                  seed, [0]),
       x=ds.train.x, targets=targets[None].astype(np.float32), ids=[0],
       epochs=epochs, batch_size=batch_size, seed=seed, strategy='auto',
       val_x=ds.val.x, val_targets=ds.val.y[None],
-      val_metric=metrics.accuracy, writer=writer)
-  return model, engine.unstack(params, 1)[0], {'history': history,
-                                               'seconds': seconds}
+      val_metric=metrics.accuracy, writer=writer, weight_decay=weight_decay)
+  return model, engine.unstack(variables, 1)[0], {'history': history,
+                                                  'seconds': seconds}
+
+
+def train_kdgan_student(spec, teacher_logits, teacher_feats, ds, *, epochs,
+                        temperature=4.0, alpha=0.9, adv_weight=1.0,
+                        gumbel_temperature=1.0, disc_widths=(256, 128),
+                        batch_size=128, optimizer='adam', learning_rate=1e-3,
+                        d_optimizer='adam', d_learning_rate=2e-4,
+                        init='glorot_uniform', seed=0, impl='auto',
+                        workdir=None, writer=None):
+  """Baseline: the KD student plus KDGAN's adversarial label game (see
+  `tcn_jax.kdgan` for what is built). Returns (model, variables, info)."""
+  model = models.Net(f'{spec} D{ds.num_classes}', init, impl)
+  disc = kdgan_lib.LabelDiscriminator(tuple(disc_widths))
+  seed = stage_seed(seed, 'kdgan')
+  c_tx = make_optimizer(optimizer, learning_rate, 'config.kd.optimizer')
+  d_tx = make_optimizer(d_optimizer, d_learning_rate,
+                        'config.kdgan.d_optimizer')
+  targets = np.concatenate([teacher_logits, teacher_feats,
+                            ds.train.y[:, None]], 1).astype(np.float32)
+  init_fn = lambda k: kdgan_lib.init_state(
+      model, disc, c_tx, d_tx, k, ds.train.x[:1], teacher_feats.shape[1],
+      ds.num_classes)
+  state, history, seconds = fit_group(
+      _stage_dir(workdir, 'kdgan'), name='kdgan',
+      member_step=kdgan_lib.make_member_step(
+          model, disc, c_tx, d_tx, kd_loss(temperature, alpha),
+          ds.num_classes, adv_weight=adv_weight,
+          gumbel_temperature=gumbel_temperature),
+      state=engine.init_group(init_fn, seed, [0]),
+      predict=lambda s, xb: model.apply({'params': s['c'], **s['c_state']},
+                                        xb),
+      x=ds.train.x, targets=targets[None], ids=[0], epochs=epochs,
+      batch_size=batch_size, seed=seed, strategy='auto', val_x=ds.val.x,
+      val_targets=ds.val.y[None], val_metric=metrics.accuracy, writer=writer)
+  state = engine.unstack(state, 1)[0]
+  return model, {'params': state['c'], **state['c_state']}, {
+      'history': history, 'seconds': seconds}
+
+
+def train_baseline(stage, config, ds, predict_teacher, teacher_feats,
+                   workdir, writer):
+  """The Hinton-KD ('kd') or KDGAN ('kdgan') baseline of Table 3, trained
+  and tested; returns its results.json entry. teacher_feats: the teacher's
+  (raw, not PCA) features of the training images."""
+  n, k = config.num_students, config.kd
+  logits = engine.batched(predict_teacher, ds.train.x, config.eval_batch_size)
+  common = dict(epochs=config[stage].epochs, temperature=k.temperature,
+                alpha=k.alpha, batch_size=k.batch_size, optimizer=k.optimizer,
+                learning_rate=k.learning_rate, seed=config.seed, impl=config.layers_impl, workdir=workdir,
+                writer=writer)
+  if stage == 'kd':
+    model, variables, info = train_kd_student(
+        per_n(config, 'kd.arch', n), logits, ds,
+        weight_decay=k.weight_decay, **common)
+  else:
+    g = config.kdgan
+    model, variables, info = train_kdgan_student(
+        per_n(config, 'kd.arch', n), logits, teacher_feats, ds,
+        adv_weight=g.adv_weight, gumbel_temperature=g.gumbel_temperature,
+        disc_widths=[int(w) for w in str(g.disc).split()],
+        d_optimizer=g.d_optimizer, d_learning_rate=g.d_learning_rate,
+        **common)
+  out = {'test_acc': evaluate(jax.jit(lambda xb: model.apply(variables, xb)),
+                              ds.test.x, ds.test.y, config.eval_batch_size),
+         'params': models.num_params(variables['params']),
+         'temperature': k.temperature, 'alpha': k.alpha,
+         'train_seconds': info['seconds']}
+  if stage == 'kdgan':
+    out.update(adv_weight=config.kdgan.adv_weight,
+               gumbel_temperature=config.kdgan.gumbel_temperature)
+  return out
 
 
 def evaluate(predict, x, y, batch_size: int = 1000) -> float:
@@ -544,28 +684,33 @@ def _pipeline(config, workdir, writer):
   logging.info('data: %s from %s: train %d, val %d, test %d',
                config.data.name, ds.source, len(ds.train), len(ds.val),
                len(ds.test))
-  image_shape = ds.train.x.shape[1:]
-  check_fits('teacher.body', config.teacher.body, image_shape,
-             config.layers_impl)
+  shape, dtype = ds.train.x.shape[1:], ds.train.x.dtype
+  check_fits('teacher.body', config.teacher.body, shape, config.layers_impl,
+             dtype)
+  features_lib.chunk_sizes(models.output_shape(
+      config.teacher.body, shape, config.layers_impl, dtype)[0], n)
   for spec in dict.fromkeys(student_specs(config)):
-    check_fits('students.arch', spec + ' D1', image_shape, config.layers_impl)
+    check_fits('students.arch', spec + ' D1', shape, config.layers_impl,
+               dtype)
 
   t, c = time.time(), config.teacher
   teacher = models.Teacher(c.body, ds.num_classes, c.head_dropout,
-                           config.layers_impl)
-  teacher_params, teacher_info = train_teacher(
+                           config.layers_impl, c.head_bn)
+  teacher_vars, teacher_info = train_teacher(
       teacher, ds, epochs=c.epochs, batch_size=c.batch_size,
-      optimizer=c.optimizer, learning_rate=c.learning_rate, seed=config.seed,
-      workdir=workdir, writer=writer)
+      optimizer=c.optimizer, learning_rate=c.learning_rate,
+      weight_decay=c.weight_decay, lr_step_epochs=c.lr_step_epochs,
+      lr_step_factor=c.lr_step_factor, seed=config.seed, workdir=workdir,
+      writer=writer)
   wall['teacher'] = time.time() - t
-  teacher_acc = evaluate(
-      jax.jit(lambda xb: teacher.apply({'params': teacher_params}, xb)),
-      ds.test.x, ds.test.y, config.eval_batch_size)
+  predict_teacher = jax.jit(lambda xb: teacher.apply(teacher_vars, xb))
+  teacher_acc = evaluate(predict_teacher, ds.test.x, ds.test.y,
+                         config.eval_batch_size)
   logging.info('teacher test accuracy %.4f', teacher_acc)
 
   t = time.time()
-  feats = cached_features(teacher, teacher_params, ds, workdir,
-                          config.eval_batch_size)
+  feats = raw_feats = cached_features(teacher, teacher_vars, ds, workdir,
+                                      config.eval_batch_size)
   wall['features'] = time.time() - t
 
   basis = None
@@ -581,16 +726,18 @@ def _pipeline(config, workdir, writer):
       student_specs(config), ds.train.x, feats['train'], n,
       epochs=per_n(config, 'students.epochs', n), batch_size=c.batch_size,
       optimizer=c.optimizer, learning_rate=c.learning_rate,
-      out_relu=c.out_relu, init=c.init, seed=config.seed,
-      strategy=c.strategy, impl=config.layers_impl,
+      out_relu=c.out_relu, init=c.init, weight_decay=c.weight_decay,
+      seed=config.seed, strategy=c.strategy, impl=config.layers_impl,
       val=(ds.val.x, feats['val']), gan=gan_settings(config, n),
       workdir=workdir, writer=writer)
   wall['students'] = time.time() - t
 
   t, c = time.time(), config.head
+  head_bn = config.teacher.head_bn and c.keep_teacher_bn
   tcn = assemble.TCN(groups, ds.num_classes,
                      float(per_n(config, 'head.dropout', n)),
-                     teacher_params['head'], config.layers_impl, basis)
+                     assemble.teacher_head(teacher_vars, head_bn),
+                     config.layers_impl, basis, head_bn)
   tcn, head_info = finetune_head(
       tcn, ds, epochs=per_n(config, 'head.epochs', n),
       batch_size=c.batch_size,
@@ -602,34 +749,25 @@ def _pipeline(config, workdir, writer):
   logging.info('TCN test accuracy: %.4f before, %.4f after fine-tuning',
                head_info['test_acc_before'], head_info['test_acc_after'])
 
-  kd = None
-  if config.kd.enabled:
-    t, c = time.time(), config.kd
-    predict_teacher = jax.jit(
-        lambda xb: teacher.apply({'params': teacher_params}, xb))
-    kd_model, kd_params, kd_info = train_kd_student(
-        per_n(config, 'kd.arch', n),
-        engine.batched(predict_teacher, ds.train.x, config.eval_batch_size),
-        ds, epochs=c.epochs, temperature=c.temperature, alpha=c.alpha,
-        batch_size=c.batch_size, optimizer=c.optimizer,
-        learning_rate=c.learning_rate, seed=config.seed,
-        impl=config.layers_impl, workdir=workdir, writer=writer)
-    wall['kd'] = time.time() - t
-    kd = {'test_acc': evaluate(
-              jax.jit(lambda xb: kd_model.apply({'params': kd_params}, xb)),
-              ds.test.x, ds.test.y, config.eval_batch_size),
-          'params': models.num_params(kd_params),
-          'temperature': c.temperature, 'alpha': c.alpha,
-          'train_seconds': kd_info['seconds']}
-    logging.info('KD student test accuracy %.4f', kd['test_acc'])
+  baselines = {}
+  for stage in ('kd', 'kdgan'):
+    if config[stage].enabled:
+      t = time.time()
+      baselines[stage] = train_baseline(stage, config, ds, predict_teacher,
+                                        raw_feats['train'], workdir, writer)
+      wall[stage] = time.time() - t
+      logging.info('%s student test accuracy %.4f', stage,
+                   baselines[stage]['test_acc'])
 
   assemble.save_tcn(os.path.join(workdir, 'tcn'), tcn)
-  student_params = [models.num_params(g.params) // len(g.member_ids)
+  student_params = [models.num_params(g.variables['params'])
+                    // len(g.member_ids)
                     for g in tcn.groups for _ in g.member_ids]
   results = {
       'dataset': config.data.name, 'data_source': ds.source,
       'num_students': n, 'method': config.method, 'seed': config.seed,
-      'gan': gan_settings(config, n), 'kd': kd,
+      'gan': gan_settings(config, n), 'kd': baselines.get('kd'),
+      'kdgan': baselines.get('kdgan'),
       'chunking': config.chunking + (f' ({config.pca_assignment})'
                                      if basis is not None else ''),
       'backend': jax.default_backend(),
@@ -638,14 +776,14 @@ def _pipeline(config, workdir, writer):
                           for h in students_info['val_mse']],
       'tcn_test_acc_before_finetune': head_info['test_acc_before'],
       'tcn_test_acc_after_finetune': head_info['test_acc_after'],
-      'params': {'teacher': models.num_params(teacher_params),
+      'params': {'teacher': models.num_params(teacher_vars['params']),
                  'students_each': student_params,
                  'students_total': int(sum(student_params)),
-                 'head': models.num_params(tcn.head_params)},
+                 'head': models.num_params(tcn.head_variables['params'])},
       # Bitwise fingerprints: equal digests mean equal parameters.
-      'digests': {'teacher': checkpoint.digest(teacher_params),
-                  'tcn': checkpoint.digest([g.params for g in tcn.groups],
-                                           tcn.head_params)},
+      'digests': {'teacher': checkpoint.digest(teacher_vars),
+                  'tcn': checkpoint.digest([g.variables for g in tcn.groups],
+                                           tcn.head_variables)},
       'wall_seconds_this_run': wall,
       'train_seconds': {'teacher': teacher_info['seconds'],
                         'students': students_info['seconds'],

@@ -73,10 +73,9 @@ def test_heterogeneous_students_group_and_keep_chunk_order():
   assert [(g.member_ids, g.out_dim) for g in groups] == [([0], 3), ([1], 2),
                                                            ([2], 2)]
   tcn = assemble.TCN(groups, 10, 0.5)
-  got = assemble.student_outputs_fn(tcn)([g.params for g in groups], x)
+  got = assemble.student_outputs_fn(tcn)([g.variables for g in groups], x)
   want = np.concatenate([
-      g.model().apply({'params': jax.tree_util.tree_map(lambda a: a[0],
-                                                        g.params)}, x)
+      g.model().apply(jax.tree_util.tree_map(lambda a: a[0], g.variables), x)
       for g in groups], axis=-1)
   np.testing.assert_allclose(got, want, atol=1e-6)
   config.students.arch = 'C4 MP F | C8 MP F'

@@ -64,8 +64,8 @@ def test_bad_num_students_raise(n):
 def teacher_and_params():
   teacher = models.Teacher(BODY, 10)
   x = np.zeros((1, 28, 28, 1), np.float32)
-  params = jax.jit(teacher.init)(jax.random.key(0), x)['params']
-  return teacher, params
+  variables = jax.jit(teacher.init)(jax.random.key(0), x)
+  return teacher, variables
 
 
 def _images(n, seed=1):
@@ -73,10 +73,11 @@ def _images(n, seed=1):
       np.float32)
 
 
-def _trunk_direct(params, x):
+def _trunk_direct(variables, x):
   """The trunk applied on its own, with the teacher's trunk parameters."""
   trunk = models.Net(BODY, 'glorot_uniform')
-  return np.asarray(jax.jit(trunk.apply)({'params': params['trunk']}, x))
+  return np.asarray(jax.jit(trunk.apply)(
+      models.submodule_variables(variables, 'trunk'), x))
 
 
 @pytest.mark.parametrize('n,batch_size', [(37, 16), (32, 16), (5, 16)])

@@ -4,6 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from conftest import needs_fmnist
+from tcn_jax import engine
+from tcn_jax import kdgan
 from tcn_jax import train
 
 
@@ -27,9 +29,64 @@ def test_kd_baseline_in_pipeline(tmp_path):
   import fashion_mnist  # pylint: disable=g-import-not-at-top
   config = fashion_mnist.get_config('smoke')
   config.num_students = 2
-  config.kd.enabled = True
+  config.kd.enabled = config.kdgan.enabled = True
   results = train.run(config, str(tmp_path))
+  assert results['kdgan']['test_acc'] > 0.5
+  assert results['kdgan']['params'] == results['kd']['params']
   kd = results['kd']
   assert kd['params'] == 45_625      # ~ the two students' 45,600 in all
   assert kd['test_acc'] > 0.5        # chance is 0.1
   assert (kd['temperature'], kd['alpha']) == (4.0, 0.9)
+
+
+def test_gumbel_straight_through_is_one_hot_with_gradient():
+  logits = jnp.asarray([[0.5, 1.0, -1.0], [2.0, 0.0, 0.0]])
+  sample = kdgan.gumbel_softmax_st(jax.random.key(0), logits, 1.0)
+  np.testing.assert_array_equal(np.sort(np.asarray(sample), 1),
+                                [[0, 0, 1], [0, 0, 1]])
+  grad = jax.grad(lambda l: (kdgan.gumbel_softmax_st(
+      jax.random.key(0), l, 1.0) * jnp.arange(3.0)).sum())(logits)
+  assert np.abs(grad).max() > 1e-3
+
+
+def _kdgan_vs_kd(adv_weight, steps=3):
+  """Classifier params after KDGAN steps and after plain KD steps."""
+  from tcn_jax import models  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.random((16, 8, 8, 1)), jnp.float32)
+  t_logits = jnp.asarray(rng.standard_normal((16, 4)), jnp.float32)
+  feats = jnp.asarray(rng.standard_normal((16, 6)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 4, 16), jnp.float32)
+  net = models.Net('C4 MP F Do.2 D4', 'glorot_uniform', 'im2col')
+  disc = kdgan.LabelDiscriminator((8,))
+  tx, d_tx = train.make_optimizer('adam', 1e-2, ''), train.make_optimizer(
+      'adam', 1e-2, '')
+  loss = train.kd_loss(4.0, 0.9)
+  state = kdgan.init_state(net, disc, tx, d_tx, jax.random.key(1), x[:1], 6,
+                           4)
+  step = jax.jit(kdgan.make_member_step(net, disc, tx, d_tx, loss, 4,
+                                        adv_weight=adv_weight))
+  kd_step = jax.jit(engine.gradient_step(
+      lambda p, xb, tb, key: loss(net.apply(
+          {'params': p}, xb, train=True, rngs={'dropout': jax.random.split(
+              key)[0]}), tb), tx))
+  kd_state = {'params': state['c'], 'opt_state': state['c_opt']}
+  target = jnp.concatenate([t_logits, feats, labels[:, None]], 1)
+  for i in range(steps):
+    key = jax.random.key(10 + i)
+    state, metrics = step(state, x, target, key)
+    kd_state, _ = kd_step(kd_state, x, jnp.concatenate(
+        [t_logits, labels[:, None]], 1), key)
+  return state, kd_state, metrics
+
+
+def test_kdgan_without_adversary_is_kd_and_with_it_differs():
+  state, kd_state, metrics = _kdgan_vs_kd(0.0)
+  for a, b in zip(jax.tree_util.tree_leaves(state['c']),
+                  jax.tree_util.tree_leaves(kd_state['params'])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert np.isfinite(float(metrics['d_loss']))
+  state, kd_state, _ = _kdgan_vs_kd(1.0)
+  assert any(not np.allclose(a, b) for a, b in zip(
+      jax.tree_util.tree_leaves(state['c']),
+      jax.tree_util.tree_leaves(kd_state['params'])))

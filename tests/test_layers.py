@@ -174,9 +174,11 @@ def test_parse_rejects_unknown_token():
 
 def test_parse_tokens():
   """Each notation maps to the layer it describes."""
-  got = models.parse('C5-32s2same MPsame Do.25 F D16r D8 BN R Emb100-4')
+  got = models.parse('C5-32s2same MPsame Do.25 F D16r D8 BN R Emb100-4 '
+                     'C8samelin ELU RB16s2 BB4 GAP')
   assert got == [
-      dict(kind='conv', features=32, kernel=5, stride=2, padding='SAME'),
+      dict(kind='conv', features=32, kernel=5, stride=2, padding='SAME',
+           relu=True),
       dict(kind='pool', padding='SAME'),
       dict(kind='dropout', rate=0.25),
       dict(kind='flatten'),
@@ -185,7 +187,31 @@ def test_parse_tokens():
       dict(kind='bn'),
       dict(kind='relu'),
       dict(kind='embed', vocab=100, features=4),
+      dict(kind='conv', features=8, kernel=3, stride=1, padding='SAME',
+           relu=False),
+      dict(kind='elu'),
+      dict(kind='basic', features=16, stride=2),
+      dict(kind='bottleneck', features=4, stride=1),
+      dict(kind='gap'),
   ]
+
+
+def test_residual_blocks_shapes_and_batch_stats():
+  """Blocks keep or halve the spatial size, project the shortcut when the
+  shape changes, and carry BatchNorm statistics that train mode updates."""
+  net = models.Net('C8same RB8 RB16s2 BB4s2 GAP')
+  x = _normal(3, (2, 16, 16, 3))
+  out, variables = net.init_with_output(jax.random.key(0), x)
+  assert out.shape == (2, 16)           # Bottleneck output: 4 x 4 filters.
+  assert set(variables) == {'params', 'batch_stats'}
+  _, updated = net.apply(variables, x, train=True, mutable=['batch_stats'])
+  changed = jax.tree_util.tree_map(
+      lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+      variables['batch_stats'], updated['batch_stats'])
+  assert all(jax.tree_util.tree_leaves(changed))
+  # Inference mode does not depend on the batch: one example alone agrees.
+  np.testing.assert_allclose(net.apply(variables, x[:1]),
+                             net.apply(variables, x)[:1], atol=1e-5)
 
 
 def test_fmnist_student_param_count_and_shape():

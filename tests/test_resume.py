@@ -152,7 +152,8 @@ def test_stopped_run_ends_bitwise_equal_to_uninterrupted(runs):
     for a, b in zip(*leaves):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   _, tcn = assemble.load_tcn(os.path.join(workdir, 'tcn'))
-  assert checkpoint.digest([g.params for g in tcn.groups], tcn.head_params) == (
+  assert checkpoint.digest([g.variables for g in tcn.groups],
+                           tcn.head_variables) == (
       _results(workdir)['digests']['tcn'])
 
 

@@ -1,0 +1,66 @@
+"""ImageNet (ILSVRC2012), paper Table 7: ResNet-50 teacher, one ResNet-18
+student (n=1) or two ResNet-9 students (n=2).
+
+The feature is the ResNet-50's 2048-d pooled output (there is no 256-d dense
+layer in a ResNet); students regress 2048/n-wide chunks. Images are resized
+(shorter side) and centre-cropped to data.image_size. The data pipeline holds
+whole splits in memory, so full ImageNet does not fit: use data.train_size
+subsets, or feed your own arrays through the functional API. TFDS needs the
+manual download (see the error message). Presets: ':smoke', ':gan'.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import fashion_mnist  # pylint: disable=g-import-not-at-top
+
+_STEM = 'C7-64s2samelin BN R MPsame'
+
+
+def resnet(blocks, widths, kind):
+  """A ResNet body: stem, `blocks[i]` blocks of `widths[i]` filters (the
+  first of each stage after the first with stride 2), global average pool."""
+  out = [_STEM]
+  for stage, (count, width) in enumerate(zip(blocks, widths)):
+    for b in range(count):
+      out.append(f'{kind}{width}' + ('s2' if stage and not b else ''))
+  return ' '.join(out + ['GAP'])
+
+
+WIDTHS = (64, 128, 256, 512)
+RESNET50 = resnet((3, 4, 6, 3), WIDTHS, 'BB')
+RESNET18 = resnet((2, 2, 2, 2), WIDTHS, 'RB')
+RESNET9 = resnet((1, 1, 1, 1), WIDTHS, 'RB')   # ResNet-18, one block/stage.
+
+
+def get_config(preset: str = ''):
+  c = fashion_mnist.get_config()
+  c.num_students = 2
+  c.data.name = 'imagenet'
+  c.data.image_size, c.data.val_fraction = 224, 0.01
+  t = c.teacher
+  t.body, t.head_dropout = RESNET50, 0.0
+  t.optimizer, t.learning_rate, t.weight_decay = 'sgd', 0.1, 1e-4
+  t.batch_size, t.epochs, t.lr_step_epochs, t.lr_step_factor = 256, 90, 30, .1
+  s = c.students
+  s.arch_by_n = {'1': RESNET18, '2': RESNET9}
+  s.init, s.batch_size, s.epochs, s.weight_decay = 'he_uniform', 256, 30, 1e-4
+  h = c.head
+  h.dropout_by_n = {'1': 0.0, '2': 0.0}
+  h.optimizer_by_n = {'1': 'adam', '2': 'adam'}
+  h.epochs_by_n = {'1': 5, '2': 5}
+  c.gan.disc_by_n = {'1': '512 512 1024', '2': '512 512 1024'}
+  c.kd.arch_by_n = {'1': RESNET18, '2': RESNET18}
+  c.eval_batch_size = 250
+  # 'smoke' last: it shrinks whatever the other presets chose.
+  for p in sorted(filter(None, preset.split(',')), key='smoke'.__eq__):
+    fashion_mnist.apply_preset(c, p)
+    if p == 'smoke':   # Small images, a narrow ResNet: a pipeline check.
+      c.data.image_size = 32
+      t.body = resnet((1, 1), (8, 16), 'BB')
+      s.arch_by_n = {'1': resnet((1, 1), (8, 8), 'RB'),
+                     '2': resnet((1,), (8,), 'RB')}
+      c.kd.arch_by_n = dict(s.arch_by_n)
+      c.gan.disc_by_n = {k: '16 16 32' for k in ('1', '2')}
+      t.batch_size = s.batch_size = h.batch_size = c.kd.batch_size = 50
+  return c
