@@ -13,6 +13,14 @@ STUDENTS_MNIST = {
     '8': 'C16 C16 MP C16 C16 MP Do.25 F D12r Do.3',
 }
 
+# MNIST GAN generators per n (reference Sec. 3; they differ from FF).
+GAN_STUDENTS_MNIST = {
+    '1': 'C64 C64 MP C16 C16 MP Do.25 F D32r Do.3',
+    '2': 'C5-32 C5-32 MP C16 C16 MP Do.25 F D32r Do.3',
+    '4': 'C16 C16 MP C16 C16 MP Do.25 F D32r Do.3',
+    '8': 'C16 C16 MP C16 C16 MP F D8r Do.2',
+}
+
 
 def get_config(preset: str = ''):
   c = fashion_mnist.get_config()
@@ -34,7 +42,10 @@ def get_config(preset: str = ''):
   # 'smoke' last: it shrinks whatever the other presets chose.
   for p in sorted(filter(None, preset.split(',')), key='smoke'.__eq__):
     fashion_mnist.apply_preset(c, p)
-    if p == 'gan':   # The authors' MNIST GAN schedules.
+    if p == 'gan':   # The authors' MNIST GAN students and schedules.
+      c.students.arch_by_n = GAN_STUDENTS_MNIST
+      c.gan.g_steps_per_d_step = -1
+      c.gan.g_steps_per_d_step_by_n = {'1': 1, '2': 2, '4': 1, '8': 1}
       c.students.epochs = 40
       c.head.epochs_by_n = {'1': 20, '2': 20, '4': 70, '8': 100}
   return c

@@ -68,12 +68,15 @@ PAPER_PARAMS = {
     ('cifar10', 'teacher'): 14_866_506,
     ('cifar10', '1'): 1_358_816, ('cifar10', '2'): 321_968,
     ('cifar10', '4'): 320_880, ('cifar10', '8'): 320_336,
+    ('mnist:gan', '1'): 65_792, ('mnist:gan', '2'): 42_272,
+    ('mnist:gan', '4'): 17_456, ('mnist:gan', '8'): 9_464,
     ('imdb', '1'): 178_192, ('imdb', '2'): 100_240, ('imdb', '4'): 41_744,
     ('imdb', '8'): 21_312,
     # keras.applications.ResNet50's total (conv biases and BN statistics).
     ('imagenet', 'teacher'): 25_636_712,
 }
-INPUTS = {'cifar10': ((32, 32, 3), np.float32, 256),
+INPUTS = {'mnist': ((28, 28, 1), np.float32, 256),
+          'cifar10': ((32, 32, 3), np.float32, 256),
           'imdb': ((500,), np.int32, 256),
           'imagenet': ((224, 224, 3), np.float32, 2048)}
 
@@ -88,7 +91,8 @@ def _count(module, shape, dtype):
 @pytest.mark.parametrize('key', sorted(PAPER_PARAMS))
 def test_paper_architectures(key):
   name, which = key
-  config = importlib.import_module(name).get_config()
+  name, _, preset = name.partition(':')
+  config = importlib.import_module(name).get_config(preset)
   shape, dtype, width = INPUTS[name]
   if which == 'teacher':
     classes = 1000 if name == 'imagenet' else 10
