@@ -121,3 +121,23 @@ def test_pca_basis_round_trip_and_balance():
   assert np.ptp(shares['balanced']) < 0.2 * np.ptp(shares['ordered'])
   with pytest.raises(TCNError, match='pca_assignment'):
     F.pca_order(pca['variance'], 4, 'random')
+
+
+def test_teacher_head_with_and_without_batchnorm():
+  """The kept head (BatchNorm and its statistics included) maps the teacher's
+  features to the teacher's logits; the dropped-BN head has only 'out'."""
+  from tcn_jax import assemble  # pylint: disable=g-import-not-at-top
+  teacher = models.Teacher('C4same BN MPsame F D16', 10, head_bn=True)
+  x = _images(12)
+  variables = teacher.init(jax.random.key(0), x)
+  # One train-mode pass so the moving statistics are not the initial ones.
+  _, upd = teacher.apply(variables, x, train=True, mutable=['batch_stats'],
+                         rngs={'dropout': jax.random.key(1)})
+  variables = dict(variables, **upd)
+  feats = features.teacher_features(teacher, variables, x)
+  kept = assemble.teacher_head(variables, keep_bn=True)
+  np.testing.assert_allclose(
+      models.Head(10, bn=True).apply(kept, feats),
+      teacher.apply(variables, x), rtol=1e-5, atol=1e-5)
+  dropped = assemble.teacher_head(variables)
+  assert set(dropped) == {'params'} and set(dropped['params']) == {'out'}
