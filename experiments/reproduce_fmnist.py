@@ -1,0 +1,382 @@
+"""Launches the paper's Table 3 grid (and the chunking study) on Fashion-MNIST.
+
+  python experiments/reproduce_fmnist.py [--root runs/fmnist_grid] [--seeds 0 1]
+      [--only 'ff*,kd4'] [--dry-run] [--smoke] [--device-extra-flags '...']
+
+Per seed, one workdir per run under ROOT/seed<S>/<run>, each an ordinary
+`python -m tcn_jax.main` run (config.seed = S):
+
+  ff<n>                         TCN, FF students, n = 1, 2, 4, 8 (ff4 first:
+                                it trains the seed's teacher)
+  kd<n>, kdgan<n>               Hinton KD / KDGAN baseline sized for n
+                                (--config.kd.enabled / --config.kdgan.enabled)
+  gan<n>_student_output         TCN, GAN students, the paper's loss
+  gan<n>_disc_reconstruction    TCN, GAN students, the authors' code's loss
+  pca_ordered<n>, pca_balanced<n>  chunking study, n = 4, 8, FF
+                                (contiguous chunks = ff<n>)
+
+The teacher is trained once per seed: before a run starts, the seed's
+finished teacher (`teacher/` + `features.npz` of any run of that seed that
+has them) is copied into its workdir, so the pipeline skips that stage.
+kd<n> / kdgan<n> also copy ff<n>'s finished students and head (same config
+for those stages), so they only train the baseline. Everything is resumable:
+a run whose workdir has results.json is skipped, an interrupted one resumes
+from its last epoch when the same command runs again.
+
+Writes a report of the grid (commands, status, seconds) to OUT.md / OUT.json
+(--out, default experiments/results/reproduce_fmnist) and ROOT/grid.json.
+Exit code 0 when every selected run has finished, 1 if one failed, 130/143
+when stopped by SIGINT/SIGTERM (rerun to resume).
+"""
+import argparse
+import dataclasses
+import fnmatch
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = 'configs/fashion_mnist.py'
+NS = (1, 2, 4, 8)
+GAN_TARGETS = ('student_output', 'disc_reconstruction')
+SMOKE_CELLS = 'ff2,kd2'
+
+
+@dataclasses.dataclass
+class Run:
+  seed: int
+  name: str
+  preset: str                    # '' or 'gan' (before ':smoke').
+  overrides: list
+  reuse_students_from: str = ''  # A finished run with the same students/head.
+  status: str = 'planned'
+  seconds: float = 0.0
+  rc: int = None
+
+  def workdir(self, root):
+    return os.path.join(root, f'seed{self.seed}', self.name)
+
+
+def grid(seeds, gan_targets_all_n=True):
+  """The runs, in launch order, for each seed."""
+  runs = []
+  for s in seeds:
+    seed = [f'--config.seed={s}']
+    for n in (4, 1, 2, 8):   # ff4 first: it trains the seed's teacher.
+      runs.append(Run(s, f'ff{n}', '', [f'--config.num_students={n}', *seed]))
+    for n in NS:
+      for stage in ('kd', 'kdgan'):
+        runs.append(Run(s, f'{stage}{n}', '', [
+            f'--config.num_students={n}', f'--config.{stage}.enabled=True',
+            *seed], reuse_students_from=f'ff{n}'))
+    for n in NS:
+      for target in GAN_TARGETS:
+        if target == 'student_output' or gan_targets_all_n or n == 4:
+          runs.append(Run(s, f'gan{n}_{target}', 'gan', [
+              f'--config.num_students={n}',
+              f'--config.gan.mse_target={target}', *seed]))
+    for n in (4, 8):
+      for assignment in ('ordered', 'balanced'):
+        runs.append(Run(s, f'pca_{assignment}{n}', '', [
+            f'--config.num_students={n}', '--config.chunking=pca',
+            f'--config.pca_assignment={assignment}', *seed]))
+  return runs
+
+
+def config_arg(run, smoke):
+  presets = [p for p in (run.preset, 'smoke' if smoke else '') if p]
+  return CONFIG + (':' + ','.join(presets) if presets else '')
+
+
+def command(run, root, smoke, extra):
+  return [sys.executable, '-m', 'tcn_jax.main', '--config', config_arg(run, smoke), '--workdir',
+          run.workdir(root), *run.overrides, *extra]
+
+
+def _show(path):
+  """A path as the user should type it from the repository root."""
+  rel = os.path.relpath(path, REPO)
+  return path if rel.startswith('..') else rel
+
+
+def shell_line(run, root, smoke, extra, teacher_run='ff4'):
+  """The run as shell commands (the copies it needs, then the pipeline);
+  teacher_run: the run of this seed that trains the teacher."""
+  w = _show(run.workdir(root))
+  teacher_src = _show(os.path.join(root, f'seed{run.seed}', teacher_run))
+  parts = []
+  if run.name != teacher_run:
+    parts.append(f'[ -e {w}/features.npz ] || {{ mkdir -p {w} && cp -r '
+                 f'{teacher_src}/teacher {teacher_src}/features.npz {w}/; }}')
+  if run.reuse_students_from:
+    src = _show(os.path.join(root, f'seed{run.seed}',
+                             run.reuse_students_from))
+    parts.append(f'{{ [ -e {w}/students ] || cp -r {src}/students '
+                 f'{src}/head {w}/; }}')
+  cmd = command(run, root, smoke, extra)
+  cmd[0] = 'python'
+  cmd[cmd.index('--workdir') + 1] = w
+  parts.append(shlex.join(cmd))
+  return ' && '.join(parts)
+
+
+def _copy_atomic(src, dst):
+  """Copies a file or directory to dst via a temporary name (kill-safe)."""
+  tmp = dst + '.copying'
+  if os.path.isdir(tmp):
+    shutil.rmtree(tmp)
+  elif os.path.exists(tmp):
+    os.remove(tmp)
+  if os.path.isdir(src):
+    shutil.copytree(src, tmp)
+  else:
+    shutil.copy2(src, tmp)
+  os.replace(tmp, dst)
+
+
+def finished_teacher(root, run, runs):
+  """A workdir of run's seed holding a finished teacher (features.npz is
+  written only after the teacher stage), in grid order; None if none."""
+  seed_dir = os.path.join(root, f'seed{run.seed}')
+  names = [r.name for r in runs if r.seed == run.seed]
+  if os.path.isdir(seed_dir):
+    names += sorted(set(os.listdir(seed_dir)) - set(names))
+  for name in names:
+    d = os.path.join(seed_dir, name)
+    if (name != run.name and os.path.isfile(os.path.join(d, 'features.npz'))
+        and os.path.isdir(os.path.join(d, 'teacher'))):
+      return d
+  return None
+
+
+def prepare(run, root, runs, log):
+  """Copies the seed's teacher (and ff<n>'s students) into run's workdir."""
+  w = run.workdir(root)
+  os.makedirs(w, exist_ok=True)
+  if not os.path.exists(os.path.join(w, 'teacher')):
+    src = finished_teacher(root, run, runs)
+    if src:
+      _copy_atomic(os.path.join(src, 'features.npz'),
+                   os.path.join(w, 'features.npz'))
+      _copy_atomic(os.path.join(src, 'teacher'), os.path.join(w, 'teacher'))
+      log(f'  teacher and features copied from {_show(src)}')
+    else:
+      log('  no finished teacher for this seed yet: this run trains it')
+  if run.reuse_students_from and not os.path.exists(
+      os.path.join(w, 'students')):
+    src = os.path.join(root, f'seed{run.seed}', run.reuse_students_from)
+    if os.path.isfile(os.path.join(src, 'results.json')):
+      for stage in ('students', 'head'):
+        _copy_atomic(os.path.join(src, stage), os.path.join(w, stage))
+      log(f'  students and head copied from {_show(src)}')
+    else:
+      log(f'  {_show(src)} has not finished: this run trains its own '
+          'students')
+
+
+RUNNING = []   # The pipeline process in flight (for SIGTERM forwarding).
+
+
+def launch(run, root, smoke, extra, log):
+  """Runs the pipeline; its output goes to <workdir>/log.txt."""
+  w = run.workdir(root)
+  cmd = command(run, root, smoke, extra)
+  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  t0 = time.time()
+  with open(os.path.join(w, 'log.txt'), 'a') as out:
+    out.write(f'\n$ {shlex.join(cmd)}\n')
+    out.flush()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    RUNNING[:] = [proc]
+    try:
+      for line in proc.stdout:
+        out.write(line)
+        if ('accuracy' in line or line.startswith('error')
+            or 'Traceback' in line):
+          log('  ' + line.rstrip()[-160:])
+      rc = proc.wait()
+    except KeyboardInterrupt:   # The child got the SIGINT too: let it save.
+      rc = proc.wait()
+    RUNNING.clear()
+  run.seconds, run.rc = time.time() - t0, rc
+  return rc
+
+
+def teacher_runs(runs):
+  """{seed: name of the first selected run}: the one that trains it."""
+  first = {}
+  for r in runs:
+    first.setdefault(r.seed, r.name)
+  return first
+
+
+def write_report(path, cmdline, args, runs, root, smoke, extra, elapsed):
+  rows, first = [], teacher_runs(runs)
+  for r in runs:
+    rows.append(dict(seed=r.seed, name=r.name, status=r.status,
+                     rc=r.rc, seconds=round(r.seconds, 1),
+                     workdir=_show(r.workdir(root)),
+                     command=shell_line(r, root, smoke, extra,
+                                        first[r.seed])))
+  summary = {s: sum(r.status == s for r in runs)
+             for s in dict.fromkeys(r.status for r in runs)}
+  data = dict(command=cmdline, root=_show(root), seeds=args.seeds,
+              smoke=smoke, dry_run=args.dry_run, extra_flags=extra,
+              elapsed_seconds=round(elapsed, 1), summary=summary, runs=rows)
+  lines = [
+      '# Fashion-MNIST Table 3 grid' + (' (smoke)' if smoke else ''), '',
+      f'Command: `{cmdline}`', '',
+      f'Root `{_show(root)}`, seeds {", ".join(map(str, args.seeds))}; '
+      + ', '.join(f'{v} {k}' for k, v in summary.items())
+      + f'; {elapsed:.0f} s in this invocation.'
+      + (' Dry run: nothing was launched; the commands below are what a '
+         'real run executes, in order (the copies give every run of a seed '
+         'the teacher trained by its ff4, and kd/kdgan runs the students '
+         'of ff<n>).' if args.dry_run else ''), '',
+      'Tables from these runs: `python experiments/tables.py '
+      f'{_show(root)} --out experiments/results/tables_<name>`.', '',
+      '| seed | run | workdir | status | seconds |', '|---|---|---|---|---|']
+  for row in rows:
+    rc = '' if row['rc'] in (None, 0) else f' (rc {row["rc"]})'
+    lines.append(f'| {row["seed"]} | {row["name"]} | `{row["workdir"]}` | '
+                 f'{row["status"]}{rc} | {row["seconds"]:.0f} |')
+  lines += ['', 'Shell equivalent, in launch order (the launcher also copies '
+            'a finished teacher from any run of the seed, and trains one '
+            'where none has finished yet):', '', '```bash',
+            *[row['command'] for row in rows], '```']
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + '.md', 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  with open(path + '.json', 'w') as f:
+    json.dump(data, f, indent=1)
+  if not args.dry_run:
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, 'grid.json'), 'w') as f:
+      json.dump(data, f, indent=1)
+
+
+def select(runs, only):
+  if not only:
+    return runs
+  pats = [p.strip() for p in only.split(',') if p.strip()]
+  return [r for r in runs if any(fnmatch.fnmatchcase(r.name, p) or
+                                 fnmatch.fnmatchcase(f'seed{r.seed}/{r.name}',
+                                                     p) for p in pats)]
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(
+      description=__doc__.split('\n\n')[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog=__doc__.split('\n\n', 2)[2])
+  ap.add_argument('--root', default=None,
+                  help='directory of the workdirs, ROOT/seed<S>/<run> '
+                       '(default runs/fmnist_grid; with --smoke '
+                       'runs/fmnist_grid_smoke)')
+  ap.add_argument('--seeds', type=int, nargs='+', default=None,
+                  help='config.seed values (default 0 1; with --smoke: 0)')
+  ap.add_argument('--only', default='',
+                  help="comma-separated names or globs, e.g. 'ff*,kd4' or "
+                       "'seed1/gan4_*' (default: the whole grid)")
+  ap.add_argument('--dry-run', action='store_true',
+                  help='print the commands, launch nothing')
+  ap.add_argument('--smoke', action='store_true',
+                  help="append ':smoke' to every config (small subset, short "
+                       f'schedules) and run only {SMOKE_CELLS} unless --only '
+                       'is given')
+  ap.add_argument('--gan-both-targets-only-n4', action='store_true',
+                  help='run the disc_reconstruction GAN loss for n=4 only '
+                       '(default: for every n)')
+  ap.add_argument('--device-extra-flags', default='',
+                  help="extra flags for every run, one quoted string, e.g. "
+                       "'--config.data.dir=/usr/share/datasets/fashion-mnist "
+                       "--config.students.strategy=vmap'")
+  ap.add_argument('--out', default=None,
+                  help='report path without extension (.md, .json); default '
+                       'experiments/results/reproduce_fmnist[_smoke]')
+  argv = list(sys.argv[1:] if argv is None else argv)
+  for i, tok in enumerate(argv[:-1]):   # Its value starts with '--'.
+    if tok == '--device-extra-flags':
+      argv[i:i + 2] = [f'{tok}={argv[i + 1]}']
+      break
+  args = ap.parse_args(argv)
+  cmdline = 'python experiments/reproduce_fmnist.py' + (
+      ' ' + shlex.join(argv) if argv else '')
+  if args.seeds is None:
+    args.seeds = [0] if args.smoke else [0, 1]
+  only = args.only or (SMOKE_CELLS if args.smoke else '')
+  suffix = '_smoke' if args.smoke else ''
+  root = os.path.abspath(args.root or 'runs/fmnist_grid' + suffix)
+  args.out = args.out or os.path.join(REPO, 'experiments', 'results',
+                                      'reproduce_fmnist' + suffix)
+  extra = shlex.split(args.device_extra_flags)
+  runs = select(grid(args.seeds, not args.gan_both_targets_only_n4), only)
+  if not runs:
+    ap.error(f'--only {args.only!r} selects no run')
+  t_start = time.time()
+
+  def log(msg):
+    print(msg, flush=True)
+
+  if args.dry_run:
+    first = teacher_runs(runs)
+    for r in runs:
+      if os.path.isfile(os.path.join(r.workdir(root), 'results.json')):
+        r.status = 'done'
+      print(shell_line(r, root, args.smoke, extra, first[r.seed]))
+    write_report(args.out, cmdline, args, runs, root, args.smoke, extra,
+                 time.time() - t_start)
+    return 0
+
+  # SIGTERM: forwarded to the running pipeline (it saves its epoch), then
+  # the loop stops; SIGINT reaches the child directly (same process group).
+  stop = []
+
+  def on_term(signum, _):
+    stop.append(signum)
+    for proc in RUNNING:
+      proc.send_signal(signum)
+
+  signal.signal(signal.SIGTERM, on_term)
+  for i, r in enumerate(runs):
+    w = r.workdir(root)
+    if os.path.isfile(os.path.join(w, 'results.json')):
+      r.status = 'done'
+      log(f'[{i + 1}/{len(runs)}] seed{r.seed}/{r.name}: done already')
+      continue
+    if stop:
+      r.status = 'not started'
+      continue
+    log(f'[{i + 1}/{len(runs)}] seed{r.seed}/{r.name}: '
+        f'{shlex.join(command(r, root, args.smoke, extra)[1:])}')
+    prepare(r, root, runs, log)
+    rc = launch(r, root, args.smoke, extra, log)
+    if rc == 0:
+      r.status = 'finished'
+    elif rc in (130, 143) or rc < 0:
+      r.status = 'stopped'
+      stop.append(rc)
+    else:
+      r.status = 'failed'
+      log(f'  failed (rc {rc}); log: {_show(os.path.join(w, "log.txt"))}')
+    log(f'  {r.status} in {r.seconds:.0f} s')
+    write_report(args.out, cmdline, args, runs, root, args.smoke, extra,
+                 time.time() - t_start)
+  write_report(args.out, cmdline, args, runs, root, args.smoke, extra,
+               time.time() - t_start)
+  done = sum(r.status in ('done', 'finished') for r in runs)
+  log(f'{done}/{len(runs)} runs finished; report: {_show(args.out)}.md')
+  if stop:
+    log('stopped: run the same command again to resume')
+    return 130 if 130 in stop else 143
+  return 0 if done == len(runs) else 1
+
+
+if __name__ == '__main__':
+  sys.exit(main())
