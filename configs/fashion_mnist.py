@@ -79,6 +79,12 @@ def get_config(preset: str = ''):
       enabled=False, epochs=10, adv_weight=0.1, gumbel_temperature=1.0,
       disc='256 128', d_optimizer='adam', d_learning_rate=2e-4))
 
+  # Students split over processes / hosts (docs/distributed.md): run the same
+  # command once per process with its process_id; coordinator = host:port
+  # of process 0. Teacher, features and head run on process 0.
+  c.distributed = ml_collections.ConfigDict(dict(
+      num_processes=1, process_id=0, coordinator=''))
+
   for p in filter(None, preset.split(',')):
     apply_preset(c, p)
   return c

@@ -24,6 +24,7 @@ import optax
 from tcn_jax import assemble
 from tcn_jax import checkpoint
 from tcn_jax import data as data_lib
+from tcn_jax import distributed
 from tcn_jax import engine
 from tcn_jax import features as features_lib
 from tcn_jax import gan as gan_lib
@@ -218,8 +219,8 @@ def _diff(old, new, prefix=''):
   out = []
   for k in sorted(set(old) | set(new)):
     a, b = old.get(k, '<unset>'), new.get(k, '<unset>')
-    if k == 'allow_config_change':
-      continue
+    if k in ('allow_config_change', 'distributed'):
+      continue   # distributed: ports change per launch; students do not.
     if isinstance(a, dict) and isinstance(b, dict):
       out += _diff(a, b, f'{prefix}{k}.')
     elif a != b:
@@ -269,6 +270,7 @@ def validate(config):
     raise TCNError(f'unknown dataset {config.data.name!r} (config.data.name); '
                    f'choose one of {data_lib.DATASETS}')
   engine.resolve_strategy(config.students.strategy)
+  distributed.validate(config.get('distributed'), n)
   if config.layers_impl not in layers.IMPLS:
     raise TCNError(f'unknown layers_impl {config.layers_impl!r}; '
                    f'choose one of {layers.IMPLS}')
@@ -427,7 +429,7 @@ def train_students(specs, x, features, num_students, *, epochs,
                    batch_size=128, optimizer='adam', learning_rate=1e-3,
                    out_relu=False, init='normal', weight_decay=0.0, seed=0,
                    strategy='auto', impl='auto', val=None, gan=None,
-                   workdir=None, writer=None):
+                   workdir=None, writer=None, members=None, dir_suffix=''):
   """Stage 2: n students regress the n contiguous chunks of `features`.
 
   specs: one architecture string for all students, or one per student.
@@ -438,6 +440,9 @@ def train_students(specs, x, features, num_students, *, epochs,
   Returns (groups with trained variables, info) with info = {'val_mse': per
   student list over epochs (empty without val), 'history': per group,
   'seconds'}.
+  members: train only these member ids (tcn_jax.distributed: a process's
+  share); the groups returned hold only them, and other students' val_mse
+  is []. dir_suffix is appended to the group checkpoint directories.
   """
   if isinstance(specs, str):
     specs = [specs] * num_students
@@ -454,6 +459,12 @@ def train_students(specs, x, features, num_students, *, epochs,
   tx = make_optimizer(optimizer, learning_rate, 'config.students.optimizer')
   val_mse, histories, seconds = {}, [], 0.0
   for gi, group in enumerate(groups):
+    # -- distributed: only this process's members (gi stays the full index).
+    if members is not None:
+      group.member_ids = [m for m in group.member_ids if m in members]
+      if not group.member_ids:
+        continue
+    # -- end distributed
     model = group.model(impl)
     common = dict(
         name=f'students[{gi}]', x=x, ids=group.member_ids,
@@ -461,7 +472,7 @@ def train_students(specs, x, features, num_students, *, epochs,
         epochs=epochs, batch_size=batch_size, seed=seed, strategy=strategy,
         val_x=val_x, val_metric=metrics.mse, writer=writer,
         val_targets=np.stack([val_chunks[i] for i in group.member_ids]))
-    stage_dir = _stage_dir(workdir, 'students', f'group{gi}')
+    stage_dir = _stage_dir(workdir, 'students', f'group{gi}{dir_suffix}')
     if gan is None:
       init_fn = lambda k, model=model: model.init(k, x[:1])
       group.variables, hist, secs = fit(
@@ -488,7 +499,8 @@ def train_students(specs, x, features, num_students, *, epochs,
       val_mse[mid] = [h['val'][i] for h in hist] if val is not None else []
     histories.append(hist)
     seconds += secs
-  return groups, {'val_mse': [val_mse[i] for i in range(num_students)],
+  groups = [g for g in groups if g.member_ids]   # members= may drop some.
+  return groups, {'val_mse': [val_mse.get(i, []) for i in range(num_students)],
                   'history': histories, 'seconds': seconds}
 
 
@@ -671,9 +683,22 @@ def evaluate(predict, x, y, batch_size: int = 1000) -> float:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the whole pipeline; returns and writes results.json."""
   validate(config)
+  # -- distributed: join the other processes (tcn_jax.distributed); process
+  # k > 0 keeps its lock, config and checkpoints in workdir/process<k>.
+  dist = config.get('distributed')
+  joined = dist is not None and distributed.initialize(
+      dist.num_processes, dist.process_id, dist.coordinator)
+  if joined:
+    distributed.check_same_config(json.loads(config.to_json_best_effort()))
+  if joined and dist.process_id:
+    workdir = os.path.join(workdir, f'process{dist.process_id}')
+  # -- end distributed
   with check_workdir(config, workdir), contextlib.closing(
       metrics.Writer(os.path.join(workdir, 'tensorboard'))) as writer:
-    return _pipeline(config, workdir, writer)
+    results = _pipeline(config, workdir, writer)
+  if joined:
+    distributed.shutdown()   # Waits for every process to finish.
+  return results
 
 
 def _pipeline(config, workdir, writer):
@@ -692,6 +717,10 @@ def _pipeline(config, workdir, writer):
   for spec in dict.fromkeys(student_specs(config)):
     check_fits('students.arch', spec + ' D1', shape, config.layers_impl,
                dtype)
+  # -- distributed: process k > 0 trains its share of the students only.
+  if distributed.process_index() > 0:
+    return _students_process(config, ds, workdir, writer, wall)
+  # -- end distributed
 
   t, c = time.time(), config.teacher
   teacher = models.Teacher(c.body, ds.num_classes, c.head_dropout,
@@ -721,15 +750,8 @@ def _pipeline(config, workdir, writer):
     feats = {s: features_lib.to_coefficients(f, basis)
              for s, f in feats.items()}
 
-  t, c = time.time(), config.students
-  groups, students_info = train_students(
-      student_specs(config), ds.train.x, feats['train'], n,
-      epochs=per_n(config, 'students.epochs', n), batch_size=c.batch_size,
-      optimizer=c.optimizer, learning_rate=c.learning_rate,
-      out_relu=c.out_relu, init=c.init, weight_decay=c.weight_decay,
-      seed=config.seed, strategy=c.strategy, impl=config.layers_impl,
-      val=(ds.val.x, feats['val']), gan=gan_settings(config, n),
-      workdir=workdir, writer=writer)
+  t = time.time()
+  groups, students_info = _students_stage(config, ds, feats, workdir, writer)
   wall['students'] = time.time() - t
 
   t, c = time.time(), config.head
@@ -789,5 +811,56 @@ def _pipeline(config, workdir, writer):
                         'students': students_info['seconds'],
                         'head': head_info['seconds']},
   }
+  if distributed.process_count() > 1:
+    results['distributed'] = _distributed_record(students_info)
+  checkpoint.write_json(os.path.join(workdir, 'results.json'), results)
+  return results
+
+
+# -- distributed (tcn_jax.distributed, docs/distributed.md) ------------------
+
+
+def _students_stage(config, ds, feats, workdir, writer):
+  """Stage 2 of the pipeline: all students, or with several processes this
+  process's share (process 0 first sends the features to the others)."""
+  n, c = config.num_students, config.students
+  fit_students = train_students
+  if distributed.process_count() > 1:
+    feats = distributed.broadcast_tree(
+        {s: np.asarray(feats[s]) for s in ('train', 'val')}
+        if distributed.process_index() == 0 else None)
+    fit_students = distributed.train_students
+  return fit_students(
+      student_specs(config), ds.train.x, feats['train'], n,
+      epochs=per_n(config, 'students.epochs', n), batch_size=c.batch_size,
+      optimizer=c.optimizer, learning_rate=c.learning_rate,
+      out_relu=c.out_relu, init=c.init, weight_decay=c.weight_decay,
+      seed=config.seed, strategy=c.strategy, impl=config.layers_impl,
+      val=(ds.val.x, feats['val']), gan=gan_settings(config, n),
+      workdir=workdir, writer=writer)
+
+
+def _distributed_record(students_info):
+  p = distributed.process_count()
+  return {'num_processes': p, 'process_id': distributed.process_index(),
+          'members': [distributed.share(len(students_info['val_mse']), k, p)
+                      for k in range(p)],
+          'students_seconds_by_process': students_info['seconds_by_process']}
+
+
+def _students_process(config, ds, workdir, writer, wall):
+  """The pipeline of process k > 0: receives process 0's features, trains
+  its share of the students, takes part in gathering them, and writes its
+  own results.json (process 0 writes the run's)."""
+  t = time.time()
+  _, info = _students_stage(config, ds, None, workdir, writer)
+  wall['students'] = time.time() - t
+  results = {'distributed': _distributed_record(info),
+             'student_val_mse': {m: info['val_mse'][m][-1]
+                                 if info['val_mse'][m] else None
+                                 for m in info['members']},
+             'backend': jax.default_backend(),
+             'wall_seconds_this_run': wall,
+             'train_seconds': {'students': info['seconds']}}
   checkpoint.write_json(os.path.join(workdir, 'results.json'), results)
   return results

@@ -1,0 +1,160 @@
+"""The 'sharded' strategy: members split over devices equal vmap / unrolled.
+
+Several CPU devices need XLA_FLAGS set before jax is imported, so the
+multi-device checks run in a subprocess with 4 host devices.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import needs_fmnist
+from conftest import ROOT
+from conftest import SMOKE
+from conftest import TINY_FLAGS
+from tcn_jax import engine
+from tcn_jax import models
+from tcn_jax import train
+
+SPEC = 'C4 MP C4 MP Do.2 F D8r Do.1'
+FOUR_DEVICES = '--xla_force_host_platform_device_count=4'
+
+
+def train_group(ids, strategy, epochs=2, n_data=96, batch=32):
+  """A few epochs of tiny students `ids`: (params, losses (steps, members))."""
+  model = models.student(SPEC, 5, impl='im2col')
+  rng = np.random.default_rng(0)
+  x = rng.random((n_data, 12, 12, 1), np.float32)
+  targets = rng.standard_normal((8, n_data, 5)).astype(np.float32)[ids]
+  params = engine.init_group(lambda k: model.init(k, x[:1])['params'], 7, ids)
+  tx = optax.adam(1e-2)
+  opt_state = jax.vmap(tx.init)(params)
+
+  def loss_fn(p, xb, tb, key):
+    pred = model.apply({'params': p}, xb, train=True, rngs={'dropout': key})
+    return train.mse_loss(pred, tb)
+
+  epoch_fn = engine.make_epoch_fn(loss_fn, tx, len(ids), strategy)
+  keys = engine.member_keys(7, ids)
+  x, targets = jnp.asarray(x), jnp.asarray(targets)
+  losses = []
+  for e in range(epochs):
+    order = engine.batch_order(3, e, n_data, batch)
+    params, opt_state, l = epoch_fn(params, opt_state, x, targets, order,
+                                    keys, e)
+    losses.append(np.asarray(l))
+  return params, np.concatenate(losses)
+
+
+def apply_group(ids, strategy, outer_jit=False):
+  model = models.student(SPEC, 5, impl='im2col')
+  x = np.random.default_rng(1).random((6, 12, 12, 1), np.float32)
+  params = engine.init_group(lambda k: model.init(k, x[:1])['params'], 0, ids)
+  fn = lambda p, xb: model.apply({'params': p}, xb)
+  apply = engine.make_apply_fn(fn, len(ids), strategy)
+  return np.asarray((jax.jit(apply) if outer_jit else apply)(params, x))
+
+
+def _max_diff(a, b):
+  return max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
+             for u, v in zip(jax.tree_util.tree_leaves(a),
+                             jax.tree_util.tree_leaves(b)))
+
+
+def _worker():
+  """Runs in the 4-device subprocess; prints one JSON line of results."""
+  jax.config.update('jax_default_matmul_precision', 'highest')
+  out = {'devices': jax.local_device_count()}
+  for n in (4, 3, 5):
+    ids = list(range(n))
+    sharded, sharded_losses = train_group(ids, 'sharded')
+    leaf = jax.tree_util.tree_leaves(sharded)[0]
+    mesh, padded = engine.member_mesh(n)
+    row = {'mesh': mesh.size, 'padded': padded, 'shape': leaf.shape[0],
+           'result_devices': len(leaf.sharding.device_set)}
+    for other in ('vmap', 'unrolled') if n < 5 else ('vmap',):
+      params, losses = train_group(ids, other)
+      row[other] = _max_diff(sharded, params)
+      row[other + '_loss'] = float(np.max(np.abs(sharded_losses - losses)))
+    want = apply_group(ids, 'vmap')
+    row['apply'] = float(np.max(np.abs(apply_group(ids, 'sharded') - want)))
+    # Inside another jit the sharded apply runs as vmap on that jit's device.
+    row['apply_in_jit'] = float(np.max(np.abs(
+        apply_group(ids, 'sharded', outer_jit=True) - want)))
+    out[str(n)] = row
+  print('RESULT ' + json.dumps(out))
+
+
+def _run_four_devices(args, timeout=300, **kw):
+  env = dict(os.environ, XLA_FLAGS=FOUR_DEVICES, JAX_PLATFORMS='cpu')
+  return subprocess.run(args, cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout, check=False, **kw)
+
+
+def test_sharded_equals_vmap_and_unrolled_on_four_devices():
+  proc = _run_four_devices([
+      sys.executable, '-c',
+      'import sys; sys.path[:0] = ["tests", "."]; '
+      'import test_sharded; test_sharded._worker()'])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1]
+  out = json.loads(line[len('RESULT '):])
+  assert out['devices'] == 4
+  # n=4: one member per device; n=3: 3 devices; n=5: 3 devices x 2 members
+  # with one dummy member (a copy of member 0) that is dropped.
+  assert (out['4']['mesh'], out['4']['padded']) == (4, 4)
+  assert (out['3']['mesh'], out['3']['padded']) == (3, 3)
+  assert (out['5']['mesh'], out['5']['padded']) == (3, 6)
+  for n in ('4', '3', '5'):
+    assert 'unrolled' in out[n] or n == '5'
+    # Results come back unpadded and on one device (portable checkpoints).
+    assert (out[n]['shape'], out[n]['result_devices']) == (int(n), 1)
+    for key, diff in out[n].items():
+      if key.startswith(('vmap', 'unrolled', 'apply')):
+        assert diff < 1e-6, (n, key, out[n])
+
+
+def test_member_mesh_splits_with_fewest_members_per_device():
+  devices = [jax.devices()[0]] * 4   # Only the count matters here.
+  for n, (used, padded) in {1: (1, 1), 2: (2, 2), 3: (3, 3), 4: (4, 4),
+                            5: (3, 6), 6: (3, 6), 7: (4, 8), 9: (3, 9),
+                            8: (4, 8)}.items():
+    mesh, got = engine.member_mesh(n, devices)
+    assert (mesh.size, got) == (used, padded), n
+    assert padded - n < padded // used   # Fewer dummies than per device.
+
+
+def test_sharded_on_one_device_is_vmap():
+  if jax.local_device_count() != 1:
+    pytest.skip('needs a single device')
+  a, la = train_group([0, 1, 2], 'sharded')
+  b, lb = train_group([0, 1, 2], 'vmap')
+  assert _max_diff(a, b) == 0 and np.array_equal(la, lb)
+  np.testing.assert_array_equal(apply_group([0, 1], 'sharded'),
+                                apply_group([0, 1], 'vmap'))
+
+
+@needs_fmnist
+def test_cli_with_sharded_students(tmp_path):
+  workdir = str(tmp_path / 'run')
+  proc = _run_four_devices([
+      sys.executable, '-m', 'tcn_jax.main', f'--config={SMOKE}',
+      f'--workdir={workdir}', *TINY_FLAGS, '--config.num_students=3',
+      '--config.head.optimizer=adam', '--config.head.dropout=0.5',
+      '--config.students.strategy=sharded'])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(workdir, 'results.json')) as f:
+    results = json.load(f)
+  assert results['num_students'] == 3
+  assert all(np.isfinite(results['student_val_mse']))
+  from tcn_jax import assemble  # pylint: disable=g-import-not-at-top
+  predict, tcn = assemble.load_tcn(os.path.join(workdir, 'tcn'))
+  assert tcn.num_students == 3
+  logits = np.asarray(predict(np.zeros((2, 28, 28, 1), np.float32)))
+  assert logits.shape == (2, 10) and np.isfinite(logits).all()
