@@ -42,7 +42,11 @@ def get_config(preset: str = ''):
   c.students = ml_collections.ConfigDict(dict(
       arch='', arch_by_n=STUDENTS_FMNIST, init='normal', out_relu=False,
       optimizer='adam', learning_rate=1e-3, weight_decay=0.0, batch_size=128,
-      epochs=10, strategy='auto'))
+      epochs=10, strategy='auto',
+      # Not in the paper (off): + logit_weight * T^2 * KL between the
+      # teacher's logits and its frozen head on the feature with this
+      # student's chunk swapped in (train.logit_matching_loss).
+      logit_weight=0.0, logit_temperature=2.0))
 
   c.head = ml_collections.ConfigDict(dict(
       dropout=-1.0, dropout_by_n={'1': 0.5, '2': 0.5, '4': 0.5, '8': 0.3},

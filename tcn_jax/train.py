@@ -83,6 +83,32 @@ def mse_loss(pred, target):
   return jnp.mean((pred - target) ** 2)
 
 
+def logit_matching_loss(head, head_variables, width, weight, temperature,
+                        basis=None):
+  """A classification-aware student loss that keeps students independent:
+  MSE to the student's chunk + weight * T^2 * KL(softmax(teacher logits / T)
+  || softmax(head(teacher feature with this chunk replaced by the student's
+  output) / T)), the frozen teacher head in inference mode.
+
+  Targets are [the full teacher feature (D) | the chunk's offset]; with PCA
+  chunks the feature is in coefficient space and `basis` maps it back.
+  """
+  def logits(feature):
+    if basis is not None:
+      feature = feature @ basis['matrix'] + basis['mean']
+    return head.apply(head_variables, feature) / temperature
+
+  def loss(pred, target):
+    feature, offset = target[:, :-1], target[0, -1].astype(jnp.int32)
+    chunk = jax.lax.dynamic_slice_in_dim(feature, offset, width, axis=1)
+    mixed = jax.lax.dynamic_update_slice_in_dim(feature, pred, offset, axis=1)
+    t = jax.nn.log_softmax(logits(feature))
+    s = jax.nn.log_softmax(logits(mixed))
+    kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1).mean()
+    return mse_loss(pred, chunk) + weight * temperature ** 2 * kl
+  return loss
+
+
 def fit(stage_dir, *, name, model, loss, tx, variables, x, targets, ids,
         epochs, batch_size, seed, strategy, val_x, val_targets, val_metric,
         writer, weight_decay=0.0):
@@ -298,6 +324,13 @@ def validate(config):
       _check_number(f'{section}.weight_decay', c.weight_decay, float, 0)
     make_optimizer(per_n(config, f'{section}.optimizer', n), c.learning_rate,
                    f'config.{section}.optimizer')
+  _check_number('students.logit_weight', config.students.logit_weight, float,
+                0)
+  _check_number('students.logit_temperature',
+                config.students.logit_temperature, float, 0, strict=True)
+  if config.students.logit_weight and config.method != 'ff':
+    raise TCNError('config.students.logit_weight > 0 needs config.method='
+                   f"'ff', got {config.method!r}")
   _check_number('teacher.lr_step_epochs', config.teacher.lr_step_epochs, int,
                 0)
   _check_number('teacher.lr_step_factor', config.teacher.lr_step_factor,
@@ -429,7 +462,8 @@ def train_students(specs, x, features, num_students, *, epochs,
                    batch_size=128, optimizer='adam', learning_rate=1e-3,
                    out_relu=False, init='normal', weight_decay=0.0, seed=0,
                    strategy='auto', impl='auto', val=None, gan=None,
-                   workdir=None, writer=None, members=None, dir_suffix=''):
+                   workdir=None, writer=None, members=None, dir_suffix='',
+                   logit_match=None):
   """Stage 2: n students regress the n contiguous chunks of `features`.
 
   specs: one architecture string for all students, or one per student.
@@ -440,6 +474,8 @@ def train_students(specs, x, features, num_students, *, epochs,
   Returns (groups with trained variables, info) with info = {'val_mse': per
   student list over epochs (empty without val), 'history': per group,
   'seconds'}.
+  logit_match: optional dict(head, head_variables, weight, temperature,
+  basis) adding `logit_matching_loss` to FF students' MSE.
   members: train only these member ids (tcn_jax.distributed: a process's
   share); the groups returned hold only them, and other students' val_mse
   is []. dir_suffix is appended to the group checkpoint directories.
@@ -475,8 +511,16 @@ def train_students(specs, x, features, num_students, *, epochs,
     stage_dir = _stage_dir(workdir, 'students', f'group{gi}{dir_suffix}')
     if gan is None:
       init_fn = lambda k, model=model: model.init(k, x[:1])
+      loss = mse_loss
+      if logit_match:
+        loss = logit_matching_loss(width=group.out_dim, **logit_match)
+        bounds = features_lib.chunk_bounds(features.shape[1], num_students)
+        common['targets'] = np.stack([np.concatenate(
+            [features, np.full((len(features), 1), bounds[i][0],
+                               features.dtype)], 1)
+                                      for i in group.member_ids])
       group.variables, hist, secs = fit(
-          stage_dir, model=model, loss=mse_loss, tx=tx,
+          stage_dir, model=model, loss=loss, tx=tx,
           variables=engine.init_group(init_fn, seed, group.member_ids),
           weight_decay=weight_decay, **common)
     else:
@@ -751,7 +795,9 @@ def _pipeline(config, workdir, writer):
              for s, f in feats.items()}
 
   t = time.time()
-  groups, students_info = _students_stage(config, ds, feats, workdir, writer)
+  shared = dict(feats, head=models.submodule_variables(teacher_vars, 'head'),
+                basis=basis)
+  groups, students_info = _students_stage(config, ds, shared, workdir, writer)
   wall['students'] = time.time() - t
 
   t, c = time.time(), config.head
@@ -820,24 +866,34 @@ def _pipeline(config, workdir, writer):
 # -- distributed (tcn_jax.distributed, docs/distributed.md) ------------------
 
 
-def _students_stage(config, ds, feats, workdir, writer):
+def _students_stage(config, ds, shared, workdir, writer):
   """Stage 2 of the pipeline: all students, or with several processes this
-  process's share (process 0 first sends the features to the others)."""
+  process's share (process 0 first sends `shared` to the others).
+
+  shared: {'train', 'val': the students' targets (features or PCA
+  coefficients), 'head': the teacher head's variables, 'basis': PCA or None}.
+  """
   n, c = config.num_students, config.students
   fit_students = train_students
   if distributed.process_count() > 1:
-    feats = distributed.broadcast_tree(
-        {s: np.asarray(feats[s]) for s in ('train', 'val')}
-        if distributed.process_index() == 0 else None)
+    shared = distributed.broadcast_tree(
+        shared if distributed.process_index() == 0 else None)
     fit_students = distributed.train_students
+  logit_match = None
+  if c.logit_weight:
+    t = config.teacher
+    logit_match = dict(
+        head=models.Head(ds.num_classes, t.head_dropout, bn=t.head_bn),
+        head_variables=shared['head'], weight=c.logit_weight,
+        temperature=c.logit_temperature, basis=shared['basis'])
   return fit_students(
-      student_specs(config), ds.train.x, feats['train'], n,
+      student_specs(config), ds.train.x, shared['train'], n,
       epochs=per_n(config, 'students.epochs', n), batch_size=c.batch_size,
       optimizer=c.optimizer, learning_rate=c.learning_rate,
       out_relu=c.out_relu, init=c.init, weight_decay=c.weight_decay,
       seed=config.seed, strategy=c.strategy, impl=config.layers_impl,
-      val=(ds.val.x, feats['val']), gan=gan_settings(config, n),
-      workdir=workdir, writer=writer)
+      val=(ds.val.x, shared['val']), gan=gan_settings(config, n),
+      workdir=workdir, writer=writer, logit_match=logit_match)
 
 
 def _distributed_record(students_info):

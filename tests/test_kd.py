@@ -90,3 +90,38 @@ def test_kdgan_without_adversary_is_kd_and_with_it_differs():
   assert any(not np.allclose(a, b) for a, b in zip(
       jax.tree_util.tree_leaves(state['c']),
       jax.tree_util.tree_leaves(kd_state['params'])))
+
+
+def test_logit_matching_loss():
+  """MSE alone at weight 0; at the true chunk the KL term is zero with zero
+  gradient; elsewhere it adds a positive term."""
+  from tcn_jax import models  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  feats = jnp.asarray(rng.standard_normal((8, 12)), jnp.float32)
+  head = models.Head(5, 0.5)
+  head_vars = head.init(jax.random.key(0), feats)
+  offset, width = 4, 4
+  target = jnp.concatenate([feats, jnp.full((8, 1), offset, jnp.float32)], 1)
+  chunk = feats[:, offset:offset + width]
+  pred = chunk + 0.3 * jnp.asarray(rng.standard_normal((8, width)),
+                                   jnp.float32)
+  loss = lambda w: train.logit_matching_loss(head, head_vars, width, w, 2.0)
+  np.testing.assert_allclose(loss(0.0)(pred, target),
+                             train.mse_loss(pred, chunk), rtol=1e-6)
+  assert float(loss(1.0)(pred, target)) > float(loss(0.0)(pred, target))
+  np.testing.assert_allclose(loss(1.0)(chunk, target), 0.0, atol=1e-6)
+  np.testing.assert_allclose(jax.grad(loss(1.0))(chunk, target), 0.0,
+                             atol=1e-6)
+
+
+@needs_fmnist
+def test_logit_matching_students_in_pipeline(tmp_path):
+  """The smoke run of test_pipeline.py with the logit-matching loss: the
+  same accuracy floors hold."""
+  import fashion_mnist  # pylint: disable=g-import-not-at-top
+  config = fashion_mnist.get_config('smoke')
+  config.num_students, config.students.logit_weight = 2, 1.0
+  results = train.run(config, str(tmp_path))
+  assert all(np.isfinite(m) for m in results['student_val_mse'])
+  assert results['tcn_test_acc_before_finetune'] > 0.15
+  assert results['tcn_test_acc_after_finetune'] > 0.35
