@@ -104,6 +104,7 @@ def make_predict(tcn: TCN, strategy='auto'):
 
 
 def tcn_head(tcn: TCN) -> models.Head:
+  """The head module matching `tcn.head_variables` (BatchNorm if kept)."""
   return models.Head(tcn.num_classes, tcn.head_dropout, bn=tcn.head_bn)
 
 
