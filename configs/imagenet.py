@@ -57,9 +57,9 @@ def get_config(preset: str = ''):
     fashion_mnist.apply_preset(c, p)
     if p == 'smoke':   # Small images, a narrow ResNet: a pipeline check.
       c.data.image_size = 32
-      t.body = resnet((1, 1), (8, 16), 'BB')
-      s.arch_by_n = {'1': resnet((1, 1), (8, 8), 'RB'),
-                     '2': resnet((1,), (8,), 'RB')}
+      t.body = resnet((1,), (8,), 'BB')
+      s.arch_by_n = {'1': resnet((1,), (8,), 'RB'),
+                     '2': resnet((1,), (4,), 'RB')}
       c.kd.arch_by_n = dict(s.arch_by_n)
       c.gan.disc_by_n = {k: '16 16 32' for k in ('1', '2')}
       t.batch_size = s.batch_size = h.batch_size = c.kd.batch_size = 50

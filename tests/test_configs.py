@@ -4,9 +4,7 @@ import importlib
 
 import jax
 import pytest
-import tensorflow_datasets as tfds
 
-from tcn_jax import engine
 from tcn_jax import features
 from tcn_jax import models
 from tcn_jax import train
@@ -41,19 +39,6 @@ def test_unset_value_without_paper_entry_is_refused():
     train.validate(config)
   config.students.arch = 'C8 MP F D16r'
   assert train.per_n(config, 'students.arch', 3) == 'C8 MP F D16r'
-
-
-def test_mnist_config_runs_on_mock_data(tmp_path):
-  config = importlib.import_module('mnist').get_config('smoke')
-  config.num_students = 2
-  config.data.train_size, config.data.test_size = 0, 0
-  with tfds.testing.mock_data(num_examples=250):
-    results = train.run(config, str(tmp_path))
-  assert results['data_source'] == 'tfds'
-  assert results['params']['students_each'] == [40_016, 40_016]
-  assert len(results['student_val_mse']) == 2
-  assert 0.0 <= results['tcn_test_acc_after_finetune'] <= 1.0
-  assert engine.resolve_strategy('auto') in ('vmap', 'unrolled')
 
 
 def test_heterogeneous_students_group_and_keep_chunk_order():

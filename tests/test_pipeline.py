@@ -21,6 +21,7 @@ def run_dir(tmp_path_factory):
   import fashion_mnist  # pylint: disable=g-import-not-at-top
   config = fashion_mnist.get_config('smoke')
   config.num_students = N
+  config.kd.enabled = config.kdgan.enabled = True
   workdir = str(tmp_path_factory.mktemp('run'))
   results = train.run(config, workdir)
   return config, workdir, results
@@ -33,6 +34,14 @@ def test_accuracy_floors(run_dir):
   assert r['tcn_test_acc_before_finetune'] > 0.15
   assert len(r['student_val_mse']) == N
   assert r['params']['students_total'] == sum(r['params']['students_each'])
+
+
+def test_kd_and_kdgan_baselines(run_dir):
+  _, _, r = run_dir
+  kd, kdgan = r['kd'], r['kdgan']
+  assert kd['params'] == kdgan['params'] == 45_625   # ~ the students' 45,600
+  assert kd['test_acc'] > 0.5 and kdgan['test_acc'] > 0.5   # chance is 0.1
+  assert (kd['temperature'], kd['alpha']) == (4.0, 0.9)
 
 
 def test_losses_fall_and_histories_saved(run_dir):
