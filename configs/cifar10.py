@@ -74,8 +74,9 @@ def get_config(preset: str = ''):
       t.body = 'C8same BN Do.3 MPsame C16same BN MPsame Do.5 F D32'
       small = 'C4same C4same MPsame Do.2 C8same MPsame F D8r Do.2'
       s.arch_by_n = {k: small for k in STUDENTS}
-      if c.method == 'gan':
-        s.arch_by_n['1'] = 'C4samelin ELU BN MPsame Do.2 F D8r'
+      if c.method == 'gan':   # Like GAN_STUDENT_1: BatchNorm generators.
+        s.arch_by_n = {k: 'C4samelin ELU BN MPsame Do.2 F D8r'
+                       for k in STUDENTS}
       c.gan.disc_by_n = {k: '16 16 32' for k in STUDENTS}
       c.kd.arch_by_n = {k: small for k in STUDENTS}
       t.batch_size = s.batch_size = h.batch_size = c.kd.batch_size = 50

@@ -48,6 +48,9 @@ def test_every_stage_on_mock_data(name, tmp_path):
   assert gan['digests']['teacher'] == ff['digests']['teacher']
   assert ff['method'] == 'ff' and gan['method'] == 'gan'
   assert gan['gan']['disc_widths']
+  if name == 'cifar10':   # Its GAN smoke students have BatchNorm.
+    _, tcn = assemble.load_tcn(os.path.join(gan_dir, 'tcn'))
+    assert all('batch_stats' in g.variables for g in tcn.groups)
   assert gan['kd'] is None and 0.0 <= ff['kd']['test_acc'] <= 1.0
   assert 0.0 <= ff['kdgan']['test_acc'] <= 1.0
   for r in (ff, gan):
