@@ -13,7 +13,8 @@ from tcn_jax.errors import TCNError
 SPEC = 'C4 MP C4 MP Do.2 F D8r Do.1'
 
 
-def _train(ids, strategy, epochs=2, n_data=96, batch=32):
+def train_group(ids, strategy, epochs=2, n_data=96, batch=32):
+  """A few epochs of tiny students `ids`: (params, losses (steps, members))."""
   model = models.student(SPEC, 5, impl='im2col')
   rng = np.random.default_rng(0)
   x = rng.random((n_data, 12, 12, 1), np.float32)
@@ -40,10 +41,10 @@ def _train(ids, strategy, epochs=2, n_data=96, batch=32):
 
 def test_strategies_equal_training_alone():
   ids = [0, 1, 2]
-  vmap_params, vmap_losses = _train(ids, 'vmap')
-  unrolled_params, unrolled_losses = _train(ids, 'unrolled')
+  vmap_params, vmap_losses = train_group(ids, 'vmap')
+  unrolled_params, unrolled_losses = train_group(ids, 'unrolled')
   for i, member in enumerate(ids):
-    alone, alone_losses = _train([member], 'unrolled')
+    alone, alone_losses = train_group([member], 'unrolled')
     for got in (vmap_params, unrolled_params):
       jax.tree_util.tree_map(
           lambda a, b, i=i: np.testing.assert_allclose(a[i], b[0], atol=2e-5,
@@ -55,7 +56,7 @@ def test_strategies_equal_training_alone():
 
 
 def test_members_differ_and_losses_fall():
-  params, losses = _train([0, 1], 'unrolled', epochs=6)
+  params, losses = train_group([0, 1], 'unrolled', epochs=6)
   leaf = jax.tree_util.tree_leaves(params)[0]
   assert not np.allclose(leaf[0], leaf[1])
   assert (losses[-3:].mean(0) < losses[:3].mean(0)).all()

@@ -9,9 +9,7 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from conftest import needs_fmnist
@@ -20,36 +18,10 @@ from conftest import SMOKE
 from conftest import TINY_FLAGS
 from tcn_jax import engine
 from tcn_jax import models
-from tcn_jax import train
+from test_engine import SPEC
+from test_engine import train_group
 
-SPEC = 'C4 MP C4 MP Do.2 F D8r Do.1'
 FOUR_DEVICES = '--xla_force_host_platform_device_count=4'
-
-
-def train_group(ids, strategy, epochs=2, n_data=96, batch=32):
-  """A few epochs of tiny students `ids`: (params, losses (steps, members))."""
-  model = models.student(SPEC, 5, impl='im2col')
-  rng = np.random.default_rng(0)
-  x = rng.random((n_data, 12, 12, 1), np.float32)
-  targets = rng.standard_normal((8, n_data, 5)).astype(np.float32)[ids]
-  params = engine.init_group(lambda k: model.init(k, x[:1])['params'], 7, ids)
-  tx = optax.adam(1e-2)
-  opt_state = jax.vmap(tx.init)(params)
-
-  def loss_fn(p, xb, tb, key):
-    pred = model.apply({'params': p}, xb, train=True, rngs={'dropout': key})
-    return train.mse_loss(pred, tb)
-
-  epoch_fn = engine.make_epoch_fn(loss_fn, tx, len(ids), strategy)
-  keys = engine.member_keys(7, ids)
-  x, targets = jnp.asarray(x), jnp.asarray(targets)
-  losses = []
-  for e in range(epochs):
-    order = engine.batch_order(3, e, n_data, batch)
-    params, opt_state, l = epoch_fn(params, opt_state, x, targets, order,
-                                    keys, e)
-    losses.append(np.asarray(l))
-  return params, np.concatenate(losses)
 
 
 def apply_group(ids, strategy, outer_jit=False):
