@@ -390,7 +390,7 @@ def validate(config):
 
 def check_fits(field, spec, input_shape, impl, dtype=np.float32):
   """Fails, naming `field`, unless `spec` maps one input of `input_shape` to
-  a flat feature vector."""
+  a flat feature vector; returns its width."""
   try:
     out = models.output_shape(spec, input_shape, impl, dtype)
   except ValueError as e:
@@ -400,6 +400,7 @@ def check_fits(field, spec, input_shape, impl, dtype=np.float32):
     raise TCNError(f'config.{field} {spec!r} gives outputs of shape {out} '
                    f'for inputs of shape {tuple(input_shape)}; add F '
                    '(Flatten) before its Dense layers')
+  return out[0]
 
 
 def _stage_dir(workdir, *parts):
@@ -754,10 +755,8 @@ def _pipeline(config, workdir, writer):
                config.data.name, ds.source, len(ds.train), len(ds.val),
                len(ds.test))
   shape, dtype = ds.train.x.shape[1:], ds.train.x.dtype
-  check_fits('teacher.body', config.teacher.body, shape, config.layers_impl,
-             dtype)
-  features_lib.chunk_sizes(models.output_shape(
-      config.teacher.body, shape, config.layers_impl, dtype)[0], n)
+  features_lib.chunk_sizes(check_fits(
+      'teacher.body', config.teacher.body, shape, config.layers_impl, dtype), n)
   for spec in dict.fromkeys(student_specs(config)):
     check_fits('students.arch', spec + ' D1', shape, config.layers_impl,
                dtype)
