@@ -1,11 +1,14 @@
-"""Benchmark: inference latency of assembled TCNs vs the teacher.
+"""Benchmark (paper Table 5): inference latency of assembled TCNs, the KD
+students and the teacher.
 
 Assembled TCNs for n = 1, 2, 4, 8 (`assemble.TCN` + `make_predict`, strategy
 `auto`; randomly initialised students of the Fashion-MNIST paper
 architectures, the teacher's head) and the teacher itself, at batch 1 and
 batch 256 on real Fashion-MNIST test images. Also one n = 4 student alone:
 the latency of the paper's setting, where the students run in parallel on
-separate machines (paper Table 5: teacher .171 s, TCN n = 4 .082 s). On
+separate machines (paper Table 5: teacher .171 s, TCN n = 4 .082 s), and
+the Hinton KD student sized for each n (the KDGAN student has the same
+architecture). On
 CPU, also the teacher and TCN n = 4 with XLA's own convolution and pooling
 (`impl='xla'`) instead of the im2col path that `auto` picks there.
 
@@ -42,6 +45,7 @@ from tcn_jax import models
 CONFIG = fashion_mnist.get_config()
 NS = (1, 2, 4, 8)
 BATCHES = (1, 256)
+PARAMS = {}   # Parameter counts of the KD students (filled by make_models).
 
 
 def make_models(x1):
@@ -86,6 +90,12 @@ def make_models(x1):
   s_params = student.init(jax.random.key(1), x1)['params']
   out['one_n4_student'] = jax.jit(
       lambda x: student.apply({'params': s_params}, x))
+  for n in NS:   # Hinton KD students (also KDGAN's), sized for each n.
+    kd = models.Net(f'{CONFIG.kd.arch_by_n[str(n)]} D10')
+    kd_params = kd.init(jax.random.key(2), x1)['params']
+    PARAMS[f'kd_n{n}'] = models.num_params(kd_params)
+    out[f'kd_n{n}'] = jax.jit(
+        lambda x, kd=kd, p=kd_params: kd.apply({'params': p}, x))
   return out
 
 
@@ -154,7 +164,10 @@ def main():
            'teacher_xla': 'teacher, XLA convolution / pooling (`impl=xla`)',
            'tcn_n4_xla': 'TCN n=4, XLA convolution / pooling (`impl=xla`)',
            **{f'tcn_n{n}': f'TCN n={n} (all students in one program)'
-              for n in NS}}
+              for n in NS},
+           **{f'kd_n{n}': f'KD / KDGAN student sized for n={n} '
+              f'({PARAMS[f"kd_n{n}"] / 1e3:.1f}k '
+              'params)' for n in NS}}
   lines = [f'# Inference latency: assembled TCN vs teacher ({meta["backend"]})',
            '', f'Command: `{meta["command"]}`', '',
            f'Device: {meta["device"]} ({meta["cpu_count"]} cores, shared); '

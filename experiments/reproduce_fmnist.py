@@ -14,6 +14,10 @@ Per seed, one workdir per run under ROOT/seed<S>/<run>, each an ordinary
   gan<n>_disc_reconstruction    TCN, GAN students, the authors' code's loss
   pca_ordered<n>, pca_balanced<n>  chunking study, n = 4, 8, FF
                                 (contiguous chunks = ff<n>)
+  improved4                     Table 4: n = 4 FF with non-identical students
+                                (':improved' preset)
+  tuned<n>                      FF + the levers that are not in the paper
+                                (':tuned' preset: logit matching, cosine LR)
 
 The teacher is trained once per seed: before a run starts, the seed's
 finished teacher (`teacher/` + `features.npz` of any run of that seed that
@@ -51,7 +55,7 @@ SMOKE_CELLS = 'ff2,kd2'
 class Run:
   seed: int
   name: str
-  preset: str                    # '' or 'gan' (before ':smoke').
+  preset: str                    # '', 'gan', 'improved' or 'tuned'.
   overrides: list
   reuse_students_from: str = ''  # A finished run with the same students/head.
   status: str = 'planned'
@@ -85,6 +89,10 @@ def grid(seeds, gan_targets_all_n=True):
         runs.append(Run(s, f'pca_{assignment}{n}', '', [
             f'--config.num_students={n}', '--config.chunking=pca',
             f'--config.pca_assignment={assignment}', *seed]))
+    runs.append(Run(s, 'improved4', 'improved', [*seed]))
+    for n in (4, 1, 2, 8):
+      runs.append(Run(s, f'tuned{n}', 'tuned',
+                      [f'--config.num_students={n}', *seed]))
   return runs
 
 

@@ -110,6 +110,15 @@ class Rec:
     each = r['params']['students_each']
     arch = ((cfg or {}).get('students') or {}).get('arch', '')
     self.hetero = '|' in str(arch) or len(set(each)) > 1
+    # Levers that are not in the paper ('' = paper-faithful students).
+    st = (cfg or {}).get('students') or {}
+    levers = []
+    if st.get('logit_weight'):
+      levers.append(f'logit matching x{st["logit_weight"]:g} at '
+                    f'T={st.get("logit_temperature", 2.0):g}')
+    if st.get('lr_schedule', 'constant') != 'constant':
+      levers.append(f'{st["lr_schedule"]} LR')
+    self.variant = ', '.join(levers)
     self.subset = bool(cfg and (cfg['data'].get('train_size') or
                                 cfg['data'].get('test_size')))
     digests = r.get('digests') or {}
@@ -120,7 +129,8 @@ class Rec:
   @property
   def key(self):
     """The TCN configuration (runs with one key are pooled)."""
-    return (self.method, self.target, self.n, self.chunking, self.hetero)
+    return (self.method, self.target, self.n, self.chunking, self.hetero,
+            self.variant)
 
   def epochs(self, stage):
     """(epochs, from this run's config.json?) of 'students'/'head'/..."""
@@ -228,8 +238,10 @@ class Tables:
     return stats([r.r[stage][field] for r in self.base[stage][n]])
 
   @staticmethod
-  def key(method, n, target=None, chunking='contiguous', hetero=False):
-    return (method, target if method == 'gan' else None, n, chunking, hetero)
+  def key(method, n, target=None, chunking='contiguous', hetero=False,
+          variant=''):
+    return (method, target if method == 'gan' else None, n, chunking, hetero,
+            variant)
 
   # Table 3 ---------------------------------------------------------------
   def table3(self):
@@ -253,6 +265,13 @@ class Tables:
           continue
         rows.append((f'{label}, n={n}', self.cell(k), PAPER[method][n],
                      NOTEBOOKS[method][n], self.tcn.get(k, [])))
+    for variant in sorted({k[5] for k in self.tcn if k[5]}):
+      for n in NS:
+        k = self.key('ff', n, variant=variant)
+        if k in self.tcn:
+          rows.append((f'TCN FF + {variant} (not in the paper), n={n}',
+                       self.cell(k), PAPER['ff'][n], NOTEBOOKS['ff'][n],
+                       self.tcn[k]))
     md = ['## Table 3: test accuracy (%) after head fine-tuning', '',
           'Mean ± sample std over runs (one run: the value alone). Δ = ours '
           '− the reference, in points. Paper: Table 3, F-MNIST row; '
@@ -356,7 +375,7 @@ class Tables:
           '| configuration | before | after | gain | paper before | '
           'paper after |', '|---|---|---|---|---|---|']
     data = []
-    keys = sorted(self.tcn, key=lambda k: (k[3], k[4], k[0], str(k[1]), k[2]))
+    keys = sorted(self.tcn, key=lambda k: (k[3], k[4], k[5], k[0], str(k[1]), k[2]))
     k4 = self.key('ff', 4)
     if k4 not in keys:
       keys.insert(0, k4)
@@ -377,8 +396,10 @@ class Tables:
     self.data['table2'] = data
 
   def label(self, k):
-    method, target, n, chunking, hetero = k
+    method, target, n, chunking, hetero, variant = k
     s = 'FF' if method == 'ff' else GAN_LABEL[target]
+    if variant:
+      s += f' + {variant}'
     s += f', n={n}'
     if chunking != 'contiguous':
       s += f', {chunking} chunks'
@@ -410,7 +431,7 @@ class Tables:
 
     md.append(row('ours, identical', self.tcn.get(self.key('ff', 4), [])))
     hetero = [r for k, rs in self.tcn.items() for r in rs
-              if k[0] == 'ff' and k[2] == 4 and k[4]]
+              if k[0] == 'ff' and k[2] == 4 and k[4] and not k[5]]
     md.append(row('ours, heterogeneous', hetero))
     for label, (mse, params, tot, ptot) in (
         ('paper, identical', PAPER_T4['identical']),
@@ -441,8 +462,8 @@ class Tables:
           'student: epochs, s/epoch, total s |',
           '|---|---|---|---|---|---|---|']
     data = []
-    for k in sorted(self.tcn, key=lambda k: (k[3], k[4], k[0], str(k[1]),
-                                             k[2])):
+    for k in sorted(self.tcn, key=lambda k: (k[3], k[4], k[5], k[0],
+                                             str(k[1]), k[2])):
       runs = self.tcn[k]
       ep, own = runs[0].epochs('students')
       hep, hown = runs[0].epochs('head')
@@ -525,6 +546,9 @@ class Tables:
                   self.key('gan', n, 'disc_reconstruction')), 'C2', '^'),
               ('Hinton KD', lambda n: self.baseline('kd', n), 'C3', 'D'),
               ('KDGAN', lambda n: self.baseline('kdgan', n), 'C4', 'v')]
+    for i, variant in enumerate(sorted({k[5] for k in self.tcn if k[5]})):
+      series.append((f'TCN FF + {variant}', lambda n, v=variant: self.cell(
+          self.key('ff', n, variant=v)), f'C{5 + i}', 'P'))
     teacher = stats([r.r['teacher_test_acc'] for r in self.teachers])
 
     # 1. Accuracy vs n.

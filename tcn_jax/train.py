@@ -37,6 +37,7 @@ from tcn_jax.errors import TCNError
 STAGES = ('teacher', 'students', 'head', 'kd', 'kdgan')
 METHODS = ('ff', 'gan')
 CHUNKINGS = ('contiguous', 'pca')
+LR_SCHEDULES = ('constant', 'cosine')
 
 
 def make_optimizer(name: str, learning_rate: float, field: str):
@@ -331,6 +332,10 @@ def validate(config):
   if config.students.logit_weight and config.method != 'ff':
     raise TCNError('config.students.logit_weight > 0 needs config.method='
                    f"'ff', got {config.method!r}")
+  if config.students.lr_schedule not in LR_SCHEDULES:
+    raise TCNError(f'unknown config.students.lr_schedule '
+                   f'{config.students.lr_schedule!r}; choose one of '
+                   f'{", ".join(LR_SCHEDULES)}')
   _check_number('teacher.lr_step_epochs', config.teacher.lr_step_epochs, int,
                 0)
   _check_number('teacher.lr_step_factor', config.teacher.lr_step_factor,
@@ -464,7 +469,7 @@ def train_students(specs, x, features, num_students, *, epochs,
                    out_relu=False, init='normal', weight_decay=0.0, seed=0,
                    strategy='auto', impl='auto', val=None, gan=None,
                    workdir=None, writer=None, members=None, dir_suffix='',
-                   logit_match=None):
+                   logit_match=None, lr_schedule='constant'):
   """Stage 2: n students regress the n contiguous chunks of `features`.
 
   specs: one architecture string for all students, or one per student.
@@ -477,6 +482,8 @@ def train_students(specs, x, features, num_students, *, epochs,
   'seconds'}.
   logit_match: optional dict(head, head_variables, weight, temperature,
   basis) adding `logit_matching_loss` to FF students' MSE.
+  lr_schedule: 'constant' (the paper) or 'cosine' (decays learning_rate to
+  0 over the epochs; not in the paper).
   members: train only these member ids (tcn_jax.distributed: a process's
   share); the groups returned hold only them, and other students' val_mse
   is []. dir_suffix is appended to the group checkpoint directories.
@@ -493,7 +500,11 @@ def train_students(specs, x, features, num_students, *, epochs,
   if val is not None:
     val_x, val_chunks = val[0], features_lib.chunk(val[1], num_students)
   seed = stage_seed(seed, 'students')
-  tx = make_optimizer(optimizer, learning_rate, 'config.students.optimizer')
+  lr = learning_rate
+  if lr_schedule == 'cosine':
+    lr = optax.cosine_decay_schedule(
+        learning_rate, max(1, epochs * (len(x) // batch_size)))
+  tx = make_optimizer(optimizer, lr, 'config.students.optimizer')
   val_mse, histories, seconds = {}, [], 0.0
   for gi, group in enumerate(groups):
     # -- distributed: only this process's members (gi stays the full index).
@@ -892,7 +903,8 @@ def _students_stage(config, ds, shared, workdir, writer):
       out_relu=c.out_relu, init=c.init, weight_decay=c.weight_decay,
       seed=config.seed, strategy=c.strategy, impl=config.layers_impl,
       val=(ds.val.x, shared['val']), gan=gan_settings(config, n),
-      workdir=workdir, writer=writer, logit_match=logit_match)
+      workdir=workdir, writer=writer, logit_match=logit_match,
+      lr_schedule=c.lr_schedule)
 
 
 def _distributed_record(students_info):

@@ -125,6 +125,8 @@ CASES = [
      "config.students.logit_weight > 0 needs config.method='ff'", None),
     ('negative logit weight', {'students__logit_weight': -1.0},
      'config.students.logit_weight must be a number >= 0', None),
+    ('unknown student LR schedule', {'students__lr_schedule': 'linear'},
+     "unknown config.students.lr_schedule 'linear'", None),
     ('bad optimizer', {'head__optimizer': 'rmsprop'},
      "unknown optimizer 'rmsprop' (config.head.optimizer)", None),
     ('negative epochs', {'students__epochs': -2},

@@ -66,3 +66,36 @@ def test_heterogeneous_students_group_and_keep_chunk_order():
   config.students.arch = 'C4 MP F | C8 MP F'
   with pytest.raises(train.TCNError, match='2 architectures'):
     train.student_specs(config)
+
+
+def test_cosine_student_schedule_starts_at_the_base_rate():
+  """lr_schedule='cosine' takes its first step at the base learning rate
+  (one step: same students as 'constant') and then decays (three: not)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = rng.random((8, 10, 10, 1), np.float32)
+  feats = rng.random((8, 4), np.float32)
+
+  def params(schedule, epochs):
+    groups, _ = train.train_students('C4 MP F', x, feats, 2, epochs=epochs,
+                                     batch_size=8, lr_schedule=schedule)
+    return jax.tree_util.tree_leaves(groups[0].variables)
+
+  for a, b in zip(params('constant', 1), params('cosine', 1)):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in
+             zip(params('constant', 3), params('cosine', 3)))
+
+
+def test_presets_tuned_and_improved():
+  """'tuned' switches on the non-paper levers; 'improved' gives the paper's
+  Table 4 students (s1 identical, s2-s4 larger) and only for Fashion-MNIST."""
+  fm = importlib.import_module('fashion_mnist')
+  c = fm.get_config('tuned')
+  assert (c.students.logit_weight, c.students.lr_schedule) == (1.0, 'cosine')
+  c = fm.get_config('improved')
+  specs = train.student_specs(c)
+  assert c.num_students == 4 and specs[0] == fm.STUDENTS_FMNIST['4']
+  assert len(set(specs[1:])) == 1 and specs[1] != specs[0]
+  with pytest.raises(ValueError, match='fashion_mnist only'):
+    importlib.import_module('cifar10').get_config('improved')
