@@ -16,6 +16,7 @@ Per seed, one workdir per run under ROOT/seed<S>/<run>, each an ordinary
                                 (contiguous chunks = ff<n>)
   improved4                     Table 4: n = 4 FF with non-identical students
                                 (':improved' preset)
+  logit4                        ablation: FF + logit matching only, n = 4
   tuned<n>                      FF + the levers that are not in the paper
                                 (':tuned' preset: logit matching, cosine LR)
 
@@ -90,6 +91,9 @@ def grid(seeds, gan_targets_all_n=True):
             f'--config.num_students={n}', '--config.chunking=pca',
             f'--config.pca_assignment={assignment}', *seed]))
     runs.append(Run(s, 'improved4', 'improved', [*seed]))
+    runs.append(Run(s, 'logit4', '', ['--config.num_students=4',
+                                      '--config.students.logit_weight=1.0',
+                                      *seed]))
     for n in (4, 1, 2, 8):
       runs.append(Run(s, f'tuned{n}', 'tuned',
                       [f'--config.num_students={n}', *seed]))
@@ -196,7 +200,7 @@ def launch(run, root, smoke, extra, log):
   cmd = command(run, root, smoke, extra)
   env = dict(os.environ, PYTHONUNBUFFERED='1')
   t0 = time.time()
-  with open(os.path.join(w, 'log.txt'), 'a') as out:
+  with open(os.path.join(w, 'log.txt'), 'a', buffering=1) as out:
     out.write(f'\n$ {shlex.join(cmd)}\n')
     out.flush()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,

@@ -103,8 +103,9 @@ def rows():
                     arch=f'{spec} D10', params=models.num_params(kv['params']),
                     **measure(lambda v, x, kd=kd: kd.apply(v, x), kv)))
 
-  for n in NS:
-    cfg = _load_config()
+  # The paper's students per n, then Table 4's non-identical n=4 students.
+  for n, preset in [(n, '') for n in NS] + [(4, 'improved')]:
+    cfg = _load_config(preset)
     cfg.num_students = n
     specs = train.student_specs(cfg)
     widths = features_lib.chunk_sizes(256, n)
@@ -112,9 +113,16 @@ def rows():
                            IMPL) for s, w in zip(specs, widths)]
     svs = [_init(m, k) for m, k in zip(nets, jax.random.split(key, n))]
     each = [models.num_params(v['params']) for v in svs]
-    one = measure(lambda v, x, m=nets[0]: m.apply(v, x), svs[0])
-    out.append(dict(key=f'student{n}', config=f'n={n}: one student',
-                    arch=f'{specs[0]} D{widths[0]}', params=each[0], **one))
+    name, tag = (f'n={n}', '') if not preset else (f'n={n} {preset}',
+                                                   f'_{preset}')
+    kinds = {s: [j + 1 for j, t in enumerate(specs) if t == s] for s in specs}
+    for i in sorted({specs.index(s) for s in specs}):   # One row per kind.
+      which = ('one student' if len(kinds) == 1 else 'student ' + ', '.join(
+          f's{j}' for j in kinds[specs[i]]))
+      out.append(dict(key=f'student{n}{tag}' + (f'_s{i + 1}' if tag else ''),
+                      config=f'{name}: {which}', arch=f'{specs[i]} D{widths[i]}',
+                      params=each[i],
+                      **measure(lambda v, x, m=nets[i]: m.apply(v, x), svs[i])))
     head_n = models.Head(10, float(train.per_n(cfg, 'head.dropout', n)))
 
     def tcn(vs, x, nets=nets, head_n=head_n):
@@ -123,8 +131,13 @@ def rows():
                              axis=-1)
       return head_n.apply(hvars, feat)
 
-    out.append(dict(key=f'tcn{n}', config=f'n={n}: TCN (all {n} students + '
-                    'head)', arch=f'{n} x student + head D10',
+    out.append(dict(key=f'tcn{n}{tag}', config=f'{name}: TCN (all {n} '
+                    'students + head)', arch=f'{n} x student + head D10'
+                    if not tag else ' + '.join(
+                        f'{len(m)} x s{m[0]}' if len(m) == 1 else
+                        f'{len(m)} x (' + ', '.join(f's{j}' for j in m) + ')'
+                        for m in kinds.values())
+                    + ' + head D10',
                     params=sum(each) + head_params,
                     **measure(tcn, (svs, hv))))
   for r in out:

@@ -22,8 +22,9 @@ class Writer:
     self._tb = SummaryWriter(logdir)
 
   def scalars(self, step: int, values: dict):
-    for name, value in values.items():
-      self._tb.add_scalar(name, float(value), step)
+    for name, value in values.items():   # TensorBoard-legal tag names.
+      tag = name.replace('[', '_').replace(']', '_')
+      self._tb.add_scalar(tag, float(value), step)
     self._tb.flush()
 
   def close(self):
