@@ -45,12 +45,11 @@ from tcn_jax import models
 CONFIG = fashion_mnist.get_config()
 NS = (1, 2, 4, 8)
 BATCHES = (1, 256)
-PARAMS = {}   # Parameter counts of the KD students (filled by make_models).
 
 
 def make_models(x1):
-  """{name: jitted images -> outputs}: the teacher, TCN n for NS, one n = 4
-  student alone; and the teacher's parameters."""
+  """({name: jitted images -> outputs}, {KD name: parameter count}): the
+  teacher, TCN n for NS, one n = 4 student alone and the KD students."""
   teacher = models.Teacher(CONFIG.teacher.body, 10, CONFIG.teacher.head_dropout)
   t_params = teacher.init(jax.random.key(0), x1)['params']
   out = {'teacher': jax.jit(lambda x: teacher.apply({'params': t_params}, x))}
@@ -65,20 +64,11 @@ def make_models(x1):
                                      features.chunk_sizes(256, n))
     for g in groups:
       model = g.model()
-      params = engine.init_group(
-          lambda k, model=model: model.init(k, x1)['params'], n, g.member_ids)
-      if hasattr(g, 'variables'):
-        g.variables = {'params': params}
-      else:   # Older API: StudentGroup.params.
-        g.params = params
-    head = {'params': t_params['head']}
-    if hasattr(assemble, 'teacher_head'):
-      head = assemble.teacher_head({'params': t_params})
+      g.variables = {'params': engine.init_group(
+          lambda k, model=model: model.init(k, x1)['params'], n, g.member_ids)}
     dropout = float(CONFIG.head.dropout_by_n[str(n)])
-    try:
-      tcn = assemble.TCN(groups, 10, dropout, head_variables=head)
-    except TypeError:   # Older API: head_params.
-      tcn = assemble.TCN(groups, 10, dropout, head_params=head['params'])
+    head = assemble.teacher_head({'params': t_params})
+    tcn = assemble.TCN(groups, 10, dropout, head_variables=head)
     out[f'tcn_n{n}'] = assemble.make_predict(tcn)
     if n == 4 and engine.resolve_strategy('auto') != 'vmap':
       out['tcn_n4_vmap'] = assemble.make_predict(tcn, 'vmap')
@@ -90,13 +80,14 @@ def make_models(x1):
   s_params = student.init(jax.random.key(1), x1)['params']
   out['one_n4_student'] = jax.jit(
       lambda x: student.apply({'params': s_params}, x))
+  params = {}
   for n in NS:   # Hinton KD students (also KDGAN's), sized for each n.
     kd = models.Net(f'{CONFIG.kd.arch_by_n[str(n)]} D10')
     kd_params = kd.init(jax.random.key(2), x1)['params']
-    PARAMS[f'kd_n{n}'] = models.num_params(kd_params)
+    params[f'kd_n{n}'] = models.num_params(kd_params)
     out[f'kd_n{n}'] = jax.jit(
         lambda x, kd=kd, p=kd_params: kd.apply({'params': p}, x))
-  return out
+  return out, params
 
 
 def bench_batch(fns, x, rounds, calls):
@@ -128,7 +119,7 @@ def main():
   calls = dict(zip(BATCHES, (int(c) for c in args.calls.split(','))))
   ds = tcn_jax.load_dataset('fashion_mnist')
   bs.log(f'data: {ds.source}, test {ds.test.x.shape}')
-  fns = make_models(jnp.asarray(ds.test.x[:1]))
+  fns, n_params = make_models(jnp.asarray(ds.test.x[:1]))
   results = {}
   for batch in BATCHES:
     x = jnp.asarray(ds.test.x[:batch])
@@ -166,7 +157,7 @@ def main():
            **{f'tcn_n{n}': f'TCN n={n} (all students in one program)'
               for n in NS},
            **{f'kd_n{n}': f'KD / KDGAN student sized for n={n} '
-              f'({PARAMS[f"kd_n{n}"] / 1e3:.1f}k '
+              f'({n_params[f"kd_n{n}"] / 1e3:.1f}k '
               'params)' for n in NS}}
   lines = [f'# Inference latency: assembled TCN vs teacher ({meta["backend"]})',
            '', f'Command: `{meta["command"]}`', '',

@@ -131,13 +131,9 @@ def rows():
                              axis=-1)
       return head_n.apply(hvars, feat)
 
-    out.append(dict(key=f'tcn{n}{tag}', config=f'{name}: TCN (all {n} '
-                    'students + head)', arch=f'{n} x student + head D10'
-                    if not tag else ' + '.join(
-                        f'{len(m)} x s{m[0]}' if len(m) == 1 else
-                        f'{len(m)} x (' + ', '.join(f's{j}' for j in m) + ')'
-                        for m in kinds.values())
-                    + ' + head D10',
+    out.append(dict(key=f'tcn{n}{tag}',
+                    config=f'{name}: TCN (all {n} students + head)',
+                    arch=_tcn_arch(n, kinds) + ' + head D10',
                     params=sum(each) + head_params,
                     **measure(tcn, (svs, hv))))
   for r in out:
@@ -145,6 +141,16 @@ def rows():
     r['paper_params'], r['paper_flops'], r['paper_row'] = (
         PAPER_ROWS[p] if p is not None else (None, None, None))
   return out, head_params
+
+
+def _tcn_arch(n, kinds):
+  """'4 x student' for identical students, else '1 x s1 + 3 x (s2, s3, s4)'
+  (kinds: {spec: [student numbers]})."""
+  if len(kinds) == 1:
+    return f'{n} x student'
+  return ' + '.join(f'1 x s{m[0]}' if len(m) == 1 else
+                    f'{len(m)} x (' + ', '.join(f's{j}' for j in m) + ')'
+                    for m in kinds.values())
 
 
 def _num(v):
