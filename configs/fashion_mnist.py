@@ -5,6 +5,8 @@ num_students from the matching `*_by_n` table, so `--config.num_students=8`
 switches architecture and schedules together. Presets after a colon:
 `configs/fashion_mnist.py:smoke` is a seconds-long run on a small subset.
 """
+import re
+
 import ml_collections
 
 # Student trunks per n (reference Sec. 3); the output Dense of the chunk's
@@ -21,6 +23,16 @@ STUDENTS_FMNIST = {
 # 82,560 parameters with a 64-wide chunk.
 IMPROVED_FMNIST_4 = ' | '.join(
     [STUDENTS_FMNIST['4']] + ['C32 C32 MP C32 C32 C32 MP Do.25 F D128r Do.3'] * 3)
+
+
+def with_batchnorm(spec: str) -> str:
+  """`spec` with BatchNorm between each ReLU conv / dense layer and its ReLU
+  ('C32' -> 'C32lin BN R', 'D64r' -> 'D64 BN R'); other tokens are kept."""
+  def one(tok):
+    if re.fullmatch(r'C(\d+-)?\d+(s\d+)?(same)?', tok):
+      return f'{tok}lin BN R'
+    return f'{tok[:-1]} BN R' if re.fullmatch(r'D\d+r', tok) else tok
+  return ' '.join(one(t) for t in spec.split())
 
 
 def get_config(preset: str = ''):
@@ -106,7 +118,9 @@ def apply_preset(c, preset):
   'gan': GAN students with the authors' Fashion-MNIST GAN schedules.
   'tuned' (not in the paper): FF students that also match the teacher's
   logits through its frozen head, with a cosine learning rate.
-  'improved': n=4 with the paper's Table 4 non-identical students."""
+  'improved': n=4 with the paper's Table 4 non-identical students.
+  'bn' (not in the paper): BatchNorm before every ReLU of the students
+  (apply after 'improved' to change its students too)."""
   if preset == 'gan':
     c.method = 'gan'
     c.students.epochs, c.students.learning_rate = 55, 2e-4
@@ -115,6 +129,12 @@ def apply_preset(c, preset):
   if preset == 'tuned':
     c.students.logit_weight, c.students.lr_schedule = 1.0, 'cosine'
     return
+  if preset == 'bn':
+    c.students.arch_by_n = {k: with_batchnorm(v)
+                            for k, v in c.students.arch_by_n.items()}
+    if c.students.arch:
+      c.students.arch = with_batchnorm(c.students.arch)
+    return
   if preset == 'improved':
     if c.data.name != 'fashion_mnist':
       raise ValueError("preset 'improved' exists for fashion_mnist only")
@@ -122,7 +142,7 @@ def apply_preset(c, preset):
     return
   if preset != 'smoke':
     raise ValueError(f'unknown preset {preset!r}; known: smoke, gan, tuned, '
-                     'improved')
+                     'improved, bn')
   c.data.train_size, c.data.test_size = 3000, 1000
   c.teacher.epochs, c.teacher.batch_size = 3, 100
   c.students.epochs, c.students.batch_size = 4, 100

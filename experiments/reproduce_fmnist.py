@@ -19,6 +19,8 @@ Per seed, one workdir per run under ROOT/seed<S>/<run>, each an ordinary
   logit4                        ablation: FF + logit matching only, n = 4
   tuned<n>                      FF + the levers that are not in the paper
                                 (':tuned' preset: logit matching, cosine LR)
+  tuned_bn<n>                   tuned<n> + BatchNorm in the students (':bn')
+  tuned_long<n>                 tuned<n> with 30 student epochs
 
 The teacher is trained once per seed: before a run starts, the seed's
 finished teacher (`teacher/` + `features.npz` of any run of that seed that
@@ -50,13 +52,14 @@ CONFIG = 'configs/fashion_mnist.py'
 NS = (1, 2, 4, 8)
 GAN_TARGETS = ('student_output', 'disc_reconstruction')
 SMOKE_CELLS = 'ff2,kd2'
+LONG_EPOCHS = 30   # tuned_long<n>: student epochs (the paper: 10).
 
 
 @dataclasses.dataclass
 class Run:
   seed: int
   name: str
-  preset: str                    # '', 'gan', 'improved' or 'tuned'.
+  preset: str                    # Config presets, e.g. '', 'gan', 'tuned,bn'.
   overrides: list
   reuse_students_from: str = ''  # A finished run with the same students/head.
   status: str = 'planned'
@@ -97,6 +100,12 @@ def grid(seeds, gan_targets_all_n=True):
     for n in (4, 1, 2, 8):
       runs.append(Run(s, f'tuned{n}', 'tuned',
                       [f'--config.num_students={n}', *seed]))
+    for n in (1, 4, 2, 8):
+      runs.append(Run(s, f'tuned_bn{n}', 'tuned,bn',
+                      [f'--config.num_students={n}', *seed]))
+      runs.append(Run(s, f'tuned_long{n}', 'tuned', [
+          f'--config.num_students={n}',
+          f'--config.students.epochs={LONG_EPOCHS}', *seed]))
   return runs
 
 

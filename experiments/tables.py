@@ -118,6 +118,15 @@ class Rec:
                     f'T={st.get("logit_temperature", 2.0):g}')
     if st.get('lr_schedule', 'constant') != 'constant':
       levers.append(f'{st["lr_schedule"]} LR')
+    if cfg and ' BN' in str(st.get('arch') or per_n(cfg, 'students', 'arch',
+                                                    self.n)):
+      levers.append('BatchNorm in students')
+    if cfg:   # Longer or shorter schedules than the paper's.
+      paper = _load_config('gan' if self.method == 'gan' else '')
+      for stage in ('students', 'head'):
+        ours, theirs = (per_n(c, stage, 'epochs', self.n) for c in (cfg, paper))
+        if ours != theirs:
+          levers.append(f'{ours} {stage} epochs (paper {theirs})')
     self.variant = ', '.join(levers)
     self.subset = bool(cfg and (cfg['data'].get('train_size') or
                                 cfg['data'].get('test_size')))

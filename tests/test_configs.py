@@ -99,3 +99,31 @@ def test_presets_tuned_and_improved():
   assert len(set(specs[1:])) == 1 and specs[1] != specs[0]
   with pytest.raises(ValueError, match='fashion_mnist only'):
     importlib.import_module('cifar10').get_config('improved')
+
+
+def test_preset_bn_adds_batchnorm_before_each_relu():
+  """'bn' keeps the paper's students and adds BatchNorm before each ReLU:
+  2 parameters (scale, bias) per channel more, and batch statistics that
+  training updates."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  fm = importlib.import_module('fashion_mnist')
+  assert fm.with_batchnorm('C32 C16lin MP F D64r D8') == (
+      'C32lin BN R C16lin MP F D64 BN R D8')
+  c = fm.get_config('bn')
+  spec = train.student_specs(c)[0]
+  plain = fm.STUDENTS_FMNIST['4']
+  assert spec.count('BN') == plain.count('C') + plain.count('r ')
+  x = np.zeros((1, 28, 28, 1), np.float32)
+  count = lambda s: models.num_params(
+      models.student(s, 64).init(jax.random.key(0), x)['params'])
+  assert count(spec) - count(plain) == 2 * (32 + 32 + 16 + 16 + 16)
+  assert 'D128 BN R' in train.student_specs(fm.get_config('improved,bn'))[1]
+  rng = np.random.default_rng(0)
+  xs = rng.random((16, 10, 10, 1), np.float32)
+  groups, _ = train.train_students(fm.with_batchnorm('C4 MP F'), xs,
+                                   rng.random((16, 4), np.float32), 2,
+                                   epochs=1, batch_size=8)
+  stats = jax.tree_util.tree_leaves_with_path(
+      groups[0].variables['batch_stats'])
+  means = [a for path, a in stats if 'mean' in jax.tree_util.keystr(path)]
+  assert means and all(np.any(a != 0) for a in means)   # Initially zeros.
