@@ -19,6 +19,9 @@ Per seed, one workdir per run under ROOT/seed<S>/<run>, each an ordinary
   logit4                        ablation: FF + logit matching only, n = 4
   tuned<n>                      FF + the levers that are not in the paper
                                 (':tuned' preset: logit matching, cosine LR)
+  wide<n>                       FF, n = 2, 4, 8, students without the
+                                paper's 16-unit bottleneck, same parameters
+                                (':wide')
   tuned_bn<n>                   tuned<n> + BatchNorm in the students (':bn')
   tuned_long<n>                 tuned<n> with 30 student epochs
 
@@ -99,6 +102,9 @@ def grid(seeds, gan_targets_all_n=True):
                                       *seed]))
     for n in (4, 1, 2, 8):
       runs.append(Run(s, f'tuned{n}', 'tuned',
+                      [f'--config.num_students={n}', *seed]))
+    for n in (4, 2, 8):
+      runs.append(Run(s, f'wide{n}', 'wide',
                       [f'--config.num_students={n}', *seed]))
     for n in (1, 4, 2, 8):
       runs.append(Run(s, f'tuned_bn{n}', 'tuned,bn',

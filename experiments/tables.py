@@ -20,6 +20,7 @@ current configs/fashion_mnist.py (marked *).
 """
 import argparse
 import collections
+import functools
 import importlib.util
 import json
 import math
@@ -72,12 +73,17 @@ def _show(path):
   return os.path.abspath(path) if rel.startswith('..') else rel
 
 
-def _load_config(preset=''):
+@functools.cache
+def _config_module():
   path = os.path.join(REPO, 'configs', 'fashion_mnist.py')
   spec = importlib.util.spec_from_file_location('fmnist_config', path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  return json.loads(mod.get_config(preset).to_json())
+  return mod
+
+
+def _load_config(preset=''):
+  return json.loads(_config_module().get_config(preset).to_json())
 
 
 def per_n(cfg, section, field, n):
@@ -118,9 +124,13 @@ class Rec:
                     f'T={st.get("logit_temperature", 2.0):g}')
     if st.get('lr_schedule', 'constant') != 'constant':
       levers.append(f'{st["lr_schedule"]} LR')
-    if cfg and ' BN' in str(st.get('arch') or per_n(cfg, 'students', 'arch',
-                                                    self.n)):
+    arch = str(st.get('arch') or per_n(cfg, 'students', 'arch', self.n)
+               if cfg else '')
+    if ' BN' in arch:
       levers.append('BatchNorm in students')
+    wide = _config_module().WIDE_FMNIST
+    if arch in (wide, _config_module().with_batchnorm(wide)):
+      levers.append('48-unit instead of 16-unit bottleneck')
     if cfg:   # Longer or shorter schedules than the paper's.
       paper = _load_config('gan' if self.method == 'gan' else '')
       for stage in ('students', 'head'):

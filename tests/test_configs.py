@@ -127,3 +127,24 @@ def test_preset_bn_adds_batchnorm_before_each_relu():
       groups[0].variables['batch_stats'])
   means = [a for path, a in stats if 'mean' in jax.tree_util.keystr(path)]
   assert means and all(np.any(a != 0) for a in means)   # Initially zeros.
+
+
+def test_preset_wide_keeps_the_parameter_budget():
+  """'wide' widens the n >= 2 students' 16-unit bottleneck to 48 units at
+  about the paper's parameters per student (within 13%); n = 1 is kept."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  fm = importlib.import_module('fashion_mnist')
+  x = np.zeros((1, 28, 28, 1), np.float32)
+  for n in (1, 2, 4, 8):
+    c = fm.get_config('wide')
+    c.num_students = n
+    spec = train.student_specs(c)[0]
+    width = features.chunk_sizes(256, n)[0]
+    got = models.num_params(
+        models.student(spec, width).init(jax.random.key(0), x)['params'])
+    paper = PAPER_STUDENT_PARAMS['fashion_mnist'][n]
+    if n == 1:
+      assert spec == fm.STUDENTS_FMNIST['1'] and got == paper
+    else:
+      assert 'D48r' in spec and 'D16r' not in spec
+      assert abs(got - paper) <= 0.13 * paper, (n, got, paper)
