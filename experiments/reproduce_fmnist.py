@@ -1,7 +1,8 @@
 """Launches the paper's Table 3 grid (and the chunking study) on Fashion-MNIST.
 
   python experiments/reproduce_fmnist.py [--root runs/fmnist_grid] [--seeds 0 1]
-      [--only 'ff*,kd4'] [--dry-run] [--smoke] [--device-extra-flags '...']
+      [--only 'ff*,kd4'] [--jobs 8] [--dry-run] [--smoke]
+      [--device-extra-flags '...']
 
 Per seed, one workdir per run under ROOT/seed<S>/<run>, each an ordinary
 `python -m tcn_jax.main` run (config.seed = S):
@@ -29,9 +30,12 @@ The teacher is trained once per seed: before a run starts, the seed's
 finished teacher (`teacher/` + `features.npz` of any run of that seed that
 has them) is copied into its workdir, so the pipeline skips that stage.
 kd<n> / kdgan<n> also copy ff<n>'s finished students and head (same config
-for those stages), so they only train the baseline. Everything is resumable:
-a run whose workdir has results.json is skipped, an interrupted one resumes
-from its last epoch when the same command runs again.
+for those stages), so they only train the baseline. With --jobs K, K runs
+are in flight at once (these models leave one GPU mostly idle); a run
+starts once its seed's teacher is trained and, for kd/kdgan, once ff<n> has
+finished. Everything is resumable: a run whose workdir has results.json is
+skipped, an interrupted one resumes from its last epoch when the same
+command runs again.
 
 Writes a report of the grid (commands, status, seconds) to OUT.md / OUT.json
 (--out, default experiments/results/reproduce_fmnist) and ROOT/grid.json.
@@ -48,6 +52,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -206,33 +211,48 @@ def prepare(run, root, runs, log):
           'students')
 
 
-RUNNING = []   # The pipeline process in flight (for SIGTERM forwarding).
+RUNNING = []   # The pipelines in flight (for SIGTERM forwarding).
 
 
-def launch(run, root, smoke, extra, log):
+def launch(run, root, smoke, extra, log, env=None):
   """Runs the pipeline; its output goes to <workdir>/log.txt."""
   w = run.workdir(root)
   cmd = command(run, root, smoke, extra)
-  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  env = dict(env or os.environ, PYTHONUNBUFFERED='1')
   t0 = time.time()
   with open(os.path.join(w, 'log.txt'), 'a', buffering=1) as out:
     out.write(f'\n$ {shlex.join(cmd)}\n')
     out.flush()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    RUNNING[:] = [proc]
+    RUNNING.append(proc)
     try:
       for line in proc.stdout:
         out.write(line)
         if ('accuracy' in line or line.startswith('error')
             or 'Traceback' in line):
-          log('  ' + line.rstrip()[-160:])
+          log(f'  seed{run.seed}/{run.name}: ' + line.rstrip()[-160:])
       rc = proc.wait()
     except KeyboardInterrupt:   # The child got the SIGINT too: let it save.
       rc = proc.wait()
-    RUNNING.clear()
+    RUNNING.remove(proc)
   run.seconds, run.rc = time.time() - t0, rc
   return rc
+
+
+def ready(run, runs, root):
+  """Whether `run` can start now (with --jobs > 1): its seed's teacher is
+  finished, or no other selected run is still to train it; and the run it
+  copies students from is finished, or not selected, or failed."""
+  first = teacher_runs(runs)[run.seed]
+  by_name = {(r.seed, r.name): r for r in runs}
+  unsettled = ('planned', 'running')
+  if (run.name != first and by_name[run.seed, first].status in unsettled
+      and not os.path.exists(os.path.join(run.workdir(root), 'teacher'))
+      and finished_teacher(root, run, runs) is None):
+    return False
+  src = by_name.get((run.seed, run.reuse_students_from))
+  return src is None or src.status not in unsettled
 
 
 def teacher_runs(runs):
@@ -324,6 +344,12 @@ def main(argv=None):
                   help="extra flags for every run, one quoted string, e.g. "
                        "'--config.data.dir=/usr/share/datasets/fashion-mnist "
                        "--config.students.strategy=vmap'")
+  ap.add_argument('--jobs', type=int, default=1,
+                  help='runs in flight at once (default 1). On one GPU '
+                       'several small runs share it: each gets '
+                       '0.9/jobs of its memory (XLA_PYTHON_CLIENT_MEM_'
+                       'FRACTION). A run waits for its seed\'s teacher and '
+                       'for the run it copies students from')
   ap.add_argument('--out', default=None,
                   help='report path without extension (.md, .json); default '
                        'experiments/results/reproduce_fmnist[_smoke]')
@@ -346,6 +372,8 @@ def main(argv=None):
   runs = select(grid(args.seeds, not args.gan_both_targets_only_n4), only)
   if not runs:
     ap.error(f'--only {args.only!r} selects no run')
+  if args.jobs < 1:
+    ap.error(f'--jobs must be at least 1, got {args.jobs}')
   t_start = time.time()
 
   def log(msg):
@@ -361,8 +389,8 @@ def main(argv=None):
                  time.time() - t_start)
     return 0
 
-  # SIGTERM: forwarded to the running pipeline (it saves its epoch), then
-  # the loop stops; SIGINT reaches the child directly (same process group).
+  # SIGTERM: forwarded to the running pipelines (they save their epoch),
+  # then the loop stops.
   stop = []
 
   def on_term(signum, _):
@@ -371,19 +399,23 @@ def main(argv=None):
       proc.send_signal(signum)
 
   signal.signal(signal.SIGTERM, on_term)
-  for i, r in enumerate(runs):
-    w = r.workdir(root)
-    if os.path.isfile(os.path.join(w, 'results.json')):
+  # SIGINT (Ctrl-C) reaches the pipelines directly (same process group);
+  # the launcher only stops starting runs and waits for them to save.
+  signal.signal(signal.SIGINT, lambda signum, _: stop.append(signum))
+  env = dict(os.environ)
+  if args.jobs > 1:   # Several processes share one accelerator's memory.
+    env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', f'{0.9 / args.jobs:.3f}')
+  index = {id(r): i + 1 for i, r in enumerate(runs)}
+  pending, active = [], []
+  for r in runs:
+    if os.path.isfile(os.path.join(r.workdir(root), 'results.json')):
       r.status = 'done'
-      log(f'[{i + 1}/{len(runs)}] seed{r.seed}/{r.name}: done already')
-      continue
-    if stop:
-      r.status = 'not started'
-      continue
-    log(f'[{i + 1}/{len(runs)}] seed{r.seed}/{r.name}: '
-        f'{shlex.join(command(r, root, args.smoke, extra)[1:])}')
-    prepare(r, root, runs, log)
-    rc = launch(r, root, args.smoke, extra, log)
+      log(f'[{index[id(r)]}/{len(runs)}] seed{r.seed}/{r.name}: done already')
+    else:
+      pending.append(r)
+
+  def work(r):
+    rc = launch(r, root, args.smoke, extra, log, env)
     if rc == 0:
       r.status = 'finished'
     elif rc in (130, 143) or rc < 0:
@@ -391,17 +423,45 @@ def main(argv=None):
       stop.append(rc)
     else:
       r.status = 'failed'
-      log(f'  failed (rc {rc}); log: {_show(os.path.join(w, "log.txt"))}')
-    log(f'  {r.status} in {r.seconds:.0f} s')
-    write_report(args.out, cmdline, args, runs, root, args.smoke, extra,
-                 time.time() - t_start)
+      log(f'  seed{r.seed}/{r.name} failed (rc {rc}); log: '
+          f'{_show(os.path.join(r.workdir(root), "log.txt"))}')
+    log(f'  seed{r.seed}/{r.name}: {r.status} in {r.seconds:.0f} s')
+
+  while pending or active:
+    for r, t in list(active):   # Collect finished runs.
+      if not t.is_alive():
+        t.join()
+        active.remove((r, t))
+        write_report(args.out, cmdline, args, runs, root, args.smoke, extra,
+                     time.time() - t_start)
+    if stop:
+      for r in pending:
+        r.status = 'not started'
+      pending.clear()
+    while pending and len(active) < args.jobs:
+      # In grid order; with nothing in flight the first pending run starts
+      # even if not ready (it then trains what it lacks).
+      r = next((r for r in pending if ready(r, runs, root)),
+               None if active else pending[0])
+      if r is None:
+        break
+      pending.remove(r)
+      log(f'[{index[id(r)]}/{len(runs)}] seed{r.seed}/{r.name}: '
+          f'{shlex.join(command(r, root, args.smoke, extra)[1:])}')
+      prepare(r, root, runs, log)
+      r.status = 'running'
+      t = threading.Thread(target=work, args=(r,), daemon=True)
+      t.start()
+      active.append((r, t))
+    if active:
+      time.sleep(0.5 if args.jobs > 1 else 0.05)
   write_report(args.out, cmdline, args, runs, root, args.smoke, extra,
                time.time() - t_start)
   done = sum(r.status in ('done', 'finished') for r in runs)
   log(f'{done}/{len(runs)} runs finished; report: {_show(args.out)}.md')
   if stop:
     log('stopped: run the same command again to resume')
-    return 130 if 130 in stop else 143
+    return 130 if 130 in stop or signal.SIGINT in stop else 143
   return 0 if done == len(runs) else 1
 
 
