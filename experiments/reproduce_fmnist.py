@@ -226,22 +226,19 @@ def launch(run, root, smoke, extra, log, env=None):
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     RUNNING.append(proc)
-    try:
-      for line in proc.stdout:
-        out.write(line)
-        if ('accuracy' in line or line.startswith('error')
-            or 'Traceback' in line):
-          log(f'  seed{run.seed}/{run.name}: ' + line.rstrip()[-160:])
-      rc = proc.wait()
-    except KeyboardInterrupt:   # The child got the SIGINT too: let it save.
-      rc = proc.wait()
+    for line in proc.stdout:
+      out.write(line)
+      if ('accuracy' in line or line.startswith('error')
+          or 'Traceback' in line):
+        log(f'  seed{run.seed}/{run.name}: ' + line.rstrip()[-160:])
+    rc = proc.wait()
     RUNNING.remove(proc)
   run.seconds, run.rc = time.time() - t0, rc
   return rc
 
 
 def ready(run, runs, root):
-  """Whether `run` can start now (with --jobs > 1): its seed's teacher is
+  """Whether `run` can start now: its seed's teacher is
   finished, or no other selected run is still to train it; and the run it
   copies students from is finished, or not selected, or failed."""
   first = teacher_runs(runs)[run.seed]
