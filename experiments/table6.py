@@ -103,8 +103,10 @@ def rows():
                     arch=f'{spec} D10', params=models.num_params(kv['params']),
                     **measure(lambda v, x, kd=kd: kd.apply(v, x), kv)))
 
-  # The paper's students per n, then Table 4's non-identical n=4 students.
-  for n, preset in [(n, '') for n in NS] + [(4, 'improved')]:
+  # The paper's students per n, Table 4's non-identical n=4 students, and
+  # the ':wide' students (48-unit bottleneck, not in the paper).
+  for n, preset in ([(n, '') for n in NS] + [(4, 'improved')]
+                    + [(n, 'wide') for n in (2, 4, 8)]):
     cfg = _load_config(preset)
     cfg.num_students = n
     specs = train.student_specs(cfg)
