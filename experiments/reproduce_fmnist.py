@@ -25,6 +25,7 @@ Per seed, one workdir per run under ROOT/seed<S>/<run>, each an ordinary
                                 (':wide')
   tuned_bn<n>                   tuned<n> + BatchNorm in the students (':bn')
   tuned_long<n>                 tuned<n> with 30 student epochs
+  tuned_wide_bn<n>              tuned<n> + ':wide' + ':bn', n = 2, 4, 8
 
 The teacher is trained once per seed: before a run starts, the seed's
 finished teacher (`teacher/` + `features.npz` of any run of that seed that
@@ -117,6 +118,9 @@ def grid(seeds, gan_targets_all_n=True):
       runs.append(Run(s, f'tuned_long{n}', 'tuned', [
           f'--config.num_students={n}',
           f'--config.students.epochs={LONG_EPOCHS}', *seed]))
+    for n in (4, 2, 8):
+      runs.append(Run(s, f'tuned_wide_bn{n}', 'tuned,wide,bn',
+                      [f'--config.num_students={n}', *seed]))
   return runs
 
 
