@@ -67,6 +67,18 @@ GAN_LABEL = {'student_output': "GAN, paper's loss (MSE on the student output)",
 
 # ----------------------------------------------------------------- loading
 
+_SHORT = (('logit matching x1 at T=2', 'logit'), ('cosine LR', 'cos LR'),
+          ('BatchNorm in students', 'BN'),
+          ('48-unit instead of 16-unit bottleneck', 'wide'))
+
+
+def _short(variant):
+  """A lever list short enough for a plot legend."""
+  for long, short in _SHORT:
+    variant = variant.replace(long, short)
+  return variant
+
+
 def _show(path):
   """A path relative to the repository, or absolute outside it."""
   rel = os.path.relpath(os.path.abspath(path), REPO)
@@ -565,13 +577,15 @@ class Tables:
                   self.key('gan', n, 'disc_reconstruction')), 'C2', '^'),
               ('Hinton KD', lambda n: self.baseline('kd', n), 'C3', 'D'),
               ('KDGAN', lambda n: self.baseline('kdgan', n), 'C4', 'v')]
-    for i, variant in enumerate(sorted({k[5] for k in self.tcn if k[5]})):
-      series.append((f'TCN FF + {variant}', lambda n, v=variant: self.cell(
-          self.key('ff', n, variant=v)), f'C{5 + i}', 'P'))
+    variants = sorted({k[5] for k in self.tcn if k[5]})
+    for i, variant in enumerate(variants):
+      series.append((f'TCN FF + {_short(variant)}', lambda n, v=variant:
+                     self.cell(self.key('ff', n, variant=v)), f'C{5 + i}',
+                     'P'))
     teacher = stats([r.r['teacher_test_acc'] for r in self.teachers])
 
     # 1. Accuracy vs n.
-    fig, ax = plt.subplots(figsize=(9.5, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 6.5))
     for label, get, color, marker in series:
       pts = [(n, get(n)) for n in NS if get(n)]
       if pts:
@@ -592,14 +606,15 @@ class Tables:
     ax.set_xlabel('number of students n')
     ax.set_ylabel('test accuracy (%)')
     ax.set_title('Fashion-MNIST: accuracy vs n')
-    ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1))
+    ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.12),
+              ncol=2)
     ax.grid(alpha=.3)
     fig.tight_layout()
     files.append(self._save(fig, out, 'acc_vs_n.png'))
     plt.close(fig)
 
     # 2. Accuracy vs total student parameters.
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 6.5))
     for label, method, target, color, marker in (
         ('TCN FF', 'ff', None, 'C0', 'o'),
         ("TCN GAN (paper's loss)", 'gan', 'student_output', 'C1', 's'),
@@ -616,6 +631,17 @@ class Tables:
         for x, y, n in zip(xs, ys, ns):
           ax.annotate(f'n={n}', (x, y), fontsize=7, xytext=(3, 3),
                       textcoords='offset points')
+    for i, variant in enumerate(variants):   # Levers: points, same colours.
+      pts = [(runs[0].r['params']['students_total'],
+              100 * self.cell(self.key('ff', n, variant=variant))['mean'], n)
+             for n in NS
+             for runs in [self.tcn.get(self.key('ff', n, variant=variant))]
+             if runs]
+      ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], 'P',
+              color=f'C{5 + i}', label=f'TCN FF + {_short(variant)}')
+      for x, y, n in pts:
+        ax.annotate(f'n={n}', (x, y), fontsize=7, xytext=(3, 3),
+                    textcoords='offset points')
     for stage, label, color, marker in (('kd', 'Hinton KD', 'C3', 'D'),
                                         ('kdgan', 'KDGAN', 'C4', 'v')):
       xs, ys = [], []
@@ -636,7 +662,8 @@ class Tables:
                   'teacher)')
     ax.set_ylabel('test accuracy (%)')
     ax.set_title('Fashion-MNIST: accuracy vs parameters')
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.14),
+              ncol=2)
     ax.grid(alpha=.3)
     fig.tight_layout()
     files.append(self._save(fig, out, 'acc_vs_params.png'))
