@@ -21,10 +21,15 @@ def launcher(monkeypatch):
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   events, lock = [], threading.Lock()
+  flight = {'now': 0, 'max': 0, 'wait_for': 0, 'reached': threading.Event()}
 
   def fake_launch(run, root, smoke, extra, log, env=None):
     with lock:
       events.append(('start', run.name, env or {}))
+      flight['now'] += 1
+      flight['max'] = max(flight['max'], flight['now'])
+      if flight['now'] >= flight['wait_for']:
+        flight['reached'].set()
     w = run.workdir(root)
     if not os.path.exists(os.path.join(w, 'teacher')):   # Teacher stage.
       time.sleep(0.3)
@@ -33,17 +38,21 @@ def launcher(monkeypatch):
       with lock:
         events.append(('teacher', run.name, None))
     time.sleep(0.3)   # Students and head.
+    # Finish only once `wait_for` runs were in flight together (or after
+    # 10 s), so that the concurrency check does not depend on timing.
+    flight['reached'].wait(10)
     for d in ('students', 'head'):
       os.makedirs(os.path.join(w, d), exist_ok=True)
     with open(os.path.join(w, 'results.json'), 'w') as f:
       json.dump({}, f)
     with lock:
       events.append(('end', run.name, None))
+      flight['now'] -= 1
     run.seconds, run.rc = 0.3, 0
     return 0
 
   monkeypatch.setattr(mod, 'launch', fake_launch)
-  return mod, events
+  return mod, events, flight
 
 
 def _order(events):
@@ -51,7 +60,7 @@ def _order(events):
 
 
 def test_one_job_runs_in_grid_order(launcher, tmp_path):
-  mod, events = launcher
+  mod, events, _ = launcher
   rc = mod.main(['--root', str(tmp_path / 'g'), '--seeds', '0', '--only',
                  'ff4,ff1,kd4', '--out', str(tmp_path / 'report')])
   assert rc == 0
@@ -70,7 +79,8 @@ def test_one_job_runs_in_grid_order(launcher, tmp_path):
 
 
 def test_jobs_wait_for_teacher_and_students(launcher, tmp_path):
-  mod, events = launcher
+  mod, events, flight = launcher
+  flight['wait_for'] = 3
   rc = mod.main(['--root', str(tmp_path / 'g'), '--seeds', '0', '1',
                  '--only', 'ff4,ff1,ff2,kd4', '--jobs', '3',
                  '--out', str(tmp_path / 'report')])
@@ -85,10 +95,8 @@ def test_jobs_wait_for_teacher_and_students(launcher, tmp_path):
   for name in ('ff1', 'ff2'):
     assert order.index(('start', name)) > first_teacher
   assert order.index(('start', 'kd4')) > order.index(('end', 'ff4'))
-  in_flight = [0]   # Never more than --jobs at once, and 3 at some point.
-  for kind, _ in order:
-    in_flight.append(in_flight[-1] + {'start': 1, 'end': -1}.get(kind, 0))
-  assert max(in_flight) == 3
+  # 3 runs were in flight together, never more (--jobs 3).
+  assert flight['reached'].is_set() and flight['max'] == 3
   assert all(e[2]['XLA_PYTHON_CLIENT_MEM_FRACTION'] == '0.300'
              for e in events if e[0] == 'start')
   report = json.load(open(tmp_path / 'report.json'))
@@ -97,7 +105,7 @@ def test_jobs_wait_for_teacher_and_students(launcher, tmp_path):
 
 
 def test_bad_jobs_value_is_refused(launcher, tmp_path, capsys):
-  mod, _ = launcher
+  mod, _, _ = launcher
   with pytest.raises(SystemExit):
     mod.main(['--root', str(tmp_path), '--jobs', '0'])
   assert '--jobs must be at least 1' in capsys.readouterr().err
