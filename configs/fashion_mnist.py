@@ -127,8 +127,8 @@ def apply_preset(c, preset):
   'improved': n=4 with the paper's Table 4 non-identical students.
   'bn' (not in the paper): BatchNorm before every ReLU of the students
   (apply after 'improved' to change its students too).
-  'wide' (not in the paper): n >= 2 students with a 48-unit instead of a
-  16-unit bottleneck, same parameter budget (WIDE_FMNIST)."""
+  'wide' (not in the paper; Fashion-MNIST only): n >= 2 students with a
+  48-unit instead of a 16-unit bottleneck, same budget (WIDE_FMNIST)."""
   if preset == 'gan':
     c.method = 'gan'
     c.students.epochs, c.students.learning_rate = 55, 2e-4
@@ -144,6 +144,8 @@ def apply_preset(c, preset):
       c.students.arch = with_batchnorm(c.students.arch)
     return
   if preset == 'wide':
+    if c.data.name != 'fashion_mnist':
+      raise ValueError("preset 'wide' exists for fashion_mnist only")
     c.students.arch_by_n = dict(c.students.arch_by_n, **{
         k: WIDE_FMNIST for k in ('2', '4', '8')})
     return

@@ -148,3 +148,5 @@ def test_preset_wide_keeps_the_parameter_budget():
     else:
       assert 'D48r' in spec and 'D16r' not in spec
       assert abs(got - paper) <= 0.13 * paper, (n, got, paper)
+  with pytest.raises(ValueError, match='fashion_mnist only'):
+    importlib.import_module('mnist').get_config('wide')
