@@ -119,6 +119,11 @@ def get_config(preset: str = ''):
   return c
 
 
+def _fashion_mnist_only(c, preset):
+  if c.data.name != 'fashion_mnist':
+    raise ValueError(f"preset '{preset}' exists for fashion_mnist only")
+
+
 def apply_preset(c, preset):
   """'smoke': a small real-data subset and short schedules (tests, demos).
   'gan': GAN students with the authors' Fashion-MNIST GAN schedules.
@@ -144,14 +149,12 @@ def apply_preset(c, preset):
       c.students.arch = with_batchnorm(c.students.arch)
     return
   if preset == 'wide':
-    if c.data.name != 'fashion_mnist':
-      raise ValueError("preset 'wide' exists for fashion_mnist only")
+    _fashion_mnist_only(c, 'wide')
     c.students.arch_by_n = dict(c.students.arch_by_n, **{
         k: WIDE_FMNIST for k in ('2', '4', '8')})
     return
   if preset == 'improved':
-    if c.data.name != 'fashion_mnist':
-      raise ValueError("preset 'improved' exists for fashion_mnist only")
+    _fashion_mnist_only(c, 'improved')
     c.num_students, c.students.arch = 4, IMPROVED_FMNIST_4
     return
   if preset != 'smoke':

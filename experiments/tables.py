@@ -94,7 +94,9 @@ def _config_module():
   return mod
 
 
+@functools.cache
 def _load_config(preset=''):
+  """The current config with `preset`, as plain data (shared: read only)."""
   return json.loads(_config_module().get_config(preset).to_json())
 
 
@@ -615,33 +617,28 @@ class Tables:
 
     # 2. Accuracy vs total student parameters.
     fig, ax = plt.subplots(figsize=(8, 6.5))
-    for label, method, target, color, marker in (
-        ('TCN FF', 'ff', None, 'C0', 'o'),
-        ("TCN GAN (paper's loss)", 'gan', 'student_output', 'C1', 's'),
-        ("TCN GAN (authors' loss)", 'gan', 'disc_reconstruction', 'C2', '^')):
+    tcn_series = [
+        ('TCN FF', lambda n: self.key('ff', n), 'C0', 'o', '-'),
+        ("TCN GAN (paper's loss)",
+         lambda n: self.key('gan', n, 'student_output'), 'C1', 's', '-'),
+        ("TCN GAN (authors' loss)",
+         lambda n: self.key('gan', n, 'disc_reconstruction'), 'C2', '^', '-')]
+    tcn_series += [   # Levers: points, in the colours of plot 1.
+        (f'TCN FF + {_short(v)}', lambda n, v=v: self.key('ff', n, variant=v),
+         f'C{5 + i}', 'P', '') for i, v in enumerate(variants)]
+    for label, key, color, marker, ls in tcn_series:
       xs, ys, ns = [], [], []
       for n in NS:
-        runs = self.tcn.get(self.key(method, n, target), [])
+        runs = self.tcn.get(key(n), [])
         if runs:
           xs.append(runs[0].r['params']['students_total'])
-          ys.append(100 * self.cell(self.key(method, n, target))['mean'])
+          ys.append(100 * self.cell(key(n))['mean'])
           ns.append(n)
       if xs:
-        ax.plot(xs, ys, marker=marker, color=color, label=label)
+        ax.plot(xs, ys, marker=marker, color=color, ls=ls, label=label)
         for x, y, n in zip(xs, ys, ns):
           ax.annotate(f'n={n}', (x, y), fontsize=7, xytext=(3, 3),
                       textcoords='offset points')
-    for i, variant in enumerate(variants):   # Levers: points, same colours.
-      pts = [(runs[0].r['params']['students_total'],
-              100 * self.cell(self.key('ff', n, variant=variant))['mean'], n)
-             for n in NS
-             for runs in [self.tcn.get(self.key('ff', n, variant=variant))]
-             if runs]
-      ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], 'P',
-              color=f'C{5 + i}', label=f'TCN FF + {_short(variant)}')
-      for x, y, n in pts:
-        ax.annotate(f'n={n}', (x, y), fontsize=7, xytext=(3, 3),
-                    textcoords='offset points')
     for stage, label, color, marker in (('kd', 'Hinton KD', 'C3', 'D'),
                                         ('kdgan', 'KDGAN', 'C4', 'v')):
       xs, ys = [], []
