@@ -68,6 +68,9 @@ def get_config(preset: str = ''):
       optimizer='adam', learning_rate=1e-3, weight_decay=0.0, batch_size=128,
       epochs=10, strategy='auto',
       lr_schedule='constant',   # or 'cosine' (to 0 over the epochs).
+      # Not in the paper (''): 'flip' adds the mirrored training images,
+      # with the teacher's features of them, to the students' training set.
+      augment='',
       # Not in the paper (off): + logit_weight * T^2 * KL between the
       # teacher's logits and its frozen head on the feature with this
       # student's chunk swapped in (train.logit_matching_loss).
@@ -133,7 +136,9 @@ def apply_preset(c, preset):
   'bn' (not in the paper): BatchNorm before every ReLU of the students
   (apply after 'improved' to change its students too).
   'wide' (not in the paper; Fashion-MNIST only): n >= 2 students with a
-  48-unit instead of a 16-unit bottleneck, same budget (WIDE_FMNIST)."""
+  48-unit instead of a 16-unit bottleneck, same budget (WIDE_FMNIST).
+  'flip' (not in the paper): students also regress the teacher's features
+  of the left-right mirrored training images (twice the steps per epoch)."""
   if preset == 'gan':
     c.method = 'gan'
     c.students.epochs, c.students.learning_rate = 55, 2e-4
@@ -148,6 +153,9 @@ def apply_preset(c, preset):
     if c.students.arch:
       c.students.arch = with_batchnorm(c.students.arch)
     return
+  if preset == 'flip':
+    c.students.augment = 'flip'
+    return
   if preset == 'wide':
     _fashion_mnist_only(c, 'wide')
     c.students.arch_by_n = dict(c.students.arch_by_n, **{
@@ -159,7 +167,7 @@ def apply_preset(c, preset):
     return
   if preset != 'smoke':
     raise ValueError(f'unknown preset {preset!r}; known: smoke, gan, tuned, '
-                     'improved, bn, wide')
+                     'improved, bn, wide, flip')
   c.data.train_size, c.data.test_size = 3000, 1000
   c.teacher.epochs, c.teacher.batch_size = 3, 100
   c.students.epochs, c.students.batch_size = 4, 100

@@ -26,6 +26,8 @@ Per seed, one workdir per run under ROOT/seed<S>/<run>, each an ordinary
   tuned_bn<n>                   tuned<n> + BatchNorm in the students (':bn')
   tuned_long<n>                 tuned<n> with 30 student epochs
   tuned_wide_bn<n>              tuned<n> + ':wide' + ':bn', n = 2, 4, 8
+  tuned_wide_bn_flip<n>         every lever + ':flip' (students also see the
+                                mirrored training images), n = 1, 2, 4, 8
 
 The teacher is trained once per seed: before a run starts, the seed's
 finished teacher (`teacher/` + `features.npz` of any run of that seed that
@@ -120,6 +122,9 @@ def grid(seeds, gan_targets_all_n=True):
           f'--config.students.epochs={LONG_EPOCHS}', *seed]))
     for n in (4, 2, 8):
       runs.append(Run(s, f'tuned_wide_bn{n}', 'tuned,wide,bn',
+                      [f'--config.num_students={n}', *seed]))
+    for n in (1, 2, 4, 8):
+      runs.append(Run(s, f'tuned_wide_bn_flip{n}', 'tuned,wide,bn,flip',
                       [f'--config.num_students={n}', *seed]))
   return runs
 

@@ -69,7 +69,8 @@ GAN_LABEL = {'student_output': "GAN, paper's loss (MSE on the student output)",
 
 _SHORT = (('logit matching x1 at T=2', 'logit'), ('cosine LR', 'cos LR'),
           ('BatchNorm in students', 'BN'),
-          ('48-unit instead of 16-unit bottleneck', 'wide'))
+          ('48-unit instead of 16-unit bottleneck', 'wide'),
+          ('mirrored images added (flip)', 'flip'))
 
 
 def _short(variant):
@@ -145,6 +146,8 @@ class Rec:
     wide = _config_module().WIDE_FMNIST
     if arch in (wide, _config_module().with_batchnorm(wide)):
       levers.append('48-unit instead of 16-unit bottleneck')
+    if st.get('augment'):
+      levers.append('mirrored images added (flip)')
     if cfg:   # Longer or shorter schedules than the paper's.
       paper = _load_config('gan' if self.method == 'gan' else '')
       for stage in ('students', 'head'):

@@ -120,6 +120,14 @@ def load_idx(directory: str, split: str) -> Split:
   return Split(x[..., None], y.astype(np.int32))
 
 
+def hflip(x: np.ndarray, field: str = 'students.augment') -> np.ndarray:
+  """Left-right mirror images of an (N, H, W, C) batch (augmentation)."""
+  if x.ndim != 4:
+    raise TCNError(f"config.{field}='flip' needs images (N, H, W, C); this "
+                   f'dataset gives inputs of shape {x.shape[1:]}')
+  return x[:, :, ::-1]
+
+
 def _resize_weights(n_in: int, n_out: int) -> np.ndarray:
   """(n_out, n_in) triangle-filter weights, widened when shrinking so every
   input pixel counts (antialiasing, like PIL's BILINEAR)."""

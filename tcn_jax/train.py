@@ -38,6 +38,7 @@ STAGES = ('teacher', 'students', 'head', 'kd', 'kdgan')
 METHODS = ('ff', 'gan')
 CHUNKINGS = ('contiguous', 'pca')
 LR_SCHEDULES = ('constant', 'cosine')
+AUGMENTS = ('', 'flip')
 
 
 def make_optimizer(name: str, learning_rate: float, field: str):
@@ -243,11 +244,16 @@ def check_workdir(config, workdir):
 
 
 def _diff(old, new, prefix=''):
+  """The changed fields, as 'path: old -> new'. A field the old run's
+  config.json lacks and the new config leaves off ('', 0, False) is an
+  option added since that run, with the old behaviour: not a change."""
   out = []
   for k in sorted(set(old) | set(new)):
     a, b = old.get(k, '<unset>'), new.get(k, '<unset>')
     if k in ('allow_config_change', 'distributed'):
       continue   # distributed: ports change per launch; students do not.
+    if k not in old and not isinstance(b, dict) and not b:
+      continue
     if isinstance(a, dict) and isinstance(b, dict):
       out += _diff(a, b, f'{prefix}{k}.')
     elif a != b:
@@ -336,6 +342,10 @@ def validate(config):
     raise TCNError(f'unknown config.students.lr_schedule '
                    f'{config.students.lr_schedule!r}; choose one of '
                    f'{", ".join(LR_SCHEDULES)}')
+  if config.students.augment not in AUGMENTS:
+    raise TCNError(f'unknown config.students.augment '
+                   f'{config.students.augment!r}; choose one of '
+                   f'{AUGMENTS}')
   _check_number('teacher.lr_step_epochs', config.teacher.lr_step_epochs, int,
                 0)
   _check_number('teacher.lr_step_factor', config.teacher.lr_step_factor,
@@ -442,24 +452,28 @@ def train_teacher(teacher, ds, *, epochs, batch_size=256, optimizer='adam',
           {'history': history, 'seconds': seconds})
 
 
-def cached_features(teacher, variables, ds, workdir, batch_size):
-  """Teacher features of train/val, computed once and kept in the workdir.
+def cached_features(teacher, variables, ds, workdir, batch_size,
+                    augment=''):
+  """Teacher features of train/val (and with augment='flip' of the mirrored
+  train images, 'train_flip'), computed once and kept in the workdir.
 
   The file records a digest of the teacher's parameters and the images, so
   features of another teacher or data are recomputed, as is a damaged file.
   """
   path = os.path.join(workdir, 'features.npz')
-  digest = checkpoint.digest(variables, ds.train.x, ds.val.x)
+  images = {'train': ds.train.x, 'val': ds.val.x}
+  if augment == 'flip':
+    images['train_flip'] = data_lib.hflip(ds.train.x)
+  digest = checkpoint.digest(variables, *images.values())
   try:
     with np.load(path) as f:
       if str(f['digest']) == digest:
         logging.info('features: reusing %s', path)
-        return {'train': f['train'], 'val': f['val']}
+        return {s: f[s] for s in images}
   except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
     pass   # Missing, from another version, or damaged: compute again.
-  feats = {s: features_lib.teacher_features(teacher, variables,
-                                            getattr(ds, s).x, batch_size)
-           for s in ('train', 'val')}
+  feats = {s: features_lib.teacher_features(teacher, variables, x, batch_size)
+           for s, x in images.items()}
   checkpoint.atomic_write(path, lambda f: np.savez(f, digest=digest, **feats))
   return feats
 
@@ -793,7 +807,8 @@ def _pipeline(config, workdir, writer):
 
   t = time.time()
   feats = raw_feats = cached_features(teacher, teacher_vars, ds, workdir,
-                                      config.eval_batch_size)
+                                      config.eval_batch_size,
+                                      config.students.augment)
   wall['features'] = time.time() - t
 
   basis = None
@@ -880,8 +895,9 @@ def _students_stage(config, ds, shared, workdir, writer):
   """Stage 2 of the pipeline: all students, or with several processes this
   process's share (process 0 first sends `shared` to the others).
 
-  shared: {'train', 'val': the students' targets (features or PCA
-  coefficients), 'head': the teacher head's variables, 'basis': PCA or None}.
+  shared: {'train', 'val' (and 'train_flip' with students.augment='flip'):
+  the students' targets (features or PCA coefficients), 'head': the teacher
+  head's variables, 'basis': PCA or None}.
   """
   n, c = config.num_students, config.students
   fit_students = train_students
@@ -896,8 +912,12 @@ def _students_stage(config, ds, shared, workdir, writer):
         head=models.Head(ds.num_classes, t.head_dropout, bn=t.head_bn),
         head_variables=shared['head'], weight=c.logit_weight,
         temperature=c.logit_temperature, basis=shared['basis'])
+  x, targets = ds.train.x, shared['train']
+  if c.augment == 'flip':   # Mirrored images, with the teacher's features.
+    x = np.concatenate([x, data_lib.hflip(x)])
+    targets = np.concatenate([targets, shared['train_flip']])
   return fit_students(
-      student_specs(config), ds.train.x, shared['train'], n,
+      student_specs(config), x, targets, n,
       epochs=per_n(config, 'students.epochs', n), batch_size=c.batch_size,
       optimizer=c.optimizer, learning_rate=c.learning_rate,
       out_relu=c.out_relu, init=c.init, weight_decay=c.weight_decay,

@@ -138,6 +138,8 @@ CASES = [
     ('no validation split', {'data__val_fraction': 0.0},
      'config.data.val_fraction must be a number > 0', None),
     ('zero eval batch', {'eval_batch_size': 0}, 'config.eval_batch_size', None),
+    ('unknown augmentation', {'students__augment': 'crop'},
+     "unknown config.students.augment 'crop'", None),
     ('unknown initializer', {'students__init': 'zeros'},
      "unknown initializer 'zeros'", None),
     ('unknown layers impl', {'layers_impl': 'tpu'},
@@ -302,3 +304,14 @@ def test_damaged_features_cache_is_recomputed(finished, tmp_path):
     expected = json.load(f)
   assert results['digests'] == expected['digests']
   assert results['student_val_mse'] == expected['student_val_mse']
+
+
+def test_config_diff_ignores_options_added_since_the_run():
+  """A field missing from an old run's config.json and left off now is not
+  a change (runs of older versions resume); any other difference is."""
+  old = {'students': {'epochs': 10}}
+  assert train._diff(old, {'students': {'epochs': 10, 'augment': ''}}) == []
+  assert train._diff(old, {'students': {'epochs': 10, 'augment': 'flip'}}) == [
+      "students.augment: '<unset>' -> 'flip'"]
+  assert train._diff({'students': {'epochs': 10, 'gone': 0}}, old) == [
+      "students.gone: 0 -> '<unset>'"]

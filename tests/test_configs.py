@@ -129,6 +129,19 @@ def test_preset_bn_adds_batchnorm_before_each_relu():
   assert means and all(np.any(a != 0) for a in means)   # Initially zeros.
 
 
+def test_preset_flip_sets_only_the_augmentation():
+  """'flip' turns on the mirrored-image augmentation and nothing else; any
+  dataset config takes it (text datasets fail later, naming the field)."""
+  fm = importlib.import_module('fashion_mnist')
+  base, flip = fm.get_config(), fm.get_config('flip')
+  assert (base.students.augment, flip.students.augment) == ('', 'flip')
+  assert train._diff(base.to_dict(), flip.to_dict()) == [
+      "students.augment: '' -> 'flip'"]
+  train.validate(flip)
+  assert importlib.import_module('cifar10').get_config(
+      'flip').students.augment == 'flip'
+
+
 def test_preset_wide_keeps_the_parameter_budget():
   """'wide' widens the n >= 2 students' 16-unit bottleneck to 48 units at
   about the paper's parameters per student (within 13%); n = 1 is kept."""

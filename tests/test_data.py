@@ -305,3 +305,13 @@ def test_load_tfds_missing(tmp_path):
   msg = str(e.value)
   assert 'tfds' in msg and 'mnist' in msg
   assert '\n' not in msg
+
+
+def test_hflip_mirrors_images_and_refuses_other_inputs():
+  x = np.arange(2 * 3 * 4 * 1).reshape(2, 3, 4, 1)
+  y = data.hflip(x)
+  assert y.shape == x.shape and (y[:, :, 0] == x[:, :, -1]).all()
+  assert (data.hflip(y) == x).all()
+  with pytest.raises(TCNError, match=r"config.students.augment='flip' needs "
+                     r'images .* shape \(500,\)'):
+    data.hflip(np.zeros((3, 500), np.int32))

@@ -3,12 +3,17 @@ rerun skipping finished stages, the assembled TCN, a changed config (kills,
 bad inputs and the command line: test_resume.py, test_bad_inputs.py)."""
 import os
 
+import jax
 import numpy as np
 import pytest
 
-from conftest import needs_fmnist
+from conftest import needs_fmnist, tiny_config
 from tcn_jax import assemble
+from tcn_jax import checkpoint
 from tcn_jax import data
+from tcn_jax import engine
+from tcn_jax import features
+from tcn_jax import models
 from tcn_jax import train
 from tcn_jax.errors import TCNError
 
@@ -46,7 +51,6 @@ def test_kd_and_kdgan_baselines(run_dir):
 
 def test_losses_fall_and_histories_saved(run_dir):
   _, workdir, _ = run_dir
-  from tcn_jax import checkpoint  # pylint: disable=g-import-not-at-top
   for stage in ('teacher', 'students/group0', 'head'):
     record = checkpoint.StageCheckpoint(os.path.join(workdir, stage)).record()
     losses = np.array([h['train_loss'] for h in record['history']])
@@ -97,3 +101,41 @@ def test_pca_chunks_run_and_basis_is_saved(tmp_path):
   acc = float(np.mean(np.asarray(predict(ds.test.x)).argmax(-1) == ds.test.y))
   assert acc == pytest.approx(results['tcn_test_acc_after_finetune'],
                               abs=1e-3)
+
+
+def _adam_steps(stage_dir):
+  state, _ = checkpoint.StageCheckpoint(stage_dir).restore()
+  counts = {int(np.asarray(leaf).ravel()[0]) for path, leaf in
+            jax.tree_util.tree_leaves_with_path(state['opt_state'])
+            if 'count' in jax.tree_util.keystr(path)}
+  assert len(counts) == 1, counts
+  return counts.pop()
+
+
+def test_flip_augmentation_targets_and_steps(tmp_path):
+  """augment='flip': the students' extra targets are the teacher's features
+  of the mirrored images, and they take twice the steps per epoch."""
+  runs = {}
+  for augment in ('', 'flip'):
+    config = tiny_config(students__augment=augment)
+    workdir = str(tmp_path / (augment or 'none'))
+    runs[augment] = train.run(config, workdir)
+    runs[augment + '_steps'] = _adam_steps(
+        os.path.join(workdir, 'students', 'group0'))
+  assert runs['']['digests']['teacher'] == runs['flip']['digests']['teacher']
+  c, ds = config.teacher, data.load(config.data)
+  epochs, batch = config.students.epochs, config.students.batch_size
+  assert runs['_steps'] == epochs * (len(ds.train) // batch)
+  assert runs['flip_steps'] == epochs * (2 * len(ds.train) // batch)
+  with np.load(tmp_path / 'flip' / 'features.npz') as f:
+    train_feats, flip_feats = f['train'], f['train_flip']
+  teacher = models.Teacher(c.body, 10, c.head_dropout, config.layers_impl,
+                           c.head_bn)
+  state, _ = checkpoint.StageCheckpoint(
+      str(tmp_path / 'flip' / 'teacher')).restore()
+  variables = engine.unstack({'params': state['params']}, 1)[0]
+  mirrored = data.hflip(ds.train.x)
+  np.testing.assert_allclose(
+      flip_feats, features.teacher_features(teacher, variables, mirrored),
+      rtol=1e-4, atol=1e-5)
+  assert np.abs(flip_feats - train_feats).max() > 1e-2
