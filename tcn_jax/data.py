@@ -120,11 +120,11 @@ def load_idx(directory: str, split: str) -> Split:
   return Split(x[..., None], y.astype(np.int32))
 
 
-def hflip(x: np.ndarray, field: str = 'students.augment') -> np.ndarray:
+def hflip(x: np.ndarray) -> np.ndarray:
   """Left-right mirror images of an (N, H, W, C) batch (augmentation)."""
   if x.ndim != 4:
-    raise TCNError(f"config.{field}='flip' needs images (N, H, W, C); this "
-                   f'dataset gives inputs of shape {x.shape[1:]}')
+    raise TCNError("config.students.augment='flip' needs images (N, H, W, "
+                   f'C); this dataset gives inputs of shape {x.shape[1:]}')
   return x[:, :, ::-1]
 
 

@@ -785,6 +785,8 @@ def _pipeline(config, workdir, writer):
   for spec in dict.fromkeys(student_specs(config)):
     check_fits('students.arch', spec + ' D1', shape, config.layers_impl,
                dtype)
+  if config.students.augment == 'flip':
+    data_lib.hflip(ds.train.x[:1])   # Fails now on text, not after stage 1.
   # -- distributed: process k > 0 trains its share of the students only.
   if distributed.process_index() > 0:
     return _students_process(config, ds, workdir, writer, wall)

@@ -13,6 +13,7 @@ from tcn_jax import assemble
 from tcn_jax import data
 from tcn_jax import models
 from tcn_jax import train
+from tcn_jax.errors import TCNError
 
 CONFIGS = ['mnist', 'cifar10', 'imdb', 'imagenet']
 
@@ -108,3 +109,13 @@ def test_paper_architectures(key):
     module = models.student(config.students.arch_by_n[which],
                             width // int(which))
   assert _count(module, shape, dtype) == PAPER_PARAMS[key]
+
+
+def test_flip_on_text_fails_before_training(tmp_path):
+  """':flip' on IMDB (token ids, not images) fails at once, naming the
+  field, before the teacher trains."""
+  with tfds.testing.mock_data(num_examples=300):
+    with pytest.raises(TCNError, match=r"config.students.augment='flip' "
+                       r'needs images .* shape \(\d+,\)'):
+      train.run(_config('imdb', 'smoke,flip'), str(tmp_path))
+  assert not (tmp_path / 'teacher').exists()
