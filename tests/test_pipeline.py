@@ -115,27 +115,20 @@ def _adam_steps(stage_dir):
 def test_flip_augmentation_targets_and_steps(tmp_path):
   """augment='flip': the students' extra targets are the teacher's features
   of the mirrored images, and they take twice the steps per epoch."""
-  runs = {}
-  for augment in ('', 'flip'):
-    config = tiny_config(students__augment=augment)
-    workdir = str(tmp_path / (augment or 'none'))
-    runs[augment] = train.run(config, workdir)
-    runs[augment + '_steps'] = _adam_steps(
-        os.path.join(workdir, 'students', 'group0'))
-  assert runs['']['digests']['teacher'] == runs['flip']['digests']['teacher']
+  config = tiny_config(students__augment='flip')
+  train.run(config, str(tmp_path))
   c, ds = config.teacher, data.load(config.data)
   epochs, batch = config.students.epochs, config.students.batch_size
-  assert runs['_steps'] == epochs * (len(ds.train) // batch)
-  assert runs['flip_steps'] == epochs * (2 * len(ds.train) // batch)
-  with np.load(tmp_path / 'flip' / 'features.npz') as f:
+  assert _adam_steps(str(tmp_path / 'students' / 'group0')) == (
+      epochs * (2 * len(ds.train) // batch))
+  with np.load(tmp_path / 'features.npz') as f:
     train_feats, flip_feats = f['train'], f['train_flip']
   teacher = models.Teacher(c.body, 10, c.head_dropout, config.layers_impl,
                            c.head_bn)
-  state, _ = checkpoint.StageCheckpoint(
-      str(tmp_path / 'flip' / 'teacher')).restore()
+  state, _ = checkpoint.StageCheckpoint(str(tmp_path / 'teacher')).restore()
   variables = engine.unstack({'params': state['params']}, 1)[0]
-  mirrored = data.hflip(ds.train.x)
   np.testing.assert_allclose(
-      flip_feats, features.teacher_features(teacher, variables, mirrored),
+      flip_feats, features.teacher_features(teacher, variables,
+                                            data.hflip(ds.train.x)),
       rtol=1e-4, atol=1e-5)
   assert np.abs(flip_feats - train_feats).max() > 1e-2
