@@ -131,7 +131,7 @@ def test_preset_bn_adds_batchnorm_before_each_relu():
 
 def test_preset_flip_sets_only_the_augmentation():
   """'flip' turns on the mirrored-image augmentation and nothing else; any
-  dataset config takes it (text datasets fail later, naming the field)."""
+  dataset config takes it (text data fails once loaded, naming the field)."""
   fm = importlib.import_module('fashion_mnist')
   base, flip = fm.get_config(), fm.get_config('flip')
   assert (base.students.augment, flip.students.augment) == ('', 'flip')
