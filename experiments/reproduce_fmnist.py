@@ -28,6 +28,8 @@ Per seed, one workdir per run under ROOT/seed<S>/<run>, each an ordinary
   tuned_wide_bn<n>              tuned<n> + ':wide' + ':bn', n = 2, 4, 8
   tuned_wide_bn_flip<n>         every lever + ':flip' (students also see the
                                 mirrored training images), n = 1, 2, 4, 8
+  flip_control<n>               tuned_wide_bn<n> with 20 student epochs: the
+                                steps of tuned_wide_bn_flip<n>, without flip
 
 The teacher is trained once per seed: before a run starts, the seed's
 finished teacher (`teacher/` + `features.npz` of any run of that seed that
@@ -64,6 +66,7 @@ NS = (1, 2, 4, 8)
 GAN_TARGETS = ('student_output', 'disc_reconstruction')
 SMOKE_CELLS = 'ff2,kd2'
 LONG_EPOCHS = 30   # tuned_long<n>: student epochs (the paper: 10).
+CONTROL_EPOCHS = 20   # flip_control<n>: the steps of 10 epochs with flip.
 
 
 @dataclasses.dataclass
@@ -126,6 +129,10 @@ def grid(seeds, gan_targets_all_n=True):
     for n in (1, 2, 4, 8):
       runs.append(Run(s, f'tuned_wide_bn_flip{n}', 'tuned,wide,bn,flip',
                       [f'--config.num_students={n}', *seed]))
+      runs.append(Run(s, f'flip_control{n}', 'tuned,wide,bn', [
+          f'--config.num_students={n}',
+          f'--config.students.epochs={CONTROL_EPOCHS}',
+          *seed]))
   return runs
 
 
