@@ -118,20 +118,18 @@ def save_tcn(path: str, tcn: TCN):
   meta = {'kind': 'tcn_jax.TCN', 'groups': [g.describe() for g in tcn.groups],
           'num_classes': tcn.num_classes, 'head_dropout': tcn.head_dropout,
           'head_bn': tcn.head_bn, 'pca_basis': tcn.basis is not None}
-  ckpt = checkpoint.StageCheckpoint(path, max_to_keep=1)
-  ckpt.save(ckpt.latest_epoch() + 1, state, meta)   # Replaces an older TCN.
-  ckpt.close()
+  with checkpoint.StageCheckpoint(path, max_to_keep=1) as ckpt:
+    ckpt.save(ckpt.latest_epoch() + 1, state, meta)   # Replaces an older TCN.
 
 
 def load_tcn(path: str, strategy='auto'):
   """Loads a saved TCN; returns (jitted predict(images) -> logits, TCN)."""
   if not os.path.isdir(path):
     raise TCNError(f'load_tcn: {path} is not a directory')
-  ckpt = checkpoint.StageCheckpoint(path, read_only=True)
-  if not ckpt.latest_epoch():
-    raise TCNError(f'load_tcn: {path} holds no TCN checkpoint')
-  state, meta = ckpt.restore()
-  ckpt.close()
+  with checkpoint.StageCheckpoint(path, read_only=True) as ckpt:
+    if not ckpt.latest_epoch():
+      raise TCNError(f'load_tcn: {path} holds no TCN checkpoint')
+    state, meta = ckpt.restore()
   if not isinstance(meta, dict) or meta.get('kind') != 'tcn_jax.TCN':
     raise TCNError(f'load_tcn: {path} is a checkpoint but not of a TCN')
   groups = [StudentGroup(**g) for g in meta['groups']]

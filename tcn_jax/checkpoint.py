@@ -142,6 +142,12 @@ class StageCheckpoint:
   def close(self):
     self.manager.close()
 
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):   # Closed on errors too: no orbax reads linger.
+    self.close()
+
 
 def digest(*trees) -> str:
   """SHA-256 over every array in `trees` (shapes, dtypes and bytes): equal

@@ -163,59 +163,56 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
   nothing goes to TensorBoard. Returns (state, history, training seconds).
   """
   n = len(ids)
-  ckpt = checkpoint.StageCheckpoint(stage_dir) if stage_dir else None
-  start = ckpt.latest_epoch() if ckpt else 0
-  history, seconds = [], 0.0
-  if start:
-    state, record = ckpt.restore(state)
-    history, seconds = record['history'], record['seconds']
-    logging.info('[%s] resuming after epoch %d/%d', name, start, epochs)
-  if start >= epochs:
-    if ckpt:
-      ckpt.close()
-    return state, history, seconds
+  with (checkpoint.StageCheckpoint(stage_dir) if stage_dir
+        else contextlib.nullcontext()) as ckpt:
+    start = ckpt.latest_epoch() if ckpt else 0
+    history, seconds = [], 0.0
+    if start:
+      state, record = ckpt.restore(state)
+      history, seconds = record['history'], record['seconds']
+      logging.info('[%s] resuming after epoch %d/%d', name, start, epochs)
+    if start >= epochs:
+      return state, history, seconds
 
-  epoch_fn = engine.make_group_epoch(member_step, n, strategy)
-  apply = engine.make_apply_fn(predict, n, strategy)
-  keys = engine.member_keys(seed, ids)
-  x_dev, t_dev = jnp.asarray(x), jnp.asarray(targets)
-  progress = metrics.Progress(name, epochs, start)
-  for epoch in range(start, epochs):
-    with checkpoint.signals_deferred():   # A stop waits for epoch + save.
-      t0 = time.time()
-      order = engine.batch_order(seed, epoch, len(x), batch_size)
-      state, step_metrics = epoch_fn(state, x_dev, t_dev, order, keys, epoch)
-      step_metrics = {k: np.asarray(v) for k, v in step_metrics.items()}
-      losses = step_metrics['loss']
-      bad = np.argwhere(~np.all([np.isfinite(v) for v in
-                                 step_metrics.values()], axis=0))
-      if len(bad):
-        step, member = bad[0]
-        raise TCNError(
-            f'non-finite loss in stage {name}, member {ids[member]}, epoch '
-            f'{epoch + 1}, step {step}; last good checkpoint: '
-            + (f'epoch {epoch} in {stage_dir}' if epoch and ckpt else 'none'))
-      preds = engine.batched(lambda xb: apply(state, xb), val_x, axis=1)
-      val = [val_metric(preds[m], val_targets[m]) for m in range(n)]
-      seconds += time.time() - t0
-      record = {'epoch': epoch + 1, 'train_loss': losses.mean(0).tolist(),
-                'val': val, 'seconds': seconds}
-      record.update({f'train_{k}': v.mean(0).tolist()
-                     for k, v in step_metrics.items() if k != 'loss'})
-      history.append(record)
-      if ckpt:
-        ckpt.save(epoch + 1, state, {'history': history, 'seconds': seconds})
-    scalars = {f'{name}/{k}/{i}': v for k, vs in record.items()
-               if k.startswith('train_') or k == 'val'
-               for i, v in zip(ids, vs)}
-    if writer:
-      writer.scalars(epoch + 1, scalars)
-    progress.epoch(epoch + 1, {'loss': float(losses[-len(losses) // 10 - 1:]
-                                             .mean()),
-                               'val': float(np.mean(val))})
-  if ckpt:
-    ckpt.close()
-  return state, history, seconds
+    epoch_fn = engine.make_group_epoch(member_step, n, strategy)
+    apply = engine.make_apply_fn(predict, n, strategy)
+    keys = engine.member_keys(seed, ids)
+    x_dev, t_dev = jnp.asarray(x), jnp.asarray(targets)
+    progress = metrics.Progress(name, epochs, start)
+    for epoch in range(start, epochs):
+      with checkpoint.signals_deferred():   # A stop waits for epoch + save.
+        t0 = time.time()
+        order = engine.batch_order(seed, epoch, len(x), batch_size)
+        state, step_metrics = epoch_fn(state, x_dev, t_dev, order, keys, epoch)
+        step_metrics = {k: np.asarray(v) for k, v in step_metrics.items()}
+        losses = step_metrics['loss']
+        bad = np.argwhere(~np.all([np.isfinite(v) for v in
+                                   step_metrics.values()], axis=0))
+        if len(bad):
+          step, member = bad[0]
+          raise TCNError(
+              f'non-finite loss in stage {name}, member {ids[member]}, epoch '
+              f'{epoch + 1}, step {step}; last good checkpoint: '
+              + (f'epoch {epoch} in {stage_dir}' if epoch and ckpt else 'none'))
+        preds = engine.batched(lambda xb: apply(state, xb), val_x, axis=1)
+        val = [val_metric(preds[m], val_targets[m]) for m in range(n)]
+        seconds += time.time() - t0
+        record = {'epoch': epoch + 1, 'train_loss': losses.mean(0).tolist(),
+                  'val': val, 'seconds': seconds}
+        record.update({f'train_{k}': v.mean(0).tolist()
+                       for k, v in step_metrics.items() if k != 'loss'})
+        history.append(record)
+        if ckpt:
+          ckpt.save(epoch + 1, state, {'history': history, 'seconds': seconds})
+      scalars = {f'{name}/{k}/{i}': v for k, vs in record.items()
+                 if k.startswith('train_') or k == 'val'
+                 for i, v in zip(ids, vs)}
+      if writer:
+        writer.scalars(epoch + 1, scalars)
+      progress.epoch(epoch + 1, {'loss': float(losses[-len(losses) // 10 - 1:]
+                                               .mean()),
+                                 'val': float(np.mean(val))})
+    return state, history, seconds
 
 
 def check_workdir(config, workdir):

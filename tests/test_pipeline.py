@@ -52,7 +52,8 @@ def test_kd_and_kdgan_baselines(run_dir):
 def test_losses_fall_and_histories_saved(run_dir):
   _, workdir, _ = run_dir
   for stage in ('teacher', 'students/group0', 'head'):
-    record = checkpoint.StageCheckpoint(os.path.join(workdir, stage)).record()
+    with checkpoint.StageCheckpoint(os.path.join(workdir, stage)) as ckpt:
+      record = ckpt.record()
     losses = np.array([h['train_loss'] for h in record['history']])
     assert (losses[-1] < losses[0]).all(), (stage, losses)
 
@@ -104,7 +105,8 @@ def test_pca_chunks_run_and_basis_is_saved(tmp_path):
 
 
 def _adam_steps(stage_dir):
-  state, _ = checkpoint.StageCheckpoint(stage_dir).restore()
+  with checkpoint.StageCheckpoint(stage_dir) as ckpt:
+    state, _ = ckpt.restore()
   counts = {int(np.asarray(leaf).ravel()[0]) for path, leaf in
             jax.tree_util.tree_leaves_with_path(state['opt_state'])
             if 'count' in jax.tree_util.keystr(path)}
@@ -125,7 +127,8 @@ def test_flip_augmentation_targets_and_steps(tmp_path):
     train_feats, flip_feats = f['train'], f['train_flip']
   teacher = models.Teacher(c.body, 10, c.head_dropout, config.layers_impl,
                            c.head_bn)
-  state, _ = checkpoint.StageCheckpoint(str(tmp_path / 'teacher')).restore()
+  with checkpoint.StageCheckpoint(str(tmp_path / 'teacher')) as ckpt:
+    state, _ = ckpt.restore()
   variables = engine.unstack({'params': state['params']}, 1)[0]
   np.testing.assert_allclose(
       flip_feats, features.teacher_features(teacher, variables,
