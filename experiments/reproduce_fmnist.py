@@ -30,6 +30,8 @@ Per seed, one workdir per run under ROOT/seed<S>/<run>, each an ordinary
                                 mirrored training images), n = 1, 2, 4, 8
   flip_control<n>               tuned_wide_bn<n> with 20 student epochs: the
                                 steps of tuned_wide_bn_flip<n>, without flip
+  tuned_wide_bn_pca<n>          tuned_wide_bn<n> with PCA-balanced chunks,
+                                n = 2, 4, 8
 
 The teacher is trained once per seed: before a run starts, the seed's
 finished teacher (`teacher/` + `features.npz` of any run of that seed that
@@ -133,6 +135,10 @@ def grid(seeds, gan_targets_all_n=True):
           f'--config.num_students={n}',
           f'--config.students.epochs={CONTROL_EPOCHS}',
           *seed]))
+    for n in (4, 2, 8):
+      runs.append(Run(s, f'tuned_wide_bn_pca{n}', 'tuned,wide,bn', [
+          f'--config.num_students={n}', '--config.chunking=pca',
+          '--config.pca_assignment=balanced', *seed]))
   return runs
 
 
