@@ -589,10 +589,14 @@ class Tables:
               ('Hinton KD', lambda n: self.baseline('kd', n), 'C3', 'D'),
               ('KDGAN', lambda n: self.baseline('kdgan', n), 'C4', 'v')]
     variants = sorted({k[5] for k in self.tcn if k[5]})
-    for i, variant in enumerate(variants):
+    # Lever cells: colours off the tab10 cycle of the series above, and
+    # markers of their own, so that no two series look alike.
+    style = {v: (plt.cm.viridis(i / max(1, len(variants) - 1) * 0.9),
+                 'PX*hpd<>'[i % 8]) for i, v in enumerate(variants)}
+    for variant in variants:
       series.append((f'TCN FF + {_short(variant)}', lambda n, v=variant:
-                     self.cell(self.key('ff', n, variant=v)), f'C{5 + i}',
-                     'P'))
+                     self.cell(self.key('ff', n, variant=v)),
+                     *style[variant]))
     teacher = stats([r.r['teacher_test_acc'] for r in self.teachers])
 
     # 1. Accuracy vs n.
@@ -634,7 +638,7 @@ class Tables:
          lambda n: self.key('gan', n, 'disc_reconstruction'), 'C2', '^', '-')]
     tcn_series += [   # Levers: points, in the colours of plot 1.
         (f'TCN FF + {_short(v)}', lambda n, v=v: self.key('ff', n, variant=v),
-         f'C{5 + i}', 'P', '') for i, v in enumerate(variants)]
+         *style[v], '') for v in variants]
     for label, key, color, marker, ls in tcn_series:
       xs, ys, ns = [], [], []
       for n in NS:
