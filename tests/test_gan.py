@@ -108,7 +108,8 @@ def test_gan_pipeline_on_real_subset(tmp_path):
   assert all(np.isfinite(results['student_val_mse']))
   assert results['tcn_test_acc_after_finetune'] > 0.1
   from tcn_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  record = checkpoint.StageCheckpoint(
-      str(tmp_path / 'students' / 'group0')).record()
+  with checkpoint.StageCheckpoint(
+      str(tmp_path / 'students' / 'group0')) as ckpt:
+    record = ckpt.record()
   assert {'train_loss', 'train_d_loss', 'train_mse'} <= set(
       record['history'][-1])

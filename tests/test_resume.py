@@ -144,9 +144,11 @@ def test_stopped_run_ends_bitwise_equal_to_uninterrupted(runs):
   assert starts[-1]['rc'] == 0, starts[-1]['log'][-3000:]
   assert _results(workdir) == _results(plain['seed0'])
   for stage in ('teacher', 'tcn'):
-    trees = [checkpoint.StageCheckpoint(os.path.join(w, stage),
-                                        read_only=True).restore()[0]
-             for w in (workdir, plain['seed0'])]
+    trees = []
+    for w in (workdir, plain['seed0']):
+      with checkpoint.StageCheckpoint(os.path.join(w, stage),
+                                      read_only=True) as ckpt:
+        trees.append(ckpt.restore()[0])
     leaves = [checkpoint.jax.tree_util.tree_leaves(t) for t in trees]
     assert len(leaves[0]) == len(leaves[1]) > 0
     for a, b in zip(*leaves):
@@ -187,8 +189,9 @@ def test_stop_signal_waits_for_the_checkpoint_write(tmp_path, monkeypatch):
   finally:
     for s, handler in old.items():
       signal.signal(s, handler)
-  state, record = checkpoint.StageCheckpoint(str(tmp_path / 'stage'),
-                                             read_only=True).restore()
+  with checkpoint.StageCheckpoint(str(tmp_path / 'stage'),
+                                  read_only=True) as ckpt:
+    state, record = ckpt.restore()
   np.testing.assert_array_equal(state['w'], np.arange(3.0))
   assert record == {'epoch': 1}
 
