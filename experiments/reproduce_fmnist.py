@@ -32,6 +32,8 @@ Per seed, one workdir per run under ROOT/seed<S>/<run>, each an ordinary
                                 steps of tuned_wide_bn_flip<n>, without flip
   tuned_wide_bn_pca<n>          tuned_wide_bn<n> with PCA-balanced chunks,
                                 n = 2, 4, 8
+  tuned_wide_bn_pca_flip<n>     tuned_wide_bn_flip<n> with PCA-balanced
+                                chunks: every lever, n = 2, 4, 8
 
 The teacher is trained once per seed: before a run starts, the seed's
 finished teacher (`teacher/` + `features.npz` of any run of that seed that
@@ -135,10 +137,12 @@ def grid(seeds, gan_targets_all_n=True):
           f'--config.num_students={n}',
           f'--config.students.epochs={CONTROL_EPOCHS}',
           *seed]))
+    pca = ['--config.chunking=pca', '--config.pca_assignment=balanced']
     for n in (4, 2, 8):
-      runs.append(Run(s, f'tuned_wide_bn_pca{n}', 'tuned,wide,bn', [
-          f'--config.num_students={n}', '--config.chunking=pca',
-          '--config.pca_assignment=balanced', *seed]))
+      runs.append(Run(s, f'tuned_wide_bn_pca{n}', 'tuned,wide,bn',
+                      [f'--config.num_students={n}', *pca, *seed]))
+      runs.append(Run(s, f'tuned_wide_bn_pca_flip{n}', 'tuned,wide,bn,flip',
+                      [f'--config.num_students={n}', *pca, *seed]))
   return runs
 
 
