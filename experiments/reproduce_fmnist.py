@@ -37,6 +37,9 @@ Per seed, one workdir per run under ROOT/seed<S>/<run>, each an ordinary
   pca_control<n>                tuned_wide_bn_pca<n> with 20 student
                                 epochs: the steps of
                                 tuned_wide_bn_pca_flip<n>, without flip
+  budget8                       n = 8 within the stretch target's 100k
+                                parameters: the pca_control<n> recipe with
+                                ':slim' students (':tuned,slim,bn')
 
 The teacher is trained once per seed: before a run starts, the seed's
 finished teacher (`teacher/` + `features.npz` of any run of that seed that
@@ -73,8 +76,8 @@ NS = (1, 2, 4, 8)
 GAN_TARGETS = ('student_output', 'disc_reconstruction')
 SMOKE_CELLS = 'ff2,kd2'
 LONG_EPOCHS = 30   # tuned_long<n>: student epochs (the paper: 10).
-CONTROL_EPOCHS = 20   # flip_control<n>, pca_control<n>: the steps of 10
-                      # epochs with flip.
+CONTROL_EPOCHS = 20   # flip_control<n>, pca_control<n>, budget8: the steps
+                      # of 10 epochs with flip.
 
 
 @dataclasses.dataclass
@@ -150,6 +153,9 @@ def grid(seeds, gan_targets_all_n=True):
       runs.append(Run(s, f'pca_control{n}', 'tuned,wide,bn', [
           f'--config.num_students={n}', *pca,
           f'--config.students.epochs={CONTROL_EPOCHS}', *seed]))
+    runs.append(Run(s, 'budget8', 'tuned,slim,bn', [
+        '--config.num_students=8', *pca,
+        f'--config.students.epochs={CONTROL_EPOCHS}', *seed]))
   return runs
 
 

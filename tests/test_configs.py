@@ -163,3 +163,26 @@ def test_preset_wide_keeps_the_parameter_budget():
       assert abs(got - paper) <= 0.13 * paper, (n, got, paper)
   with pytest.raises(ValueError, match='fashion_mnist only'):
     importlib.import_module('mnist').get_config('wide')
+
+
+def test_preset_slim_fits_eight_students_in_100k():
+  """'slim' shrinks only the n = 8 students, so that eight of them, with
+  BatchNorm too, stay within the stretch target's 100k parameters."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  fm = importlib.import_module('fashion_mnist')
+  x = np.zeros((1, 28, 28, 1), np.float32)
+  for preset in ('slim', 'tuned,slim,bn'):
+    c = fm.get_config(preset)
+    c.num_students = 8
+    total = sum(
+        models.num_params(models.student(spec, width).init(
+            jax.random.key(0), x)['params'])
+        for spec, width in zip(train.student_specs(c),
+                               features.chunk_sizes(256, 8)))
+    assert 90_000 < total <= 100_000, (preset, total)
+  assert PAPER_STUDENT_PARAMS['fashion_mnist'][8] * 8 > 100_000
+  slim = fm.get_config('slim').students.arch_by_n
+  assert {k: v for k, v in slim.items() if k != '8'} == {
+      k: v for k, v in fm.STUDENTS_FMNIST.items() if k != '8'}
+  with pytest.raises(ValueError, match='fashion_mnist only'):
+    importlib.import_module('mnist').get_config('slim')
