@@ -71,6 +71,7 @@ _SHORT = (('logit matching x1 at T=2', 'logit'), ('cosine LR', 'cos LR'),
           ('BatchNorm in students', 'BN'),
           ('48-unit instead of 16-unit bottleneck', 'wide'),
           ('mirrored images added (flip)', 'flip'),
+          ('slim students (eight within 100k)', 'slim'),
           ('pca (balanced) chunks', 'PCA'))
 
 
@@ -147,6 +148,9 @@ class Rec:
     wide = _config_module().WIDE_FMNIST
     if arch in (wide, _config_module().with_batchnorm(wide)):
       levers.append('48-unit instead of 16-unit bottleneck')
+    slim = _config_module().SLIM_FMNIST_8
+    if arch in (slim, _config_module().with_batchnorm(slim)):
+      levers.append('slim students (eight within 100k)')
     if st.get('augment'):
       levers.append('mirrored images added (flip)')
     if cfg:   # Longer or shorter schedules than the paper's.
