@@ -145,12 +145,12 @@ class Rec:
                if cfg else '')
     if ' BN' in arch:
       levers.append('BatchNorm in students')
-    wide = _config_module().WIDE_FMNIST
-    if arch in (wide, _config_module().with_batchnorm(wide)):
-      levers.append('48-unit instead of 16-unit bottleneck')
-    slim = _config_module().SLIM_FMNIST_8
-    if arch in (slim, _config_module().with_batchnorm(slim)):
-      levers.append('slim students (eight within 100k)')
+    mod = _config_module()
+    for spec, lever in ((mod.WIDE_FMNIST,
+                         '48-unit instead of 16-unit bottleneck'),
+                        (mod.SLIM_FMNIST_8, 'slim students (eight within 100k)')):
+      if arch in (spec, mod.with_batchnorm(spec)):
+        levers.append(lever)
     if st.get('augment'):
       levers.append('mirrored images added (flip)')
     if cfg:   # Longer or shorter schedules than the paper's.
