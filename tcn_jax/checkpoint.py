@@ -149,6 +149,15 @@ class StageCheckpoint:
     self.close()
 
 
+def finished_epochs(directory) -> int:
+  """Epochs saved in a stage directory (0 if absent), read without creating
+  it: lets a stage skip work it would need only to train."""
+  if not directory or not os.path.isdir(directory):
+    return 0
+  with StageCheckpoint(directory, read_only=True) as ckpt:
+    return ckpt.latest_epoch()
+
+
 def digest(*trees) -> str:
   """SHA-256 over every array in `trees` (shapes, dtypes and bytes): equal
   digests mean bitwise-equal parameters or data."""

@@ -609,9 +609,14 @@ def finetune_head(tcn, ds, *, epochs, batch_size=128, optimizer='adam',
   """
   outputs = assemble.student_outputs_fn(tcn, strategy)
   students = [g.variables for g in tcn.groups]
+  stage_dir = _stage_dir(workdir, 'head')
+  # A finished head (resume) needs only the test outputs.
+  splits = ('train', 'val', 'test')
+  if checkpoint.finished_epochs(stage_dir) >= epochs:
+    splits = ('test',)
   feats = {s: engine.batched(lambda xb: outputs(students, xb),
                              getattr(ds, s).x, eval_batch_size)
-           for s in ('train', 'val', 'test')}
+           for s in splits}
   head = assemble.tcn_head(tcn)
   logits = lambda v, f: engine.batched(jax.jit(lambda fb: head.apply(v, fb)),
                                        f, eval_batch_size)
@@ -619,12 +624,12 @@ def finetune_head(tcn, ds, *, epochs, batch_size=128, optimizer='adam',
   before = test_acc(tcn.head_variables)
   seed = stage_seed(seed, 'head')
   variables, history, seconds = fit(
-      _stage_dir(workdir, 'head'), name='head', model=head, loss=ce_loss,
+      stage_dir, name='head', model=head, loss=ce_loss,
       tx=make_optimizer(optimizer, learning_rate, 'config.head.optimizer'),
-      variables=engine.stack([tcn.head_variables]), x=feats['train'],
+      variables=engine.stack([tcn.head_variables]), x=feats.get('train'),
       targets=ds.train.y[None], ids=[0], epochs=epochs,
       batch_size=batch_size, seed=seed, strategy='auto',
-      val_x=feats['val'], val_targets=ds.val.y[None],
+      val_x=feats.get('val'), val_targets=ds.val.y[None],
       val_metric=metrics.accuracy, writer=writer)
   tcn = dataclasses.replace(tcn,
                             head_variables=engine.unstack(variables, 1)[0])

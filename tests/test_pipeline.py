@@ -1,6 +1,7 @@
 """End to end on a real Fashion-MNIST subset: accuracy floors, checkpoints,
 rerun skipping finished stages, the assembled TCN, a changed config (kills,
 bad inputs and the command line: test_resume.py, test_bad_inputs.py)."""
+import dataclasses
 import os
 
 import jax
@@ -78,6 +79,24 @@ def test_rerun_skips_finished_stages(run_dir):
     assert again[key] == r[key]
   assert again['wall_seconds_this_run']['students'] < (
       r['wall_seconds_this_run']['students'])
+
+
+def test_finished_head_needs_only_test_outputs(run_dir):
+  """Resuming a finished head stage runs the students on the test split only
+  (train and val outputs are needed only to train the head)."""
+  config, workdir, r = run_dir
+  _, tcn = assemble.load_tcn(os.path.join(workdir, 'tcn'))
+  ds = data.load(config.data)
+  no_x = data.Split(x=None, y=ds.train.y)
+  test_only = dataclasses.replace(
+      ds, train=no_x, val=dataclasses.replace(no_x, y=ds.val.y))
+  _, info = train.finetune_head(
+      tcn, test_only, epochs=train.per_n(config, 'head.epochs', N),
+      batch_size=config.head.batch_size, workdir=workdir)
+  assert info['test_acc_after'] == pytest.approx(
+      r['tcn_test_acc_after_finetune'], abs=1e-6)
+  assert checkpoint.finished_epochs(os.path.join(workdir, 'nothing')) == 0
+  assert not os.path.exists(os.path.join(workdir, 'nothing'))
 
 
 def test_changed_config_is_refused(run_dir):
