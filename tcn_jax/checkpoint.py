@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import threading
 
@@ -47,10 +48,19 @@ def signals_deferred():
 
 
 def _first_line(e: Exception) -> str:
-  """`Type: first line`, long ones cut in the middle (their ends matter)."""
+  """`Type: first line`, long ones cut in the middle (their ends matter).
+
+  TensorStore ends its errors with a long `[tensorstore_spec=...]` and the
+  errno as `[os_error_code='27']`: the spec is dropped and the errno's name
+  ("File too large", "No space left on device") kept in plain words.
+  """
   line = (str(e).strip().splitlines() or [''])[0]
+  errno = re.search(r"\[os_error_code='?(\d+)'?\]", line)
+  line = line.split(' [tensorstore_spec=')[0]
   if len(line) > 200:
     line = f'{line[:90]} ... {line[-100:]}'
+  if errno and os.strerror(int(errno.group(1))) not in line:
+    line += f' [{os.strerror(int(errno.group(1)))}]'
   return f'{type(e).__name__}: {line}'
 
 

@@ -23,6 +23,7 @@ import pytest
 from conftest import needs_fmnist, ROOT, SMOKE, tiny_config, TINY_FLAGS
 from test_data import _synthetic, _write_split
 from tcn_jax import assemble
+from tcn_jax import checkpoint
 from tcn_jax import main
 from tcn_jax import train
 from tcn_jax.errors import TCNError
@@ -253,6 +254,29 @@ def test_disk_full(finished, tmp_path, run_main):
   assert 'teacher/3' in errors[0] and 'File too large' in errors[0], errors
   after = _snapshot(workdir)
   assert {k: after.get(k) for k in before} == before
+
+
+def test_tensorstore_write_error_names_the_os_cause():
+  """Orbax may fail a write inside TensorStore, whose one-line message puts
+  the cause mid-line before a spec of a thousand characters; the error line
+  must still say it (the spec goes)."""
+  spec = '{"context":{"cache_pool":{}},"metadata":{"chunks":[1,32]}}' * 30
+  for code, cause in [(27, 'File too large'),
+                      (28, 'No space left on device')]:
+    raw = ValueError(
+        'OUT_OF_RANGE: Error opening "zarr" driver: Error writing '
+        '"params.trunk.Dense_1.bias/.zarray" in OCDBT database at local '
+        f'file "/tmp/{"x" * 120}/ocdbt.process_0/": Failed to write 119350 '
+        f'bytes to file 23: {cause} [tensorstore_spec=\'{spec}\'] '
+        f"[os_error_code='{code}']")
+    line = checkpoint._first_line(raw)
+    assert line.startswith('ValueError: OUT_OF_RANGE: Error opening'), line
+    assert cause in line and 'tensorstore_spec' not in line, line
+    assert len(line) < 260, line
+  # The cause is named even when the cut drops the words around it.
+  raw = ValueError(f'OUT_OF_RANGE: {"y" * 150} write failed {"z" * 150} '
+                   f"[tensorstore_spec='{spec}'] [os_error_code='28']")
+  assert checkpoint._first_line(raw).endswith('[No space left on device]')
 
 
 @pytest.mark.parametrize('flag, message', [
