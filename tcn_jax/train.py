@@ -656,19 +656,21 @@ def train_kd_student(spec, teacher_logits, ds, *, epochs, temperature=4.0,
                      weight_decay=0.0, seed=0, impl='auto', workdir=None,
                      writer=None):
   """Baseline: one classifier student (`spec` + Dense(classes)) trained on
-  the teacher's softened logits plus labels.
+  the teacher's softened logits plus labels. `teacher_logits` may be None
+  when the stage is finished (resume): it is then only restored.
 
   Returns (model, variables, info)."""
   model = models.Net(f'{spec} D{ds.num_classes}', init, impl)
   seed = stage_seed(seed, 'kd')
-  targets = np.concatenate([teacher_logits, ds.train.y[:, None]], 1)
+  targets = None if teacher_logits is None else np.concatenate(
+      [teacher_logits, ds.train.y[:, None]], 1)[None].astype(np.float32)
   variables, history, seconds = fit(
       _stage_dir(workdir, 'kd'), name='kd', model=model,
       loss=kd_loss(temperature, alpha),
       tx=make_optimizer(optimizer, learning_rate, 'config.kd.optimizer'),
       variables=engine.init_group(lambda k: model.init(k, ds.train.x[:1]),
                                   seed, [0]),
-      x=ds.train.x, targets=targets[None].astype(np.float32), ids=[0],
+      x=ds.train.x, targets=targets, ids=[0],
       epochs=epochs, batch_size=batch_size, seed=seed, strategy='auto',
       val_x=ds.val.x, val_targets=ds.val.y[None],
       val_metric=metrics.accuracy, writer=writer, weight_decay=weight_decay)
@@ -684,15 +686,18 @@ def train_kdgan_student(spec, teacher_logits, teacher_feats, ds, *, epochs,
                         init='glorot_uniform', seed=0, impl='auto',
                         workdir=None, writer=None):
   """Baseline: the KD student plus KDGAN's adversarial label game (see
-  `tcn_jax.kdgan` for what is built). Returns (model, variables, info)."""
+  `tcn_jax.kdgan` for what is built). `teacher_logits` may be None when the
+  stage is finished, as in `train_kd_student`. Returns (model, variables,
+  info)."""
   model = models.Net(f'{spec} D{ds.num_classes}', init, impl)
   disc = kdgan_lib.LabelDiscriminator(tuple(disc_widths))
   seed = stage_seed(seed, 'kdgan')
   c_tx = make_optimizer(optimizer, learning_rate, 'config.kd.optimizer')
   d_tx = make_optimizer(d_optimizer, d_learning_rate,
                         'config.kdgan.d_optimizer')
-  targets = np.concatenate([teacher_logits, teacher_feats,
-                            ds.train.y[:, None]], 1).astype(np.float32)
+  targets = None if teacher_logits is None else np.concatenate(
+      [teacher_logits, teacher_feats, ds.train.y[:, None]],
+      1)[None].astype(np.float32)
   init_fn = lambda k: kdgan_lib.init_state(
       model, disc, c_tx, d_tx, k, ds.train.x[:1], teacher_feats.shape[1],
       ds.num_classes)
@@ -705,7 +710,7 @@ def train_kdgan_student(spec, teacher_logits, teacher_feats, ds, *, epochs,
       state=engine.init_group(init_fn, seed, [0]),
       predict=lambda s, xb: model.apply({'params': s['c'], **s['c_state']},
                                         xb),
-      x=ds.train.x, targets=targets[None], ids=[0], epochs=epochs,
+      x=ds.train.x, targets=targets, ids=[0], epochs=epochs,
       batch_size=batch_size, seed=seed, strategy='auto', val_x=ds.val.x,
       val_targets=ds.val.y[None], val_metric=metrics.accuracy, writer=writer)
   state = engine.unstack(state, 1)[0]
@@ -719,7 +724,13 @@ def train_baseline(stage, config, ds, predict_teacher, teacher_feats,
   and tested; returns its results.json entry. teacher_feats: the teacher's
   (raw, not PCA) features of the training images."""
   n, k = config.num_students, config.kd
-  logits = engine.batched(predict_teacher, ds.train.x, config.eval_batch_size)
+  # The teacher's logits on the training images are needed only to train; a
+  # finished stage (resume) is restored and tested.
+  logits = None
+  if (checkpoint.finished_epochs(_stage_dir(workdir, stage))
+      < config[stage].epochs):
+    logits = engine.batched(predict_teacher, ds.train.x,
+                            config.eval_batch_size)
   common = dict(epochs=config[stage].epochs, temperature=k.temperature,
                 alpha=k.alpha, batch_size=k.batch_size, optimizer=k.optimizer,
                 learning_rate=k.learning_rate, seed=config.seed, impl=config.layers_impl, workdir=workdir,

@@ -99,6 +99,21 @@ def test_finished_head_needs_only_test_outputs(run_dir):
   assert not os.path.exists(os.path.join(workdir, 'nothing'))
 
 
+@pytest.mark.parametrize('stage', ['kd', 'kdgan'])
+def test_finished_baseline_needs_no_teacher_logits(run_dir, stage):
+  """Resuming a finished KD / KDGAN stage restores and tests the student
+  without running the teacher over the training images."""
+  config, workdir, r = run_dir
+  ds = data.load(config.data)
+  def no_teacher(_):
+    raise AssertionError('teacher logits computed for a finished stage')
+  feats = np.zeros((len(ds.train.y), 256), np.float32)   # Only its width.
+  out = train.train_baseline(stage, config, ds, no_teacher, feats, workdir,
+                             writer=None)
+  assert out['test_acc'] == pytest.approx(r[stage]['test_acc'], abs=1e-6)
+  assert out['params'] == r[stage]['params']
+
+
 def test_changed_config_is_refused(run_dir):
   config, workdir, _ = run_dir
   changed = config.copy_and_resolve_references()
