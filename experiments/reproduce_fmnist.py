@@ -45,7 +45,8 @@ The teacher is trained once per seed: before a run starts, the seed's
 finished teacher (`teacher/` + `features.npz` of any run of that seed that
 has them) is copied into its workdir, so the pipeline skips that stage.
 kd<n> / kdgan<n> also copy ff<n>'s finished students and head (same config
-for those stages), so they only train the baseline. With --jobs K, K runs
+for those stages; failing that, those of kd<n> or kdgan<n>, whichever has
+finished), so they only train the baseline. With --jobs K, K runs
 are in flight at once (these models leave one GPU mostly idle); a run
 starts once its seed's teacher is trained and, for kd/kdgan, once ff<n> has
 finished. Everything is resumable: a run whose workdir has results.json is
@@ -91,8 +92,9 @@ class Run:
   seconds: float = 0.0
   rc: int = None
 
-  def workdir(self, root):
-    return os.path.join(root, f'seed{self.seed}', self.name)
+  def workdir(self, root, name=None):
+    """This run's workdir, or that of the run `name` of the same seed."""
+    return os.path.join(root, f'seed{self.seed}', name or self.name)
 
 
 def grid(seeds, gan_targets_all_n=True):
@@ -225,6 +227,20 @@ def finished_teacher(root, run, runs):
   return None
 
 
+def finished_students(root, run):
+  """The first finished workdir of run's seed holding the students and head
+  run reuses: ff<n>, else a sibling (kd<n>, kdgan<n>) that trained or copied
+  the same ones; None if none has finished."""
+  names = [run.reuse_students_from] + [
+      r.name for r in grid([run.seed]) if r.name != run.name
+      and r.reuse_students_from == run.reuse_students_from]
+  for name in names:
+    d = run.workdir(root, name)
+    if os.path.isfile(os.path.join(d, 'results.json')):
+      return d
+  return None
+
+
 def prepare(run, root, runs, log):
   """Copies the seed's teacher (and ff<n>'s students) into run's workdir."""
   w = run.workdir(root)
@@ -240,14 +256,14 @@ def prepare(run, root, runs, log):
       log('  no finished teacher for this seed yet: this run trains it')
   if run.reuse_students_from and not os.path.exists(
       os.path.join(w, 'students')):
-    src = os.path.join(root, f'seed{run.seed}', run.reuse_students_from)
-    if os.path.isfile(os.path.join(src, 'results.json')):
+    src = finished_students(root, run)
+    if src:
       for stage in ('students', 'head'):
         _copy_atomic(os.path.join(src, stage), os.path.join(w, stage))
       log(f'  students and head copied from {_show(src)}')
     else:
-      log(f'  {_show(src)} has not finished: this run trains its own '
-          'students')
+      log(f'  {_show(run.workdir(root, run.reuse_students_from))} has not '
+          'finished: this run trains its own students')
 
 
 RUNNING = []   # The pipelines in flight (for SIGTERM forwarding).

@@ -5,6 +5,7 @@ the files a finished run leaves, so no model is trained here."""
 import importlib.util
 import json
 import os
+import shutil
 import threading
 import time
 
@@ -109,3 +110,22 @@ def test_bad_jobs_value_is_refused(launcher, tmp_path, capsys):
   with pytest.raises(SystemExit):
     mod.main(['--root', str(tmp_path), '--jobs', '0'])
   assert '--jobs must be at least 1' in capsys.readouterr().err
+
+
+def test_baseline_copies_students_from_a_finished_sibling(launcher, tmp_path):
+  """kdgan<n> takes ff<n>'s students and head, else those of kd<n>, which
+  trained (or copied) the same ones."""
+  mod, _, _ = launcher
+  seed_dir = tmp_path / 'g' / 'seed0'
+  args = ['--root', str(tmp_path / 'g'), '--seeds', '0',
+          '--out', str(tmp_path / 'r')]
+  assert mod.main(args + ['--only', 'kd2']) == 0      # No ff2: own students.
+  open(seed_dir / 'kd2' / 'students' / 'from_kd2', 'w').close()
+  assert mod.main(args + ['--only', 'kdgan2']) == 0
+  assert os.listdir(seed_dir / 'kdgan2' / 'students') == ['from_kd2']
+  # ff<n> comes first once it has finished.
+  assert mod.main(args + ['--only', 'ff2']) == 0
+  open(seed_dir / 'ff2' / 'students' / 'from_ff2', 'w').close()
+  shutil.rmtree(seed_dir / 'kdgan2')
+  assert mod.main(args + ['--only', 'kdgan2']) == 0
+  assert os.listdir(seed_dir / 'kdgan2' / 'students') == ['from_ff2']
