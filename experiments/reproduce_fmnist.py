@@ -242,7 +242,7 @@ def finished_students(root, run):
 
 
 def prepare(run, root, runs, log):
-  """Copies the seed's teacher (and ff<n>'s students) into run's workdir."""
+  """Copies the seed's teacher (and finished_students) into run's workdir."""
   w = run.workdir(root)
   os.makedirs(w, exist_ok=True)
   if not os.path.exists(os.path.join(w, 'teacher')):
