@@ -181,14 +181,13 @@ def shell_line(run, root, smoke, extra, teacher_run='ff4'):
   """The run as shell commands (the copies it needs, then the pipeline);
   teacher_run: the run of this seed that trains the teacher."""
   w = _show(run.workdir(root))
-  teacher_src = _show(os.path.join(root, f'seed{run.seed}', teacher_run))
+  teacher_src = _show(run.workdir(root, teacher_run))
   parts = []
   if run.name != teacher_run:
     parts.append(f'[ -e {w}/features.npz ] || {{ mkdir -p {w} && cp -r '
                  f'{teacher_src}/teacher {teacher_src}/features.npz {w}/; }}')
   if run.reuse_students_from:
-    src = _show(os.path.join(root, f'seed{run.seed}',
-                             run.reuse_students_from))
+    src = _show(run.workdir(root, run.reuse_students_from))
     parts.append(f'{{ [ -e {w}/students ] || cp -r {src}/students '
                  f'{src}/head {w}/; }}')
   cmd = command(run, root, smoke, extra)
@@ -210,6 +209,11 @@ def _copy_atomic(src, dst):
   else:
     shutil.copy2(src, tmp)
   os.replace(tmp, dst)
+
+
+def finished(workdir):
+  """Whether the pipeline in workdir has finished (results.json comes last)."""
+  return os.path.isfile(os.path.join(workdir, 'results.json'))
 
 
 def finished_teacher(root, run, runs):
@@ -236,7 +240,7 @@ def finished_students(root, run):
       and r.reuse_students_from == run.reuse_students_from]
   for name in names:
     d = run.workdir(root, name)
-    if os.path.isfile(os.path.join(d, 'results.json')):
+    if finished(d):
       return d
   return None
 
@@ -434,7 +438,7 @@ def main(argv=None):
   if args.dry_run:
     first = teacher_runs(runs)
     for r in runs:
-      if os.path.isfile(os.path.join(r.workdir(root), 'results.json')):
+      if finished(r.workdir(root)):
         r.status = 'done'
       print(shell_line(r, root, args.smoke, extra, first[r.seed]))
     write_report(args.out, cmdline, args, runs, root, args.smoke, extra,
@@ -460,7 +464,7 @@ def main(argv=None):
   index = {id(r): i + 1 for i, r in enumerate(runs)}
   pending, active = [], []
   for r in runs:
-    if os.path.isfile(os.path.join(r.workdir(root), 'results.json')):
+    if finished(r.workdir(root)):
       r.status = 'done'
       log(f'[{index[id(r)]}/{len(runs)}] seed{r.seed}/{r.name}: done already')
     else:
