@@ -40,6 +40,11 @@ Per seed, one workdir per run under ROOT/seed<S>/<run>, each an ordinary
   budget8                       n = 8 within the stretch target's 100k
                                 parameters: the pca_control<n> recipe with
                                 ':slim' students (':tuned,slim,bn')
+  <lever>_gan                   GAN students with the lever recipe of
+                                flip_control1, pca_control2, pca_control4,
+                                budget8 (--config.method=gan: the paper's
+                                adversarial term beside the logit-matching
+                                MSE; same schedules, default discriminators)
 
 The teacher is trained once per seed: before a run starts, the seed's
 finished teacher (`teacher/` + `features.npz` of any run of that seed that
@@ -77,6 +82,7 @@ NS = (1, 2, 4, 8)
 GAN_TARGETS = ('student_output', 'disc_reconstruction')
 SMOKE_CELLS = 'ff2,kd2'
 LONG_EPOCHS = 30   # tuned_long<n>: student epochs (the paper: 10).
+LEVER_CELLS = ('flip_control1', 'pca_control2', 'pca_control4', 'budget8')
 CONTROL_EPOCHS = 20   # flip_control<n>, pca_control<n>, budget8: the steps
                       # of 10 epochs with flip.
 
@@ -158,6 +164,10 @@ def grid(seeds, gan_targets_all_n=True):
     runs.append(Run(s, 'budget8', 'tuned,slim,bn', [
         '--config.num_students=8', *pca,
         f'--config.students.epochs={CONTROL_EPOCHS}', *seed]))
+    levers = {r.name: r for r in runs if r.seed == s}
+    for name in LEVER_CELLS:
+      runs.append(Run(s, f'{name}_gan', levers[name].preset,
+                      [*levers[name].overrides, '--config.method=gan']))
   return runs
 
 

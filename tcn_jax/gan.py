@@ -71,8 +71,18 @@ def init_state(student, disc, g_tx, d_tx, key, x_example):
 
 
 def make_member_step(student, disc, g_tx, d_tx, *, mse_target='student_output',
-                     adv_weight=1.0, mse_weight=1.0, g_steps_per_d_step=1):
-  """member_step(state, x, chunk, key) -> (state, metrics) for the engine."""
+                     adv_weight=1.0, mse_weight=1.0, g_steps_per_d_step=1,
+                     regression=None, chunk_of=None):
+  """member_step(state, x, target, key) -> (state, metrics) for the engine.
+
+  regression(out, target): the student's regression loss (default: MSE of
+  out to the chunk), out being the student's output or the discriminator's
+  reconstruction (mse_target). chunk_of(target): the chunk in a target row
+  (default: the target is the chunk); with train.logit_matching_loss the
+  target is [teacher feature | chunk offset] (not in the paper).
+  """
+  regression = regression or mse
+  chunk_of = chunk_of or (lambda target: target)
   if mse_target not in MSE_TARGETS:
     raise TCNError(f'unknown gan.mse_target {mse_target!r}; choose one of '
                    f'{MSE_TARGETS}')
@@ -89,17 +99,18 @@ def make_member_step(student, disc, g_tx, d_tx, *, mse_target='student_output',
     return dict(state, d=optax.apply_updates(state['d'], updates),
                 d_stats=stats, d_opt=d_opt), loss
 
-  def g_loss(g, state, x, chunk, key):
+  def g_loss(g, state, x, target, key):
     pred, g_state = student.apply(
         {'params': g, **state['g_state']}, x, train=True,
         rngs={'dropout': key}, mutable=list(state['g_state']))
     logit, recon = disc.apply({'params': state['d'],
                                'batch_stats': state['d_stats']}, pred)
-    target = pred if mse_target == 'student_output' else recon
-    loss = adv_weight * bce(logit, 1.0) + mse_weight * mse(target, chunk)
-    return loss, (mse(pred, chunk), g_state)
+    out = pred if mse_target == 'student_output' else recon
+    loss = adv_weight * bce(logit, 1.0) + mse_weight * regression(out, target)
+    return loss, (mse(pred, chunk_of(target)), g_state)
 
-  def member_step(state, x, chunk, key):
+  def member_step(state, x, target, key):
+    chunk = chunk_of(target)
     fake = jax.lax.stop_gradient(
         student.apply({'params': state['g'], **state['g_state']}, x))
     state, real_loss = d_step(state, chunk, 1.0, chunk)
@@ -107,7 +118,7 @@ def make_member_step(student, disc, g_tx, d_tx, *, mse_target='student_output',
     for k in range(g_steps_per_d_step):
       g_key = key if k == 0 else jax.random.fold_in(key, k)
       (loss, (direct, g_state)), grads = jax.value_and_grad(
-          g_loss, has_aux=True)(state['g'], state, x, chunk, g_key)
+          g_loss, has_aux=True)(state['g'], state, x, target, g_key)
       updates, g_opt = g_tx.update(grads, state['g_opt'], state['g'])
       state = dict(state, g=optax.apply_updates(state['g'], updates),
                    g_state=g_state, g_opt=g_opt)

@@ -102,13 +102,30 @@ def logit_matching_loss(head, head_variables, width, weight, temperature,
 
   def loss(pred, target):
     feature, offset = target[:, :-1], target[0, -1].astype(jnp.int32)
-    chunk = jax.lax.dynamic_slice_in_dim(feature, offset, width, axis=1)
+    chunk = logit_matching_chunk(width)(target)
     mixed = jax.lax.dynamic_update_slice_in_dim(feature, pred, offset, axis=1)
     t = jax.nn.log_softmax(logits(feature))
     s = jax.nn.log_softmax(logits(mixed))
     kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1).mean()
     return mse_loss(pred, chunk) + weight * temperature ** 2 * kl
   return loss
+
+
+def logit_matching_chunk(width):
+  """The student's chunk in a `logit_matching_loss` target row."""
+  def chunk_of(target):
+    offset = target[0, -1].astype(jnp.int32)
+    return jax.lax.dynamic_slice_in_dim(target[:, :-1], offset, width, axis=1)
+  return chunk_of
+
+
+def logit_matching_targets(features, num_students, member_ids):
+  """Per member: [the full teacher feature | its chunk's offset] rows, the
+  targets of `logit_matching_loss`."""
+  bounds = features_lib.chunk_bounds(features.shape[1], num_students)
+  return np.stack([np.concatenate(
+      [features, np.full((len(features), 1), bounds[i][0], features.dtype)],
+      1) for i in member_ids])
 
 
 def fit(stage_dir, *, name, model, loss, tx, variables, x, targets, ids,
@@ -332,9 +349,6 @@ def validate(config):
                 0)
   _check_number('students.logit_temperature',
                 config.students.logit_temperature, float, 0, strict=True)
-  if config.students.logit_weight and config.method != 'ff':
-    raise TCNError('config.students.logit_weight > 0 needs config.method='
-                   f"'ff', got {config.method!r}")
   if config.students.lr_schedule not in LR_SCHEDULES:
     raise TCNError(f'unknown config.students.lr_schedule '
                    f'{config.students.lr_schedule!r}; choose one of '
@@ -492,7 +506,8 @@ def train_students(specs, x, features, num_students, *, epochs,
   student list over epochs (empty without val), 'history': per group,
   'seconds'}.
   logit_match: optional dict(head, head_variables, weight, temperature,
-  basis) adding `logit_matching_loss` to FF students' MSE.
+  basis): students' regression loss is `logit_matching_loss` instead of MSE
+  (for GAN students, the term beside the adversarial one).
   lr_schedule: 'constant' (the paper) or 'cosine' (decays learning_rate to
   0 over the epochs; not in the paper).
   members: train only these member ids (tcn_jax.distributed: a process's
@@ -532,16 +547,14 @@ def train_students(specs, x, features, num_students, *, epochs,
         val_x=val_x, val_metric=metrics.mse, writer=writer,
         val_targets=np.stack([val_chunks[i] for i in group.member_ids]))
     stage_dir = _stage_dir(workdir, 'students', f'group{gi}{dir_suffix}')
+    loss, chunk_of = mse_loss, None
+    if logit_match:
+      loss = logit_matching_loss(width=group.out_dim, **logit_match)
+      chunk_of = logit_matching_chunk(group.out_dim)
+      common['targets'] = logit_matching_targets(features, num_students,
+                                                 group.member_ids)
     if gan is None:
       init_fn = lambda k, model=model: model.init(k, x[:1])
-      loss = mse_loss
-      if logit_match:
-        loss = logit_matching_loss(width=group.out_dim, **logit_match)
-        bounds = features_lib.chunk_bounds(features.shape[1], num_students)
-        common['targets'] = np.stack([np.concatenate(
-            [features, np.full((len(features), 1), bounds[i][0],
-                               features.dtype)], 1)
-                                      for i in group.member_ids])
       group.variables, hist, secs = fit(
           stage_dir, model=model, loss=loss, tx=tx,
           variables=engine.init_group(init_fn, seed, group.member_ids),
@@ -558,7 +571,8 @@ def train_students(specs, x, features, num_students, *, epochs,
           member_step=gan_lib.make_member_step(
               model, disc, tx, d_tx, mse_target=gan['mse_target'],
               adv_weight=gan['adv_weight'], mse_weight=gan['mse_weight'],
-              g_steps_per_d_step=gan['g_steps_per_d_step']),
+              g_steps_per_d_step=gan['g_steps_per_d_step'],
+              regression=loss if logit_match else None, chunk_of=chunk_of),
           predict=lambda s, xb, model=model: model.apply(
               {'params': s['g'], **s['g_state']}, xb), **common)
       group.variables = {'params': state['g'], **state['g_state']}

@@ -122,8 +122,6 @@ CASES = [
      "unknown strategy 'magic'", None),
     ('unknown method', {'method': 'diffusion'}, "unknown method 'diffusion'",
      None),
-    ('logit loss with GAN', {'method': 'gan', 'students__logit_weight': 1.0},
-     "config.students.logit_weight > 0 needs config.method='ff'", None),
     ('negative logit weight', {'students__logit_weight': -1.0},
      'config.students.logit_weight must be a number >= 0', None),
     ('unknown student LR schedule', {'students__lr_schedule': 'linear'},

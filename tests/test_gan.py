@@ -87,6 +87,40 @@ def test_discriminator_learns_and_student_mse_falls():
   assert np.isfinite(m['d_loss']).all() and np.isfinite(m['loss']).all()
 
 
+
+@pytest.mark.parametrize('mse_target', gan.MSE_TARGETS)
+def test_logit_matching_gan_students(mse_target):
+  """GAN students with the logit-matching regression term: at weight 0 they
+  train exactly as plain GAN students (the [feature | offset] targets give
+  each member its own chunk); at weight 1 they train differently."""
+  rng = np.random.default_rng(0)
+  x = rng.random((64, 12, 12, 1), np.float32)
+  features = rng.standard_normal((64, 16)).astype(np.float32)
+  head = models.Head(5, 0.5)
+  settings = dict(disc_widths=(16, 32), disc_first_bias=False,
+                  recon_relu=False, mse_target=mse_target, adv_weight=1.0,
+                  mse_weight=1.0, g_steps_per_d_step=1, d_optimizer='adam',
+                  d_learning_rate=2e-4)
+
+  def students(weight=None):
+    match = None if weight is None else dict(
+        head=head, head_variables=head.init(jax.random.key(1), features[:1]),
+        weight=weight, temperature=2.0, basis=None)
+    groups, info = train.train_students(
+        SPEC, x, features, 2, epochs=2, batch_size=16, optimizer='sgd',
+        learning_rate=0.05, seed=3, strategy='unrolled', impl='im2col',
+        val=(x[:16], features[:16]), gan=settings, logit_match=match)
+    assert all(np.isfinite(m).all() for m in info['val_mse'])
+    return groups[0].variables
+
+  plain = students()
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+      students(0.0), plain)
+  matched = jax.tree_util.tree_leaves(students(1.0))
+  assert any(not np.allclose(a, b) for a, b in
+             zip(matched, jax.tree_util.tree_leaves(plain)))
+
 def test_bad_mse_target():
   student, disc, *_ = _setup([0])
   with pytest.raises(TCNError, match='gan.mse_target'):
