@@ -283,6 +283,11 @@ class Tables:
   def baseline(self, stage, n, field='test_acc'):
     return stats([r.r[stage][field] for r in self.base[stage][n]])
 
+  def levers(self):
+    """(method, GAN target or None, levers) of the cells not in the paper."""
+    return sorted({(k[0], k[1], k[5]) for k in self.tcn if k[5]},
+                  key=lambda m: (m[0], m[1] or '', m[2]))
+
   @staticmethod
   def key(method, n, target=None, chunking='contiguous', hetero=False,
           variant=''):
@@ -311,12 +316,13 @@ class Tables:
           continue
         rows.append((f'{label}, n={n}', self.cell(k), PAPER[method][n],
                      NOTEBOOKS[method][n], self.tcn.get(k, [])))
-    for variant in sorted({k[5] for k in self.tcn if k[5]}):
+    for method, target, variant in self.levers():
+      label = 'TCN FF' if method == 'ff' else 'TCN ' + GAN_LABEL[target]
       for n in NS:
-        k = self.key('ff', n, variant=variant)
+        k = self.key(method, n, target, variant=variant)
         if k in self.tcn:
-          rows.append((f'TCN FF + {variant} (not in the paper), n={n}',
-                       self.cell(k), PAPER['ff'][n], NOTEBOOKS['ff'][n],
+          rows.append((f'{label} + {variant} (not in the paper), n={n}',
+                       self.cell(k), PAPER[method][n], NOTEBOOKS[method][n],
                        self.tcn[k]))
     md = ['## Table 3: test accuracy (%) after head fine-tuning', '',
           'Mean ± sample std over runs (one run: the value alone). Δ = ours '
@@ -592,15 +598,16 @@ class Tables:
                   self.key('gan', n, 'disc_reconstruction')), 'C2', '^'),
               ('Hinton KD', lambda n: self.baseline('kd', n), 'C3', 'D'),
               ('KDGAN', lambda n: self.baseline('kdgan', n), 'C4', 'v')]
-    variants = sorted({k[5] for k in self.tcn if k[5]})
+    levers = self.levers()
     # Lever cells: colours off the tab10 cycle of the series above, and
     # markers of their own, so that no two series look alike.
-    style = {v: (plt.cm.viridis(i / max(1, len(variants) - 1) * 0.9),
-                 'PX*hpd<>'[i % 8]) for i, v in enumerate(variants)}
-    for variant in variants:
-      series.append((f'TCN FF + {_short(variant)}', lambda n, v=variant:
-                     self.cell(self.key('ff', n, variant=v)),
-                     *style[variant]))
+    style = {v: (plt.cm.viridis(i / max(1, len(levers) - 1) * 0.9),
+                 'PX*hpd<>'[i % 8]) for i, v in enumerate(levers)}
+    name = lambda m, t: 'TCN FF' if m == 'ff' else f'TCN GAN ({t})'
+    for m, t, v in levers:
+      series.append((f'{name(m, t)} + {_short(v)}', lambda n, m=m, t=t, v=v:
+                     self.cell(self.key(m, n, t, variant=v)),
+                     *style[m, t, v]))
     teacher = stats([r.r['teacher_test_acc'] for r in self.teachers])
 
     # 1. Accuracy vs n.
@@ -641,8 +648,9 @@ class Tables:
         ("TCN GAN (authors' loss)",
          lambda n: self.key('gan', n, 'disc_reconstruction'), 'C2', '^', '-')]
     tcn_series += [   # Levers: points, in the colours of plot 1.
-        (f'TCN FF + {_short(v)}', lambda n, v=v: self.key('ff', n, variant=v),
-         *style[v], '') for v in variants]
+        (f'{name(m, t)} + {_short(v)}',
+         lambda n, m=m, t=t, v=v: self.key(m, n, t, variant=v),
+         *style[m, t, v], '') for m, t, v in levers]
     for label, key, color, marker, ls in tcn_series:
       xs, ys, ns = [], [], []
       for n in NS:
