@@ -1,0 +1,77 @@
+"""experiments/tables.py on the committed results: Table 3 pools seeds into
+mean ± std, marks cells that were not run, and lists lever cells (FF and
+GAN) apart from the paper-faithful ones."""
+import glob
+import importlib.util
+import json
+import os
+import statistics
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, 'experiments', 'results')
+
+
+@pytest.fixture(scope='module')
+def tables():
+  spec = importlib.util.spec_from_file_location(
+      'tables', os.path.join(ROOT, 'experiments', 'tables.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def table3(tables, root):
+  recs, skipped = tables.load([root])
+  assert recs and not skipped
+  t = tables.Tables(recs)
+  t.table3()
+  return {row['cell']: row for row in t.data['table3']}
+
+
+def accuracies(root, cell, field):
+  """The cell's accuracies over seeds, read from its results.json files."""
+  out = []
+  for path in sorted(glob.glob(os.path.join(root, 'seed*', cell,
+                                            'results.json'))):
+    with open(path) as f:
+      r = json.load(f)
+    out.append(r['kd']['test_acc'] if field == 'kd' else r[field])
+  return out
+
+
+def test_table3_pools_seeds(tables):
+  root = os.path.join(RESULTS, 'gpu_h200_grid')
+  rows = table3(tables, root)
+  ff1 = accuracies(root, 'ff1', 'tcn_test_acc_after_finetune')
+  kd4 = accuracies(root, 'kd4', 'kd')
+  assert len(ff1) == len(kd4) == 2
+  for label, values in (('TCN FF, n=1', ff1),
+                        ('Hinton KD (student sized for n=4, 86.7k params)',
+                         kd4)):
+    ours = rows[label]['ours']
+    assert ours['k'] == 2
+    assert ours['mean'] == pytest.approx(statistics.mean(values))
+    assert ours['std'] == pytest.approx(statistics.stdev(values))
+  assert rows['TCN FF, n=1']['paper'] == tables.PAPER['ff'][1]
+  # Not run on that machine: marked, not zero.
+  not_run = [k for k in rows if 'authors' in k and k.endswith('n=8')]
+  assert len(not_run) == 1 and rows[not_run[0]]['ours'] is None
+
+
+def test_table3_lists_gan_lever_cells_apart(tables):
+  root = os.path.join(RESULTS, 'cpu_fmnist')
+  rows = table3(tables, root)
+  gan_levers = [k for k in rows if k.startswith("TCN GAN, paper's loss")
+                and 'not in the paper' in k and k.endswith('n=1')]
+  assert len(gan_levers) == 1
+  row = rows[gan_levers[0]]
+  assert [os.path.basename(os.path.dirname(p)) for p in row['runs']] == [
+      'flip_control1_gan']
+  assert row['paper'] == tables.PAPER['gan'][1]
+  value = accuracies(root, 'flip_control1_gan', 'tcn_test_acc_after_finetune')
+  assert row['ours']['mean'] == pytest.approx(value[0])
+  # The paper-faithful GAN n=1 cell does not pool the lever run in.
+  faithful = rows["TCN GAN, paper's loss (MSE on the student output), n=1"]
+  assert not any('flip_control1_gan' in p for p in faithful['runs'])
