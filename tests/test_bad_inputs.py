@@ -212,6 +212,14 @@ CASES = [
 ]
 
 
+# After a failed read or write Orbax leaves coroutines and an event loop that
+# are collected later, which pytest reports as unraisable-exception warnings;
+# the command line shows none of it (test_damaged_checkpoint_command_line).
+ORBAX_LEFTOVERS = pytest.mark.filterwarnings(
+    'ignore::pytest.PytestUnraisableExceptionWarning')
+
+
+@ORBAX_LEFTOVERS
 @pytest.mark.parametrize('overrides, message, setup',
                          [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input(finished, tmp_path, run_main, overrides, message, setup):
@@ -231,6 +239,7 @@ def test_bad_input(finished, tmp_path, run_main, overrides, message, setup):
   assert {k: after.get(k) for k in before} == before
 
 
+@ORBAX_LEFTOVERS
 def test_disk_full(finished, tmp_path, run_main):
   """A checkpoint write that fails (file size limit: EFBIG, as a full disk
   gives ENOSPC) is one error line naming it; earlier epochs stay."""
@@ -275,6 +284,24 @@ def test_tensorstore_write_error_names_the_os_cause():
   raw = ValueError(f'OUT_OF_RANGE: {"y" * 150} write failed {"z" * 150} '
                    f"[tensorstore_spec='{spec}'] [os_error_code='28']")
   assert checkpoint._first_line(raw).endswith('[No space left on device]')
+
+
+def test_damaged_checkpoint_command_line(finished, tmp_path):
+  """The real command on a truncated checkpoint: one error line, exit code
+  2, and nothing of Orbax's leftovers (tracebacks, 'Exception ignored')."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(finished, workdir)
+  _truncate(os.path.join(workdir, 'teacher/2/state/ocdbt.process_0/d/*'))
+  cmd = [sys.executable, '-m', 'tcn_jax.main', '--config', SMOKE,
+         '--workdir', workdir, *TINY_FLAGS, '--config.allow_config_change=True']
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
+  assert proc.returncode == 2
+  assert (len(errors) == 1 and 'teacher/2 is damaged or truncated'
+          in errors[0]), proc.stderr[-2000:]
+  for noise in ('Traceback', 'Exception ignored', 'Event loop is closed'):
+    assert noise not in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize('flag, message', [
