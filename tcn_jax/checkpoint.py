@@ -14,9 +14,11 @@ never trained over.
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import signal
+import sys
 import threading
 
 import jax
@@ -52,16 +54,61 @@ def _first_line(e: Exception) -> str:
 
   TensorStore ends its errors with a long `[tensorstore_spec=...]` and the
   errno as `[os_error_code='27']`: the spec is dropped and the errno's name
-  ("File too large", "No space left on device") kept in plain words.
+  ("File too large", "No space left on device") kept in plain words. Orbax
+  read errors end with "See full TensorStore details: <spec>": the spec goes
+  and the array it names ('path': ...) stays.
   """
-  line = (str(e).strip().splitlines() or [''])[0]
+  text = str(e).strip()
+  details = text.partition('See full TensorStore details:')[2]
+  array = re.findall(r"'path': '([^']+?)/?'", details)[-1:]
+  line = (text.splitlines() or [''])[0]
   errno = re.search(r"\[os_error_code='?(\d+)'?\]", line)
   line = line.split(' [tensorstore_spec=')[0]
+  if array:
+    line = (line.split(' See full TensorStore details:')[0].rstrip('.') +
+            f' (array {array[0]})')
   if len(line) > 200:
     line = f'{line[:90]} ... {line[-100:]}'
   if errno and os.strerror(int(errno.group(1))) not in line:
     line += f' [{os.strerror(int(errno.group(1)))}]'
   return f'{type(e).__name__}: {line}'
+
+
+def _orbax_leftover(exc) -> bool:
+  """True for an error that Orbax's abandoned asyncio work raises after a
+  failed read or write has already been reported."""
+  text = str(exc)
+  return ('Event loop is closed' in text or
+          'Encountered error while reading array index' in text)
+
+
+class _OrbaxLeftoverFilter(logging.Filter):
+  def filter(self, record):
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (_orbax_leftover(record.getMessage()) or
+                (exc is not None and _orbax_leftover(exc)))
+
+
+_LEFTOVER_FILTER = _OrbaxLeftoverFilter()
+
+
+def _quiet_orbax_leftovers():
+  """Orbax reads and writes arrays in asyncio tasks. When one fails, the
+  others are abandoned and surface later (garbage collection, interpreter
+  exit) as hundreds of "Exception ignored" and "exception was never
+  retrieved" lines that repeat the error already raised, so a bad checkpoint
+  would not be one error line. Drops those, and only those, from
+  `sys.unraisablehook` and the asyncio logger (installed once per hook)."""
+  logging.getLogger('asyncio').addFilter(_LEFTOVER_FILTER)   # Idempotent.
+  if getattr(sys.unraisablehook, 'drops_orbax_leftovers', False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _orbax_leftover(unraisable.exc_value):
+      previous(unraisable)
+  hook.drops_orbax_leftovers = True
+  sys.unraisablehook = hook
 
 
 def _shapes(tree) -> dict:
@@ -93,6 +140,7 @@ class StageCheckpoint:
 
   def save(self, epoch: int, state, record: dict):
     """Writes epoch `epoch` completely (a stop signal waits for it)."""
+    _quiet_orbax_leftovers()
     with signals_deferred():
       try:
         saved = self.manager.save(epoch, args=ocp.args.Composite(
@@ -118,6 +166,7 @@ class StageCheckpoint:
     damaged = (f'checkpoint {where} is damaged or truncated ({{}}); move it '
                'away to resume from ' +
                (f'epoch {max(older)}' if older else 'scratch'))
+    _quiet_orbax_leftovers()
     with signals_deferred():
       try:
         stored = _shapes(self.manager.item_metadata(epoch)['state'].tree)
