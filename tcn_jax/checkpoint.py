@@ -58,15 +58,14 @@ def _first_line(e: Exception) -> str:
   read errors end with "See full TensorStore details: <spec>": the spec goes
   and the array it names ('path': ...) stays.
   """
-  text = str(e).strip()
-  details = text.partition('See full TensorStore details:')[2]
+  text, _, details = str(e).strip().partition(
+      ' See full TensorStore details:')
   array = re.findall(r"'path': '([^']+?)/?'", details)[-1:]
   line = (text.splitlines() or [''])[0]
   errno = re.search(r"\[os_error_code='?(\d+)'?\]", line)
   line = line.split(' [tensorstore_spec=')[0]
   if array:
-    line = (line.split(' See full TensorStore details:')[0].rstrip('.') +
-            f' (array {array[0]})')
+    line = f"{line.rstrip('.')} (array {array[0]})"
   if len(line) > 200:
     line = f'{line[:90]} ... {line[-100:]}'
   if errno and os.strerror(int(errno.group(1))) not in line:
@@ -82,14 +81,11 @@ def _orbax_leftover(exc) -> bool:
           'Encountered error while reading array index' in text)
 
 
-class _OrbaxLeftoverFilter(logging.Filter):
-  def filter(self, record):
-    exc = record.exc_info[1] if record.exc_info else None
-    return not (_orbax_leftover(record.getMessage()) or
-                (exc is not None and _orbax_leftover(exc)))
-
-
-_LEFTOVER_FILTER = _OrbaxLeftoverFilter()
+def _not_orbax_leftover(record: logging.LogRecord) -> bool:
+  """asyncio logger filter: keeps every record but Orbax's leftovers."""
+  exc = record.exc_info[1] if record.exc_info else None
+  return not (_orbax_leftover(record.getMessage()) or
+              (exc is not None and _orbax_leftover(exc)))
 
 
 def _quiet_orbax_leftovers():
@@ -99,7 +95,7 @@ def _quiet_orbax_leftovers():
   retrieved" lines that repeat the error already raised, so a bad checkpoint
   would not be one error line. Drops those, and only those, from
   `sys.unraisablehook` and the asyncio logger (installed once per hook)."""
-  logging.getLogger('asyncio').addFilter(_LEFTOVER_FILTER)   # Idempotent.
+  logging.getLogger('asyncio').addFilter(_not_orbax_leftover)  # Idempotent.
   if getattr(sys.unraisablehook, 'drops_orbax_leftovers', False):
     return
   previous = sys.unraisablehook
