@@ -82,9 +82,14 @@ def _orbax_leftover(exc) -> bool:
 
 
 def _not_orbax_leftover(record: logging.LogRecord) -> bool:
-  """asyncio logger filter: keeps every record but Orbax's leftovers."""
+  """asyncio logger filter: keeps every record but Orbax's leftovers. Any
+  "exception was never retrieved" report counts: after a failed read, those
+  futures carry TensorStore's raw errors (e.g. OUT_OF_RANGE on a truncated
+  file), too varied to match by text."""
   exc = record.exc_info[1] if record.exc_info else None
-  return not (_orbax_leftover(record.getMessage()) or
+  message = record.getMessage()
+  return not ('exception was never retrieved' in message or
+              _orbax_leftover(message) or
               (exc is not None and _orbax_leftover(exc)))
 
 
@@ -93,8 +98,9 @@ def _quiet_orbax_leftovers():
   others are abandoned and surface later (garbage collection, interpreter
   exit) as hundreds of "Exception ignored" and "exception was never
   retrieved" lines that repeat the error already raised, so a bad checkpoint
-  would not be one error line. Drops those, and only those, from
-  `sys.unraisablehook` and the asyncio logger (installed once per hook)."""
+  would not be one error line. Drops them from `sys.unraisablehook` (by
+  text; other unraisables pass on) and from the asyncio logger (with every
+  "exception was never retrieved" report); installed once per hook."""
   logging.getLogger('asyncio').addFilter(_not_orbax_leftover)  # Idempotent.
   if getattr(sys.unraisablehook, 'drops_orbax_leftovers', False):
     return
