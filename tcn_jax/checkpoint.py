@@ -93,24 +93,45 @@ def _not_orbax_leftover(record: logging.LogRecord) -> bool:
               (exc is not None and _orbax_leftover(exc)))
 
 
-def _quiet_orbax_leftovers():
+def _install_leftover_filters():
+  """Drops Orbax's leftovers from `sys.unraisablehook` (by text; other
+  unraisables pass on) and from the asyncio logger (with every "exception
+  was never retrieved" report). Returns a function that removes what this
+  call installed (nothing when they were installed already)."""
+  logger = logging.getLogger('asyncio')
+  undo = []
+  if _not_orbax_leftover not in logger.filters:
+    logger.addFilter(_not_orbax_leftover)
+    undo.append(lambda: logger.removeFilter(_not_orbax_leftover))
+  if not getattr(sys.unraisablehook, 'drops_orbax_leftovers', False):
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+      if not _orbax_leftover(unraisable.exc_value):
+        previous(unraisable)
+    hook.drops_orbax_leftovers = True
+    sys.unraisablehook = hook
+
+    def restore_hook():
+      if sys.unraisablehook is hook:   # Unless someone replaced it since.
+        sys.unraisablehook = previous
+    undo.append(restore_hook)
+  return lambda: [u() for u in undo]
+
+
+@contextlib.contextmanager
+def _orbax_leftovers_quieted():
   """Orbax reads and writes arrays in asyncio tasks. When one fails, the
   others are abandoned and surface later (garbage collection, interpreter
   exit) as hundreds of "Exception ignored" and "exception was never
   retrieved" lines that repeat the error already raised, so a bad checkpoint
-  would not be one error line. Drops them from `sys.unraisablehook` (by
-  text; other unraisables pass on) and from the asyncio logger (with every
-  "exception was never retrieved" report); installed once per hook."""
-  logging.getLogger('asyncio').addFilter(_not_orbax_leftover)  # Idempotent.
-  if getattr(sys.unraisablehook, 'drops_orbax_leftovers', False):
-    return
-  previous = sys.unraisablehook
-
-  def hook(unraisable):
-    if not _orbax_leftover(unraisable.exc_value):
-      previous(unraisable)
-  hook.drops_orbax_leftovers = True
-  sys.unraisablehook = hook
+  would not be one error line. The filters hold while the block runs; if it
+  fails they stay for the rest of the process (the leftovers come later),
+  and if it succeeds they are removed, so a process whose checkpoints all
+  work keeps every report."""
+  remove = _install_leftover_filters()
+  yield   # An exception skips the removal below.
+  remove()
 
 
 def _shapes(tree) -> dict:
@@ -142,8 +163,7 @@ class StageCheckpoint:
 
   def save(self, epoch: int, state, record: dict):
     """Writes epoch `epoch` completely (a stop signal waits for it)."""
-    _quiet_orbax_leftovers()
-    with signals_deferred():
+    with _orbax_leftovers_quieted(), signals_deferred():
       try:
         saved = self.manager.save(epoch, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
@@ -168,8 +188,7 @@ class StageCheckpoint:
     damaged = (f'checkpoint {where} is damaged or truncated ({{}}); move it '
                'away to resume from ' +
                (f'epoch {max(older)}' if older else 'scratch'))
-    _quiet_orbax_leftovers()
-    with signals_deferred():
+    with _orbax_leftovers_quieted(), signals_deferred():
       try:
         stored = _shapes(self.manager.item_metadata(epoch)['state'].tree)
       except Exception as e:  # Orbax raises several types for bad files.

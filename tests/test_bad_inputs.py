@@ -281,7 +281,7 @@ def test_damaged_checkpoint_command_line(finished, tmp_path):
   """The real command on a truncated checkpoint: exit code 2 and one error
   line naming the array, without the TensorStore spec, and none of the
   errors of Orbax's abandoned reads ('Exception ignored', tracebacks, once
-  hundreds of lines in some runs: checkpoint._quiet_orbax_leftovers)."""
+  hundreds of lines in some runs: checkpoint._orbax_leftovers_quieted)."""
   workdir = str(tmp_path / 'run')
   shutil.copytree(finished, workdir)
   _truncate(os.path.join(workdir, 'teacher/2/state/ocdbt.process_0/d/*'))
@@ -296,6 +296,44 @@ def test_damaged_checkpoint_command_line(finished, tmp_path):
   assert '(array ' in errors[0] and 'TensorStore' not in errors[0], errors
   for noise in ('Traceback', 'Exception ignored', 'Event loop is closed'):
     assert noise not in proc.stderr, proc.stderr[-2000:]
+
+
+LEFTOVER_FILTERS_SCRIPT = """
+import glob, logging, os, sys
+import numpy as np
+from tcn_jax import checkpoint
+def installed():
+  return (checkpoint._not_orbax_leftover in logging.getLogger('asyncio').filters,
+          getattr(sys.unraisablehook, 'drops_orbax_leftovers', False))
+hook = sys.unraisablehook
+state = {'w': np.arange(4096, dtype=np.float32)}
+with checkpoint.StageCheckpoint(sys.argv[1]) as ckpt:
+  ckpt.save(1, state, {'epoch': 1})
+  ckpt.restore(state)
+print('after success', *installed(), sys.unraisablehook is hook)
+for p in glob.glob(os.path.join(sys.argv[1], '1/state/ocdbt.process_0/d/*')):
+  with open(p, 'r+b') as f:
+    f.truncate(os.path.getsize(p) // 2)
+with checkpoint.StageCheckpoint(sys.argv[1]) as ckpt:
+  try:
+    ckpt.restore(state)
+  except checkpoint.TCNError:
+    print('after failure', *installed())
+"""
+
+
+def test_leftover_filters_stay_only_after_a_failure(tmp_path):
+  """The filters for Orbax's leftovers are gone after checkpoints that work
+  (a user's own asyncio and unraisable reports still show) and stay after
+  one that fails (its abandoned reads surface later). A fresh process: the
+  suite's own failed reads have installed them here already."""
+  proc = subprocess.run(
+      [sys.executable, '-c', LEFTOVER_FILTERS_SCRIPT, str(tmp_path / 'c')],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  lines = proc.stdout.splitlines()
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert lines == ['after success False False True',
+                   'after failure True True'], (lines, proc.stderr[-2000:])
 
 
 @pytest.mark.parametrize('flag, message', [
