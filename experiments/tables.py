@@ -611,7 +611,7 @@ class Tables:
     teacher = stats([r.r['teacher_test_acc'] for r in self.teachers])
 
     # 1. Accuracy vs n.
-    fig, ax = plt.subplots(figsize=(8, 6.5))
+    fig, ax = plt.subplots(figsize=(10, 6))   # As wide as the legend.
     for label, get, color, marker in series:
       pts = [(n, get(n)) for n in NS if get(n)]
       if pts:
@@ -640,7 +640,7 @@ class Tables:
     plt.close(fig)
 
     # 2. Accuracy vs total student parameters.
-    fig, ax = plt.subplots(figsize=(8, 6.5))
+    fig, ax = plt.subplots(figsize=(10, 6))   # As wide as the legend.
     tcn_series = [
         ('TCN FF', lambda n: self.key('ff', n), 'C0', 'o', '-'),
         ("TCN GAN (paper's loss)",
@@ -727,7 +727,8 @@ class Tables:
   @staticmethod
   def _save(fig, out, name):
     path = os.path.join(out, name)
-    fig.savefig(path, dpi=110)
+    # 'tight': the legends sit below the axes, outside the figure box.
+    fig.savefig(path, dpi=110, bbox_inches='tight')
     return name
 
 
