@@ -432,6 +432,10 @@ def main(argv=None):
   only = args.only or (SMOKE_CELLS if args.smoke else '')
   suffix = '_smoke' if args.smoke else ''
   root = os.path.abspath(args.root or 'runs/fmnist_grid' + suffix)
+  # The committed plan is what the documented `--dry-run` alone prints; a
+  # dry run of another selection does not replace it without an --out.
+  keep_plan = (args.dry_run and args.out is None and not args.smoke
+               and argv != ['--dry-run'])
   args.out = args.out or os.path.join(REPO, 'experiments', 'results',
                                       'reproduce_fmnist' + suffix)
   extra = shlex.split(args.device_extra_flags)
@@ -451,6 +455,10 @@ def main(argv=None):
       if finished(r.workdir(root)):
         r.status = 'done'
       print(shell_line(r, root, args.smoke, extra, first[r.seed]))
+    if keep_plan:
+      log(f'report not written: {_show(args.out)}.md holds the plan of '
+          '`--dry-run` alone; give --out to write this one')
+      return 0
     write_report(args.out, cmdline, args, runs, root, args.smoke, extra,
                  time.time() - t_start)
     return 0

@@ -129,3 +129,27 @@ def test_baseline_copies_students_from_a_finished_sibling(launcher, tmp_path):
   shutil.rmtree(seed_dir / 'kdgan2')
   assert mod.main(args + ['--only', 'kdgan2']) == 0
   assert os.listdir(seed_dir / 'kdgan2' / 'students') == ['from_ff2']
+
+
+def test_partial_dry_run_keeps_the_committed_plan(launcher, tmp_path,
+                                                  monkeypatch, capsys):
+  """`--dry-run` alone writes the plan to experiments/results/; a dry run of
+  another selection prints its commands but replaces that file only when
+  --out is given."""
+  mod, events, _ = launcher
+  monkeypatch.setattr(mod, 'REPO', str(tmp_path))
+  monkeypatch.chdir(tmp_path)
+  plan = tmp_path / 'experiments' / 'results' / 'reproduce_fmnist.md'
+  plan.parent.mkdir(parents=True)
+  assert mod.main(['--dry-run']) == 0
+  full = plan.read_text()
+  assert 'ff4' in full and 'gan8_student_output' in full
+  capsys.readouterr()
+  assert mod.main(['--dry-run', '--only', 'ff4']) == 0
+  out = capsys.readouterr().out
+  assert '--workdir' in out and 'report not written' in out
+  assert plan.read_text() == full
+  assert mod.main(['--dry-run', '--only', 'ff4',
+                   '--out', str(tmp_path / 'mine')]) == 0
+  assert 'gan8' not in (tmp_path / 'mine.md').read_text()
+  assert plan.read_text() == full and not events   # Nothing launched.
