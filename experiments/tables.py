@@ -153,6 +153,9 @@ class Rec:
         levers.append(lever)
     if st.get('augment'):
       levers.append('mirrored images added (flip)')
+    adv = ((cfg or {}).get('gan') or {}).get('adv_weight', 1.0)
+    if self.method == 'gan' and adv != 1.0:
+      levers.append(f'adversarial weight {adv:g} (paper 1)')
     if cfg:   # Longer or shorter schedules than the paper's.
       paper = _load_config('gan' if self.method == 'gan' else '')
       for stage in ('students', 'head'):

@@ -87,3 +87,23 @@ def test_table3_lists_gan_lever_cells_apart(tables):
   # The paper-faithful GAN n=1 cell does not pool the lever run in.
   faithful = rows["TCN GAN, paper's loss (MSE on the student output), n=1"]
   assert not any('flip_control1_gan' in p for p in faithful['runs'])
+
+
+def test_adversarial_weight_is_a_lever_of_its_own(tables, tmp_path):
+  src = os.path.join(RESULTS, 'cpu_fmnist', 'seed0', 'budget8_gan')
+  for name, adv in (('budget8_gan', None), ('budget8_gan_adv01', 0.1)):
+    dst = tmp_path / 'seed0' / name
+    dst.mkdir(parents=True)
+    with open(os.path.join(src, 'config.json')) as f:
+      cfg = json.load(f)
+    if adv is not None:
+      cfg['gan']['adv_weight'] = adv
+    (dst / 'config.json').write_text(json.dumps(cfg))
+    with open(os.path.join(src, 'results.json')) as f:
+      (dst / 'results.json').write_text(f.read())
+  rows = table3(tables, str(tmp_path))
+  gan8 = [k for k in rows if k.startswith('TCN GAN') and k.endswith('n=8')
+          and 'slim students' in k]
+  assert len(gan8) == 2
+  assert sum('adversarial weight 0.1 (paper 1)' in k for k in gan8) == 1
+  assert all(rows[k]['ours']['k'] == 1 for k in gan8)
