@@ -168,6 +168,10 @@ def grid(seeds, gan_targets_all_n=True):
     for name in LEVER_CELLS:
       runs.append(Run(s, f'{name}_gan', levers[name].preset,
                       [*levers[name].overrides, '--config.method=gan']))
+    # The n = 8 GAN lever cell with a tenth of the paper's adversarial weight.
+    runs.append(Run(s, 'budget8_gan_adv01', levers['budget8'].preset,
+                    [*levers['budget8'].overrides, '--config.method=gan',
+                     '--config.gan.adv_weight=0.1']))
   return runs
 
 
