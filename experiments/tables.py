@@ -153,11 +153,12 @@ class Rec:
         levers.append(lever)
     if st.get('augment'):
       levers.append('mirrored images added (flip)')
-    adv = ((cfg or {}).get('gan') or {}).get('adv_weight', 1.0)
-    if self.method == 'gan' and adv != 1.0:
-      levers.append(f'adversarial weight {adv:g} (paper 1)')
-    if cfg:   # Longer or shorter schedules than the paper's.
+    if cfg:   # Another adversarial weight or schedule than the paper's.
       paper = _load_config('gan' if self.method == 'gan' else '')
+      adv_paper = paper['gan']['adv_weight']
+      adv = (cfg.get('gan') or {}).get('adv_weight', adv_paper)
+      if self.method == 'gan' and adv != adv_paper:
+        levers.append(f'adversarial weight {adv:g} (paper {adv_paper:g})')
       for stage in ('students', 'head'):
         ours, theirs = (per_n(c, stage, 'epochs', self.n) for c in (cfg, paper))
         if ours != theirs:
