@@ -6,11 +6,8 @@ output layers are linear (the authors' ReLU outputs died). The TCN head drops
 the teacher head's BatchNorm as the authors' code does, unless
 `--config.head.keep_teacher_bn=True`. Presets: ':smoke', ':gan'.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import fashion_mnist  # pylint: disable=g-import-not-at-top
+from tcn_jax import config as config_lib
+from tcn_jax import presets
 
 
 def _vgg_block(width, dropouts):
@@ -36,7 +33,7 @@ GAN_STUDENT_1 = ('C256samelin ELU BN C256samelin ELU BN MPsame Do.2 '
 
 
 def get_config(preset: str = ''):
-  c = fashion_mnist.get_config()
+  c = config_lib.base_config()
   c.data.name = 'cifar10'
   t = c.teacher
   t.body, t.head_dropout, t.head_bn = TEACHER, 0.5, True
@@ -63,21 +60,24 @@ def get_config(preset: str = ''):
       '4': _TRUNK_1 + ' D52r Do.2',    # 1,293,542 (1,283,520)
       '8': _TRUNK_1 + ' D363r Do.2'}   # 2,570,819 (2,562,688)
   c.kd.learning_rate, c.kd.batch_size, c.kd.epochs = 2e-4, 256, 80
-  # 'smoke' last: it shrinks whatever the other presets chose.
-  for p in sorted(filter(None, preset.split(',')), key='smoke'.__eq__):
-    fashion_mnist.apply_preset(c, p)
-    if p == 'gan':   # The authors' CIFAR-10 GAN schedules.
-      s.arch_by_n = dict(STUDENTS, **{'1': GAN_STUDENT_1})
-      s.epochs, s.learning_rate = 90, 2e-4
-      h.epochs_by_n = {'1': 10, '2': 60, '4': 40, '8': 5}
-    if p == 'smoke':   # Small nets with the same kinds of layers.
-      t.body = 'C8same BN Do.3 MPsame C16same BN MPsame Do.5 F D32'
-      small = 'C4same C4same MPsame Do.2 C8same MPsame F D8r Do.2'
-      s.arch_by_n = {k: small for k in STUDENTS}
-      if c.method == 'gan':   # Like GAN_STUDENT_1: BatchNorm generators.
-        s.arch_by_n = {k: 'C4samelin ELU BN MPsame Do.2 F D8r'
-                       for k in STUDENTS}
-      c.gan.disc_by_n = {k: '16 16 32' for k in STUDENTS}
-      c.kd.arch_by_n = {k: small for k in STUDENTS}
-      t.batch_size = s.batch_size = h.batch_size = c.kd.batch_size = 50
-  return c
+  return presets.apply(c, preset, extra={'gan': _gan, 'smoke': _smoke})
+
+
+def _gan(c):
+  """The authors' CIFAR-10 GAN schedules."""
+  c.students.arch_by_n = dict(STUDENTS, **{'1': GAN_STUDENT_1})
+  c.students.epochs, c.students.learning_rate = 90, 2e-4
+  c.head.epochs_by_n = {'1': 10, '2': 60, '4': 40, '8': 5}
+
+
+def _smoke(c):
+  """Small nets with the same kinds of layers."""
+  t, s, h = c.teacher, c.students, c.head
+  t.body = 'C8same BN Do.3 MPsame C16same BN MPsame Do.5 F D32'
+  small = 'C4same C4same MPsame Do.2 C8same MPsame F D8r Do.2'
+  s.arch_by_n = {k: small for k in STUDENTS}
+  if c.method == 'gan':   # Like GAN_STUDENT_1: BatchNorm generators.
+    s.arch_by_n = {k: 'C4samelin ELU BN MPsame Do.2 F D8r' for k in STUDENTS}
+  c.gan.disc_by_n = {k: '16 16 32' for k in STUDENTS}
+  c.kd.arch_by_n = {k: small for k in STUDENTS}
+  t.batch_size = s.batch_size = h.batch_size = c.kd.batch_size = 50

@@ -8,11 +8,8 @@ whole splits in memory, so full ImageNet does not fit: use data.train_size
 subsets, or feed your own arrays through the functional API. TFDS needs the
 manual download (see the error message). Presets: ':smoke', ':gan'.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import fashion_mnist  # pylint: disable=g-import-not-at-top
+from tcn_jax import config as config_lib
+from tcn_jax import presets
 
 _STEM = 'C7-64s2samelin BN R MPsame'
 
@@ -34,7 +31,7 @@ RESNET9 = resnet((1, 1, 1, 1), WIDTHS, 'RB')   # ResNet-18, one block/stage.
 
 
 def get_config(preset: str = ''):
-  c = fashion_mnist.get_config()
+  c = config_lib.base_config()
   c.num_students = 2
   c.data.name = 'imagenet'
   c.data.image_size, c.data.val_fraction = 224, 0.01
@@ -52,15 +49,15 @@ def get_config(preset: str = ''):
   c.gan.disc_by_n = {'1': '512 512 1024', '2': '512 512 1024'}
   c.kd.arch_by_n = {'1': RESNET18, '2': RESNET18}
   c.eval_batch_size = 250
-  # 'smoke' last: it shrinks whatever the other presets chose.
-  for p in sorted(filter(None, preset.split(',')), key='smoke'.__eq__):
-    fashion_mnist.apply_preset(c, p)
-    if p == 'smoke':   # Small images, a narrow ResNet: a pipeline check.
-      c.data.image_size = 32
-      t.body = resnet((1,), (8,), 'BB')
-      s.arch_by_n = {'1': resnet((1,), (8,), 'RB'),
-                     '2': resnet((1,), (4,), 'RB')}
-      c.kd.arch_by_n = dict(s.arch_by_n)
-      c.gan.disc_by_n = {k: '16 16 32' for k in ('1', '2')}
-      t.batch_size = s.batch_size = h.batch_size = c.kd.batch_size = 50
-  return c
+  return presets.apply(c, preset, extra={'smoke': _smoke})
+
+
+def _smoke(c):
+  """Small images, a narrow ResNet: a pipeline check."""
+  t, s, h = c.teacher, c.students, c.head
+  c.data.image_size = 32
+  t.body = resnet((1,), (8,), 'BB')
+  s.arch_by_n = {'1': resnet((1,), (8,), 'RB'), '2': resnet((1,), (4,), 'RB')}
+  c.kd.arch_by_n = dict(s.arch_by_n)
+  c.gan.disc_by_n = {k: '16 16 32' for k in ('1', '2')}
+  t.batch_size = s.batch_size = h.batch_size = c.kd.batch_size = 50

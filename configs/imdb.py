@@ -6,11 +6,8 @@ Conv1D teacher's feature is its post-ReLU Dense-256, so ReLU student outputs
 are harmless and kept. The binary sigmoid output is a 2-way softmax here (the
 same family of classifiers). Presets: ':smoke', ':gan'.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import fashion_mnist  # pylint: disable=g-import-not-at-top
+from tcn_jax import config as config_lib
+from tcn_jax import presets
 
 _EMB = 'Emb1000-10 Do.2'
 STUDENTS = {
@@ -23,7 +20,7 @@ _KD = f'{_EMB} C128s2 MP C64s2 MP F Do.4'
 
 
 def get_config(preset: str = ''):
-  c = fashion_mnist.get_config()
+  c = config_lib.base_config()
   c.data.name = 'imdb'
   c.data.vocab_size, c.data.max_len = 1000, 500
   t = c.teacher
@@ -43,17 +40,21 @@ def get_config(preset: str = ''):
   c.kd.arch_by_n = {   # About the total parameters of the n students.
       '1': f'{_KD} D73r Do.2', '2': f'{_KD} D84r Do.2',
       '4': f'{_KD} D67r Do.2', '8': f'{_KD} D69r Do.2'}
-  # 'smoke' last: it shrinks whatever the other presets chose.
-  for p in sorted(filter(None, preset.split(',')), key='smoke'.__eq__):
-    fashion_mnist.apply_preset(c, p)
-    if p == 'gan':   # The authors' IMDB GAN schedules.
-      s.epochs, s.learning_rate = 20, 1e-3
-      h.epochs_by_n = {k: 10 for k in ('1', '2', '4', '8')}
-    if p == 'smoke':   # Short reviews, small nets of the same kinds.
-      c.data.max_len = 100
-      t.body = 'Emb1000-8 C16same MP F D32r'
-      small = 'Emb1000-4 Do.2 C8s3 MP F Do.4 D8r Do.2'
-      s.arch_by_n = c.kd.arch_by_n = {k: small for k in STUDENTS}
-      c.gan.disc_by_n = {k: '16 16 32' for k in STUDENTS}
-      t.batch_size = s.batch_size = h.batch_size = c.kd.batch_size = 50
-  return c
+  return presets.apply(c, preset, extra={'gan': _gan, 'smoke': _smoke})
+
+
+def _gan(c):
+  """The authors' IMDB GAN schedules."""
+  c.students.epochs, c.students.learning_rate = 20, 1e-3
+  c.head.epochs_by_n = {k: 10 for k in ('1', '2', '4', '8')}
+
+
+def _smoke(c):
+  """Short reviews, small nets of the same kinds."""
+  t, s, h = c.teacher, c.students, c.head
+  c.data.max_len = 100
+  t.body = 'Emb1000-8 C16same MP F D32r'
+  small = 'Emb1000-4 Do.2 C8s3 MP F Do.4 D8r Do.2'
+  s.arch_by_n = c.kd.arch_by_n = {k: small for k in STUDENTS}
+  c.gan.disc_by_n = {k: '16 16 32' for k in STUDENTS}
+  t.batch_size = s.batch_size = h.batch_size = c.kd.batch_size = 50

@@ -1,9 +1,6 @@
 """MNIST, paper setup (reference notebooks): n=4 FF students by default."""
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import fashion_mnist  # pylint: disable=g-import-not-at-top
+from tcn_jax import config as config_lib
+from tcn_jax import presets
 
 # MNIST FF student trunks per n (reference Sec. 3).
 STUDENTS_MNIST = {
@@ -23,7 +20,7 @@ GAN_STUDENTS_MNIST = {
 
 
 def get_config(preset: str = ''):
-  c = fashion_mnist.get_config()
+  c = config_lib.base_config()
   c.data.name = 'mnist'
   c.teacher.epochs = 12
   c.students.arch_by_n = STUDENTS_MNIST
@@ -39,13 +36,13 @@ def get_config(preset: str = ''):
       '8': 'C32 C32 MP C16 C16 MP Do.25 F D256r Do.3'}   # 84,874
   c.gan.disc_by_n = {k: '64 128 256 512 1024' for k in ('1', '2', '4', '8')}
   c.gan.disc_first_bias = True
-  # 'smoke' last: it shrinks whatever the other presets chose.
-  for p in sorted(filter(None, preset.split(',')), key='smoke'.__eq__):
-    fashion_mnist.apply_preset(c, p)
-    if p == 'gan':   # The authors' MNIST GAN students and schedules.
-      c.students.arch_by_n = GAN_STUDENTS_MNIST
-      c.gan.g_steps_per_d_step = -1
-      c.gan.g_steps_per_d_step_by_n = {'1': 1, '2': 2, '4': 1, '8': 1}
-      c.students.epochs = 40
-      c.head.epochs_by_n = {'1': 20, '2': 20, '4': 70, '8': 100}
-  return c
+  return presets.apply(c, preset, extra={'gan': _gan})
+
+
+def _gan(c):
+  """The authors' MNIST GAN students and schedules."""
+  c.students.arch_by_n = GAN_STUDENTS_MNIST
+  c.gan.g_steps_per_d_step = -1
+  c.gan.g_steps_per_d_step_by_n = {'1': 1, '2': 2, '4': 1, '8': 1}
+  c.students.epochs = 40
+  c.head.epochs_by_n = {'1': 20, '2': 20, '4': 70, '8': 100}

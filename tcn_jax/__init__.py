@@ -22,19 +22,22 @@ from tcn_jax.assemble import teacher_head
 from tcn_jax.assemble import TCN
 from tcn_jax.data import Dataset
 from tcn_jax.errors import TCNError
-from tcn_jax.features import chunk
-from tcn_jax.features import chunk_sizes
+from tcn_jax.chunking import chunk
+from tcn_jax.chunking import chunk_sizes
+from tcn_jax.chunking import Chunker
+from tcn_jax.chunking import unchunk
+from tcn_jax.config import resolve as resolve_config
 from tcn_jax.features import teacher_features
-from tcn_jax.features import unchunk
+from tcn_jax.head import finetune_head
 from tcn_jax.models import Head
 from tcn_jax.models import Net
 from tcn_jax.models import student
 from tcn_jax.models import Teacher
-from tcn_jax.train import evaluate
-from tcn_jax.train import finetune_head
-from tcn_jax.train import run
-from tcn_jax.train import train_students
-from tcn_jax.train import train_teacher
+from tcn_jax.metrics import evaluate
+from tcn_jax.pipeline import run
+from tcn_jax.students import train_students
+from tcn_jax.teacher import load_teacher
+from tcn_jax.teacher import train_teacher
 
 
 def load_dataset(name: str = 'fashion_mnist', data_dir: str = '',

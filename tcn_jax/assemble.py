@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tcn_jax import checkpoint
+from tcn_jax import chunking
 from tcn_jax import engine
 from tcn_jax import models
 from tcn_jax.errors import TCNError
@@ -53,6 +54,13 @@ class TCN:
   def num_students(self):
     return sum(len(g.member_ids) for g in self.groups)
 
+  @property
+  def chunker(self) -> chunking.Chunker:
+    """How the students' concatenated outputs map to the feature."""
+    return chunking.Chunker(
+        self.num_students, sum(g.out_dim * len(g.member_ids)
+                               for g in self.groups), self.basis)
+
 
 def teacher_head(teacher_variables, keep_bn: bool = False):
   """The teacher's output layer as TCN head variables; its BatchNorm (if
@@ -82,14 +90,13 @@ def student_outputs_fn(tcn: TCN, strategy='auto'):
     fn = lambda v, x, model=model: model.apply(v, x)
     appliers.append(engine.make_apply_fn(fn, len(g.member_ids), strategy))
   order = np.argsort([i for g in tcn.groups for i in g.member_ids])
-  basis = tcn.basis
+  chunker = tcn.chunker
 
   def outputs(group_variables, x):
     parts = []
     for apply, variables in zip(appliers, group_variables):
       parts.extend(list(apply(variables, x)))     # One (batch, d) per member.
-    out = jnp.concatenate([parts[i] for i in order], axis=-1)
-    return out if basis is None else out @ basis['matrix'] + basis['mean']
+    return chunker.decode(jnp.concatenate([parts[i] for i in order], axis=-1))
 
   return jax.jit(outputs)
 

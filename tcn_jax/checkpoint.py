@@ -134,7 +134,7 @@ def _orbax_leftovers_quieted():
   remove()
 
 
-def _shapes(tree) -> dict:
+def shapes(tree) -> dict:
   """{'a/b/c': shape} of a pytree of arrays or of Orbax array metadata."""
   def name(k):
     return str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
@@ -190,12 +190,12 @@ class StageCheckpoint:
                (f'epoch {max(older)}' if older else 'scratch'))
     with _orbax_leftovers_quieted(), signals_deferred():
       try:
-        stored = _shapes(self.manager.item_metadata(epoch)['state'].tree)
+        stored = shapes(self.manager.item_metadata(epoch)['state'].tree)
       except Exception as e:  # Orbax raises several types for bad files.
         raise TCNError(damaged.format(_first_line(e))) from None
       abstract = None
       if state_template is not None:
-        wanted = _shapes(state_template)
+        wanted = shapes(state_template)
         if stored != wanted:
           key = min((k for k in set(stored) | set(wanted)
                      if stored.get(k) != wanted.get(k)),

@@ -440,32 +440,6 @@ def gather_groups(groups, extra=None):
   return out, extras
 
 
-def train_students(specs, x, features, num_students, **kwargs):
-  """`train.train_students` with this process training only its `share`
-  of the students, then the groups gathered from every process.
-
-  Every process must call it with the same arguments (the same images and
-  features). With several processes, checkpoints go to
-  `workdir/students/group<g>.p<k>of<P>`. Returns (all groups, info) like
-  train.train_students, where info['members'] lists this process's
-  students, info['seconds'] its training time and info['seconds_by_process']
-  everyone's.
-  """
-  from tcn_jax import train  # pylint: disable=g-import-not-at-top
-  k, p = process_index(), process_count()
-  mine = share(num_students, k, p)
-  groups, info = train.train_students(
-      specs, x, features, num_students, members=mine,
-      dir_suffix=f'.p{k}of{p}' if p > 1 else '', **kwargs)
-  extra = {str(m): info['val_mse'][m] for m in mine}
-  extra[f'seconds{k}'] = info['seconds']
-  groups, extra = gather_groups(groups, extra)
-  return groups, dict(
-      info, val_mse=[extra[str(m)] for m in range(num_students)],
-      members=mine, seconds_by_process=[extra[f'seconds{q}']
-                                        for q in range(p)])
-
-
 # ---------------------------------------------------------------- inference
 
 
@@ -502,14 +476,12 @@ def make_predict(tcn, strategy='auto'):
   outputs = assemble.student_outputs_fn(local, strategy)
   students = [g.variables for g in local.groups]
   head = assemble.tcn_head(tcn)
-  head_variables, basis = tcn.head_variables, tcn.basis
+  head_variables, chunker = tcn.head_variables, tcn.chunker
 
   @jax.jit
   def finish(parts):
-    out = jnp.concatenate(parts, axis=-1)
-    if basis is not None:
-      out = out @ basis['matrix'] + basis['mean']
-    return head.apply(head_variables, out)
+    return head.apply(head_variables,
+                      chunker.decode(jnp.concatenate(parts, axis=-1)))
 
   def predict(x):
     out = np.asarray(outputs(students, x), np.float32)

@@ -130,7 +130,8 @@ def epoch_body(member_step, num_members: int, strategy: str):
     steps = jnp.arange(order.shape[0])
 
     def batch(idx, i):
-      return x[idx], targets[:, idx], jax.vmap(
+      tb = jax.tree_util.tree_map(lambda t: t[:, idx], targets)
+      return x[idx], tb, jax.vmap(
           jax.random.fold_in, (0, None))(epoch_keys, i)
 
     if strategy == 'vmap':
@@ -144,7 +145,8 @@ def epoch_body(member_step, num_members: int, strategy: str):
 
     def body(carry, inp):
       xb, tb, kb = batch(*inp)
-      out = [member_step(s, xb, tb[m], kb[m]) for m, s in enumerate(carry)]
+      out = [member_step(s, xb, jax.tree_util.tree_map(lambda t, m=m: t[m], tb),
+                         kb[m]) for m, s in enumerate(carry)]
       return tuple(s for s, _ in out), stack([m for _, m in out])
 
     carry, metrics = jax.lax.scan(body, tuple(unstack(state, num_members)),
@@ -161,7 +163,7 @@ def make_group_epoch(member_step, num_members: int, strategy: str):
   step of one member (any state pytree: params, optimizer state, batch
   statistics, a discriminator, ...); metrics is a pytree of scalars.
   state: stacked over members; x: (N, ...) shared by all members; targets:
-  (members, N, ...); order: the epoch's (steps, batch) indices; keys:
+  a pytree (e.g. a dict) of (members, N, ...) arrays; order: the epoch's (steps, batch) indices; keys:
   (members,) member keys. Returns the new state and the metrics stacked as
   (steps, members). The state is donated.
   """

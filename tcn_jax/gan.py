@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import optax
 
 from tcn_jax.errors import TCNError
+from tcn_jax.losses import bce
+from tcn_jax.losses import mse
 
 MSE_TARGETS = ('student_output', 'disc_reconstruction')
 
@@ -47,15 +49,6 @@ class Discriminator(nn.Module):
     return logit, nn.relu(recon) if self.recon_relu else recon
 
 
-def bce(logits, label: float):
-  return optax.sigmoid_binary_cross_entropy(
-      logits, jnp.full_like(logits, label)).mean()
-
-
-def mse(a, b):
-  return jnp.mean((a - b) ** 2)
-
-
 def init_state(student, disc, g_tx, d_tx, key, x_example):
   """One member's state: student and discriminator params, their batch
   statistics ('g_state' is empty for students without BatchNorm), and both
@@ -72,20 +65,18 @@ def init_state(student, disc, g_tx, d_tx, key, x_example):
 
 def make_member_step(student, disc, g_tx, d_tx, *, mse_target='student_output',
                      adv_weight=1.0, mse_weight=1.0, g_steps_per_d_step=1,
-                     regression=None, chunk_of=None):
+                     regression=None):
   """member_step(state, x, target, key) -> (state, metrics) for the engine.
 
+  target: the student's target dict ({'chunk', ...}, see `tcn_jax.losses`).
   regression(out, target): the student's regression loss (default: MSE of
   out to the chunk), out being the student's output or the discriminator's
-  reconstruction (mse_target). chunk_of(target): the chunk in a target row
-  (default: the target is the chunk); with train.logit_matching_loss the
-  target is [teacher feature | chunk offset] (not in the paper).
+  reconstruction (mse_target).
   """
-  regression = regression or mse
-  chunk_of = chunk_of or (lambda target: target)
+  regression = regression or (lambda out, target: mse(out, target['chunk']))
   if mse_target not in MSE_TARGETS:
-    raise TCNError(f'unknown gan.mse_target {mse_target!r}; choose one of '
-                   f'{MSE_TARGETS}')
+    raise TCNError(f'unknown GAN MSE target {mse_target!r} (config.gan.'
+                   f'mse_target); choose one of {", ".join(MSE_TARGETS)}')
 
   def d_loss(d, stats, inp, label, chunk):
     (logit, recon), upd = disc.apply({'params': d, 'batch_stats': stats}, inp,
@@ -107,10 +98,10 @@ def make_member_step(student, disc, g_tx, d_tx, *, mse_target='student_output',
                                'batch_stats': state['d_stats']}, pred)
     out = pred if mse_target == 'student_output' else recon
     loss = adv_weight * bce(logit, 1.0) + mse_weight * regression(out, target)
-    return loss, (mse(pred, chunk_of(target)), g_state)
+    return loss, (mse(pred, target['chunk']), g_state)
 
   def member_step(state, x, target, key):
-    chunk = chunk_of(target)
+    chunk = target['chunk']
     fake = jax.lax.stop_gradient(
         student.apply({'params': state['g'], **state['g_state']}, x))
     state, real_loss = d_step(state, chunk, 1.0, chunk)

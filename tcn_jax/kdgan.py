@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tcn_jax.losses import bce
+
 
 class LabelDiscriminator(nn.Module):
   """MLP on [feature, label distribution] -> real/fake logit."""
@@ -47,12 +49,6 @@ def gumbel_softmax_st(key, logits, temperature: float):
   return soft + jax.lax.stop_gradient(hard - soft)
 
 
-def split_targets(target, num_classes: int):
-  """Targets are [teacher logits (C) | teacher feature (D) | label (1)]."""
-  return (target[:, :num_classes], target[:, num_classes:-1],
-          target[:, -1].astype(jnp.int32))
-
-
 def init_state(classifier, disc, c_tx, d_tx, key, x_example, feature_dim,
                num_classes):
   """One member's state: classifier variables and both optimizer states."""
@@ -70,10 +66,9 @@ def make_member_step(classifier, disc, c_tx, d_tx, kd_loss, num_classes, *,
                      adv_weight=1.0, gumbel_temperature=1.0):
   """member_step(state, x, target, key) -> (state, metrics) for the engine.
 
-  kd_loss(logits, [teacher logits | label]) is the distillation loss.
+  target: {'logits': the teacher's, 'feature': its dense feature, 'label'};
+  kd_loss(logits, target) is the distillation loss (`losses.kd`).
   """
-  bce = lambda logit, label: optax.sigmoid_binary_cross_entropy(
-      logit, jnp.full_like(logit, label)).mean()
 
   def classify(c, c_state, x, key):
     logits, upd = classifier.apply(
@@ -85,24 +80,22 @@ def make_member_step(classifier, disc, c_tx, d_tx, kd_loss, num_classes, *,
     return (bce(disc.apply({'params': d}, feature, real), 1.0)
             + bce(disc.apply({'params': d}, feature, fake), 0.0))
 
-  def c_loss(c, state, x, t_logits, feature, labels, key):
+  def c_loss(c, state, x, target, key):
+    feature = target['feature']
     k_drop, k_gumbel = jax.random.split(key)
     logits, c_state = classify(c, state['c_state'], x, k_drop)
     sample = gumbel_softmax_st(k_gumbel, logits, gumbel_temperature)
     adv = bce(disc.apply({'params': state['d']}, feature, sample), 1.0)
-    kd = kd_loss(logits, jnp.concatenate(
-        [t_logits, labels[:, None].astype(t_logits.dtype)], 1))
+    kd = kd_loss(logits, target)
     return kd + adv_weight * adv, (c_state, kd, sample)
 
   def member_step(state, x, target, key):
-    t_logits, feature, labels = split_targets(target, num_classes)
     (loss, (c_state, kd, sample)), grads = jax.value_and_grad(
-        c_loss, has_aux=True)(state['c'], state, x, t_logits, feature,
-                              labels, key)
+        c_loss, has_aux=True)(state['c'], state, x, target, key)
     updates, c_opt = c_tx.update(grads, state['c_opt'], state['c'])
-    real = jax.nn.one_hot(labels, num_classes)
+    real = jax.nn.one_hot(target['label'], num_classes)
     dl, d_grads = jax.value_and_grad(d_loss)(
-        state['d'], feature, real, jax.lax.stop_gradient(sample))
+        state['d'], target['feature'], real, jax.lax.stop_gradient(sample))
     d_updates, d_opt = d_tx.update(d_grads, state['d_opt'], state['d'])
     return dict(state, c=optax.apply_updates(state['c'], updates),
                 c_state=c_state, c_opt=c_opt,

@@ -14,7 +14,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from tcn_jax import train
+from tcn_jax import pipeline
 from tcn_jax.errors import Interrupted
 from tcn_jax.errors import TCNError
 
@@ -62,12 +62,12 @@ def main(argv):
   try:
     if len(argv) > 1:
       raise TCNError(f'unexpected arguments: {argv[1:]}')
-    results = train.run(_CONFIG.value, _WORKDIR.value)
+    results = pipeline.run(_CONFIG.value, _WORKDIR.value)
   except TCNError as e:
     _fail(e, e.exit_code)
   except OSError as e:   # A config file that does not load, a full disk, ...
     _fail(e)
-  logging.info('results: %s', results)
+  del results   # The pipeline's last log line summarises them.
 
 
 if __name__ == '__main__':

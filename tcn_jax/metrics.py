@@ -4,6 +4,8 @@ import time
 from absl import logging
 import numpy as np
 
+from tcn_jax import engine
+
 
 def accuracy(logits, labels) -> float:
   return float(np.mean(np.argmax(logits, -1) == labels))
@@ -12,6 +14,17 @@ def accuracy(logits, labels) -> float:
 def mse(pred, target) -> float:
   """Keras-style MSE: mean over feature dims, then over examples."""
   return float(np.mean((np.asarray(pred) - np.asarray(target)) ** 2))
+
+
+def evaluate(predict, x, y, batch_size: int = 1000) -> float:
+  """Test accuracy of a jitted `predict(images) -> logits`, batched.
+
+  Args:
+    predict: images -> logits (e.g. `make_predict(tcn)`).
+    x, y: inputs and integer labels.
+    batch_size: examples per call.
+  """
+  return accuracy(engine.batched(predict, x, batch_size), y)
 
 
 class Writer:

@@ -1,0 +1,149 @@
+"""How the teacher's feature is split between the n students (paper Sec. 3).
+
+A `Chunker` is fitted once on the training features and then used alike by
+training (`encode`, `split`), the assembled network and distributed
+inference (`decode`), and saving (`basis`):
+
+  contiguous  the paper: n contiguous, non-overlapping slices in order; when
+              D is not divisible by n the first D % n chunks get one extra
+              column (as `numpy.array_split`).
+  pca         not in the paper (its "SVD" alternative): students regress
+              chunks of the features' principal-component coefficients,
+              assigned 'ordered' (student 1 the top components) or
+              'balanced' (about equal variance per student).
+
+A new method is one `fit` function registered in `CHUNKINGS`.
+"""
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from tcn_jax.errors import TCNError
+from tcn_jax.registry import Registry
+
+CHUNKINGS = Registry('chunking', 'chunking')
+PCA_ASSIGNMENTS = Registry('pca_assignment', 'pca_assignment')
+PCA_ASSIGNMENTS.register('ordered', 'student 1 gets the top components')
+PCA_ASSIGNMENTS.register('balanced', 'about equal variance per student')
+
+
+def chunk_sizes(dim: int, n: int) -> list[int]:
+  """Widths of the n contiguous chunks of a `dim`-wide feature."""
+  if not isinstance(n, int) or n < 1:
+    raise TCNError(f'num_students must be a positive integer, got {n!r}')
+  if n > dim:
+    raise TCNError(f'num_students={n} is larger than the feature width {dim}')
+  return [dim // n + (1 if i < dim % n else 0) for i in range(n)]
+
+
+def chunk_bounds(dim: int, n: int) -> list[tuple[int, int]]:
+  edges = np.cumsum([0] + chunk_sizes(dim, n))
+  return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def chunk(features, n: int) -> list:
+  """Splits (N, D) features into n contiguous (N, D_i) chunks, in order."""
+  return [features[:, a:b] for a, b in chunk_bounds(features.shape[-1], n)]
+
+
+def unchunk(chunks) -> np.ndarray:
+  """Inverse of `chunk`: concatenates chunks in order."""
+  return np.concatenate([np.asarray(c) for c in chunks], axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunker:
+  """A fitted split of D-wide features between `num_students` students.
+
+  Attributes:
+    num_students: n.
+    dim: D, the feature width.
+    basis: None (contiguous slices of the feature) or {'matrix': (D, D),
+      'mean': (D,)}, a fixed linear map from the concatenated students'
+      outputs back to feature space: feature = out @ matrix + mean.
+  """
+  num_students: int
+  dim: int
+  basis: Any = None
+
+  def widths(self) -> list[int]:
+    return chunk_sizes(self.dim, self.num_students)
+
+  def bounds(self) -> list[tuple[int, int]]:
+    return chunk_bounds(self.dim, self.num_students)
+
+  def encode(self, features) -> np.ndarray:
+    """Features -> the space the students' chunks are cut from."""
+    if self.basis is None:
+      return features
+    return (np.asarray(features) - self.basis['mean']) @ self.basis['matrix'].T
+
+  def decode(self, outputs):
+    """Concatenated student outputs -> teacher features (jax-traceable)."""
+    if self.basis is None:
+      return outputs
+    return outputs @ self.basis['matrix'] + self.basis['mean']
+
+  def split(self, encoded) -> list:
+    """The n chunks (students' targets) of encoded features."""
+    return chunk(encoded, self.num_students)
+
+
+def fit(name: str, features, num_students: int,
+        pca_assignment: str = 'balanced') -> Chunker:
+  """Fits chunking `name` ('contiguous', 'pca') on (N, D) training
+  features."""
+  return CHUNKINGS.get(name)(np.asarray(features), num_students,
+                             pca_assignment)
+
+
+@CHUNKINGS.register('contiguous')
+def _contiguous(features, n, unused_assignment):
+  chunk_sizes(features.shape[1], n)   # Fails on n > D.
+  return Chunker(n, features.shape[1])
+
+
+@CHUNKINGS.register('pca')
+def _pca(features, n, assignment):
+  pca = fit_pca(features)
+  return Chunker(n, features.shape[1], pca_basis(
+      pca, pca_order(pca['variance'], n, assignment)))
+
+
+def fit_pca(features) -> dict:
+  """Mean, principal directions (rows, by falling variance) and variances."""
+  x = jnp.asarray(features, jnp.float32)
+  mean = x.mean(0)
+  _, s, vt = jnp.linalg.svd(x - mean, full_matrices=False)
+  return {'mean': np.asarray(mean), 'components': np.asarray(vt),
+          'variance': np.asarray(s ** 2 / max(len(x) - 1, 1))}
+
+
+def pca_order(variance, n: int, assignment: str = 'ordered') -> np.ndarray:
+  """Component indices in the order the n students' chunks take them
+  ('balanced': greedy, the next largest component goes to the student with
+  the least variance that has room)."""
+  sizes = chunk_sizes(len(variance), n)
+  PCA_ASSIGNMENTS.get(assignment)
+  if assignment == 'ordered':
+    return np.arange(len(variance))
+  owned, total = [[] for _ in sizes], np.zeros(n)
+  for c in np.argsort(-np.asarray(variance), kind='stable'):
+    free = [i for i in range(n) if len(owned[i]) < sizes[i]]
+    i = min(free, key=lambda j: (total[j], j))
+    owned[i].append(int(c))
+    total[i] += variance[c]
+  return np.concatenate([np.array(o, int) for o in owned])
+
+
+def pca_basis(pca: dict, order) -> dict:
+  """The map from concatenated coefficients (in `order`) to features."""
+  return {'matrix': np.asarray(pca['components'])[np.asarray(order)],
+          'mean': np.asarray(pca['mean'])}
+
+
+def to_coefficients(features, basis: dict) -> np.ndarray:
+  """Inverse of the basis map (the matrix is orthonormal)."""
+  return Chunker(1, len(basis['mean']), basis).encode(features)

@@ -1,0 +1,149 @@
+"""The training loop shared by every stage: a stacked group of models
+trained for some epochs by the engine, checkpointed after each epoch.
+
+`fit` trains Flax models on a loss; `fit_group` any per-member step (GAN
+students, KDGAN). Both resume from their stage directory and log, validate
+and write TensorBoard scalars per epoch. Optimizers are picked by name from
+`OPTIMIZERS` (Keras' defaults).
+"""
+import contextlib
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tcn_jax import checkpoint
+from tcn_jax import engine
+from tcn_jax import metrics
+from tcn_jax import models
+from tcn_jax.errors import TCNError
+from tcn_jax.registry import Registry
+
+# The stages whose randomness `stage_seed` separates (order fixed: seeds).
+STAGES = ('teacher', 'students', 'head', 'kd', 'kdgan')
+OPTIMIZERS = Registry('optimizer', 'optimizer')
+OPTIMIZERS.register('adam', lambda lr: optax.adam(lr, eps=1e-7))
+OPTIMIZERS.register('nadam', lambda lr: optax.nadam(lr, eps=1e-7))
+OPTIMIZERS.register('sgd', lambda lr: optax.sgd(lr, momentum=0.9,
+                                                 nesterov=True))
+
+
+def make_optimizer(name: str, learning_rate, field: str):
+  """The optax optimizer `name` (Keras' defaults: Adam/Nadam eps 1e-7, SGD
+  with Nesterov momentum 0.9); `field` names the config field in errors,
+  e.g. 'config.head.optimizer'."""
+  return OPTIMIZERS.get(name, field.removeprefix('config.'))(learning_rate)
+
+
+def stage_seed(seed: int, stage: str) -> int:
+  """The seed of one stage, derived from the run's seed."""
+  return int(np.random.SeedSequence([seed, STAGES.index(stage)])
+             .generate_state(1)[0])
+
+
+def fit(stage_dir, *, name, model, loss, tx, variables, x, targets, ids,
+        epochs, batch_size, seed, strategy, val_x, val_targets, val_metric,
+        writer, weight_decay=0.0):
+  """Gradient descent on loss(model(x), target) (+ weight_decay * the L2 of
+  the kernels) for a stacked group of Flax `variables`; BatchNorm statistics
+  and other mutable collections update in train mode. See `fit_group`.
+  Returns (variables, history, training seconds)."""
+  params = variables['params']
+  model_state = {k: v for k, v in variables.items() if k != 'params'}
+
+  def apply_train(p, ms, xb, key):
+    return model.apply({'params': p, **ms}, xb, train=True,
+                       rngs={'dropout': key}, mutable=list(ms))
+
+  def objective(p, pred, tb):
+    out = loss(pred, tb)
+    return out + weight_decay * models.l2_penalty(p) if weight_decay else out
+
+  if model_state:
+    def loss_fn(p, ms, xb, tb, key):
+      pred, ms = apply_train(p, ms, xb, key)
+      return objective(p, pred, tb), ms
+  else:
+    def loss_fn(p, xb, tb, key):
+      return objective(p, apply_train(p, {}, xb, key)[0], tb)
+
+  state = {'params': params, 'opt_state': jax.vmap(tx.init)(params)}
+  if model_state:
+    state['model_state'] = model_state
+  state, history, seconds = fit_group(
+      stage_dir, name=name, member_step=engine.gradient_step(loss_fn, tx),
+      state=state, predict=lambda s, xb: model.apply(
+          {'params': s['params'], **s.get('model_state', {})}, xb), x=x,
+      targets=targets, ids=ids, epochs=epochs, batch_size=batch_size,
+      seed=seed, strategy=strategy, val_x=val_x, val_targets=val_targets,
+      val_metric=val_metric, writer=writer)
+  variables = {'params': state['params'], **state.get('model_state', {})}
+  return variables, history, seconds
+
+
+def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
+              epochs, batch_size, seed, strategy, val_x, val_targets,
+              val_metric, writer):
+  """Trains a stacked group for `epochs` with the engine, resuming from
+  `stage_dir` (per-epoch checkpoints of the whole state).
+
+  member_step(state, x, target, key) -> (state, metrics dict with 'loss');
+  predict(member_state, x) is scored by val_metric(pred, target) per member
+  after each epoch. Without stage_dir nothing is saved; without writer
+  nothing goes to TensorBoard. Returns (state, history, training seconds).
+  """
+  n = len(ids)
+  with (checkpoint.StageCheckpoint(stage_dir) if stage_dir
+        else contextlib.nullcontext()) as ckpt:
+    start = ckpt.latest_epoch() if ckpt else 0
+    history, seconds = [], 0.0
+    if start:
+      state, record = ckpt.restore(state)
+      history, seconds = record['history'], record['seconds']
+      logging.info('[%s] resuming after epoch %d/%d', name, start, epochs)
+    if start >= epochs:
+      return state, history, seconds
+
+    epoch_fn = engine.make_group_epoch(member_step, n, strategy)
+    apply = engine.make_apply_fn(predict, n, strategy)
+    keys = engine.member_keys(seed, ids)
+    x_dev = jnp.asarray(x)
+    t_dev = jax.tree_util.tree_map(jnp.asarray, targets)
+    progress = metrics.Progress(name, epochs, start)
+    for epoch in range(start, epochs):
+      with checkpoint.signals_deferred():   # A stop waits for epoch + save.
+        t0 = time.time()
+        order = engine.batch_order(seed, epoch, len(x), batch_size)
+        state, step_metrics = epoch_fn(state, x_dev, t_dev, order, keys, epoch)
+        step_metrics = {k: np.asarray(v) for k, v in step_metrics.items()}
+        losses = step_metrics['loss']
+        bad = np.argwhere(~np.all([np.isfinite(v) for v in
+                                   step_metrics.values()], axis=0))
+        if len(bad):
+          step, member = bad[0]
+          raise TCNError(
+              f'non-finite loss in stage {name}, member {ids[member]}, epoch '
+              f'{epoch + 1}, step {step}; last good checkpoint: '
+              + (f'epoch {epoch} in {stage_dir}' if epoch and ckpt else 'none'))
+        preds = engine.batched(lambda xb: apply(state, xb), val_x, axis=1)
+        val = [val_metric(preds[m], val_targets[m]) for m in range(n)]
+        seconds += time.time() - t0
+        record = {'epoch': epoch + 1, 'train_loss': losses.mean(0).tolist(),
+                  'val': val, 'seconds': seconds}
+        record.update({f'train_{k}': v.mean(0).tolist()
+                       for k, v in step_metrics.items() if k != 'loss'})
+        history.append(record)
+        if ckpt:
+          ckpt.save(epoch + 1, state, {'history': history, 'seconds': seconds})
+      scalars = {f'{name}/{k}/{i}': v for k, vs in record.items()
+                 if k.startswith('train_') or k == 'val'
+                 for i, v in zip(ids, vs)}
+      if writer:
+        writer.scalars(epoch + 1, scalars)
+      progress.epoch(epoch + 1, {'loss': float(losses[-len(losses) // 10 - 1:]
+                                               .mean()),
+                                 'val': float(np.mean(val))})
+    return state, history, seconds

@@ -1,0 +1,262 @@
+"""The whole run: config resolved, data checked, then the stages in order.
+
+teacher -> features (cached) -> students (chunks of the features) -> head
+(assembled TCN, fine-tuned) -> baselines (optional) -> `tcn/` + results.json.
+Nothing is written before the config and the data are known to work; each
+stage is reused only when its key matches (`tcn_jax.workdir`).
+"""
+import contextlib
+import dataclasses
+import os
+import time
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from tcn_jax import assemble
+from tcn_jax import baselines
+from tcn_jax import checkpoint
+from tcn_jax import config as config_lib
+from tcn_jax import data as data_lib
+from tcn_jax import distributed
+from tcn_jax import features as features_lib
+from tcn_jax import head as head_lib
+from tcn_jax import metrics
+from tcn_jax import models
+from tcn_jax import paper
+from tcn_jax import record
+from tcn_jax import students as students_lib
+from tcn_jax import teacher as teacher_lib
+from tcn_jax import workdir as workdir_lib
+from tcn_jax.errors import TCNError
+
+BASELINES = ('kd', 'kdgan')
+
+
+def check_fits(field, spec, input_shape, impl, dtype=np.float32):
+  """Fails, naming `field`, unless `spec` maps one input of `input_shape` to
+  a flat feature vector; returns its width."""
+  try:
+    out = models.output_shape(spec, input_shape, impl, dtype)
+  except ValueError as e:
+    raise TCNError(f'config.{field} {spec!r} does not fit inputs of shape '
+                   f'{tuple(input_shape)}: {e}') from None
+  if len(out) != 1:
+    raise TCNError(f'config.{field} {spec!r} gives outputs of shape {out} '
+                   f'for inputs of shape {tuple(input_shape)}; add F '
+                   '(Flatten) before its Dense layers')
+  return out[0]
+
+
+def check_data(config, ds: data_lib.Dataset):
+  """Every check of the data against the config that needs no training:
+  non-empty splits of one input shape that the architectures fit."""
+  for name in ('train', 'val', 'test'):
+    split = getattr(ds, name)
+    if not len(split):
+      raise TCNError(f'the {name} split of {config.data.name} is empty '
+                     f'(config.data: {ds.source})')
+  shape, dtype = ds.train.x.shape[1:], ds.train.x.dtype
+  for name in ('val', 'test'):
+    other = getattr(ds, name).x.shape[1:]
+    if other != shape:
+      raise TCNError(f'{name} inputs of {config.data.name} have shape '
+                     f'{other}, train inputs {shape} ({ds.source})')
+  from tcn_jax import chunking  # pylint: disable=g-import-not-at-top
+  chunking.chunk_sizes(check_fits('teacher.body', config.teacher.body, shape,
+                                  config.layers_impl, dtype),
+                       config.num_students)
+  for spec in dict.fromkeys(config_lib.student_specs(config)):
+    check_fits('students.arch', spec + ' D1', shape, config.layers_impl,
+               dtype)
+  if config.kd.enabled or config.kdgan.enabled:
+    check_fits('kd.arch', config.kd.arch + ' D1', shape, config.layers_impl,
+               dtype)
+  if config.students.augment == 'flip':
+    data_lib.hflip(ds.train.x[:1])   # Fails now on text, not after stage 1.
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) the whole pipeline; returns and writes results.json.
+
+  Args:
+    config: a config as `configs/*.py` give it (resolved here).
+    workdir: the run's directory; created only once the config and the data
+      are checked.
+  """
+  config = config_lib.resolve(config)
+  dist = config.distributed
+  joined = distributed.initialize(dist.num_processes, dist.process_id,
+                                  dist.coordinator)
+  if joined:
+    distributed.check_same_config(config_lib.to_json(config))
+    if dist.process_id:   # Process k > 0 keeps its own workdir.
+      workdir = os.path.join(workdir, f'process{dist.process_id}')
+  t = time.time()
+  ds = data_lib.load(config.data)
+  check_data(config, ds)
+  wall = {'data': time.time() - t}
+  logging.info('data: %s from %s: train %d, val %d, test %d',
+               config.data.name, ds.source, len(ds.train), len(ds.val),
+               len(ds.test))
+  data_key = checkpoint.digest(ds.train.x, ds.train.y, ds.val.x, ds.val.y,
+                               ds.test.x, ds.test.y)
+  this = record.Run(config, workdir, ds, data_key)
+  first = distributed.process_index() == 0
+  loaded, keys = None, {}
+  if first:
+    if config.teacher.init_from:
+      loaded = teacher_lib.load_teacher(config.teacher.init_from,
+                                        teacher_lib.model(this),
+                                        ds.train.x[:1])
+    keys = stage_keys(this, loaded)
+  with workdir_lib.Workdir(workdir, config_lib.to_json(config), keys,
+                           config.allow_config_change) as wd, \
+      contextlib.closing(metrics.Writer(wd.stage_dir('tensorboard'))) as w:
+    this = dataclasses.replace(this, writer=w)
+    if first:
+      results = _stages(this, keys, loaded, wall)
+    else:
+      results = _students_process(this, wd, wall)
+  if joined:
+    distributed.shutdown()   # Waits for every process to finish.
+  return results
+
+
+def stage_keys(run: record.Run, loaded=None) -> dict[str, str]:
+  """{stage: key} of every stage the run uses (see `tcn_jax.workdir`)."""
+  c = run.config
+  keys = {'teacher': teacher_lib.key(
+      run, checkpoint.digest(loaded) if loaded is not None else '')}
+  keys['features'] = features_lib.key(run, keys['teacher'])
+  keys['students'] = students_lib.key(run, keys['features'])
+  keys['head'] = head_lib.key(run, keys['students'])
+  for stage in BASELINES:
+    if c[stage].enabled:
+      keys[stage] = baselines.key(run, stage, keys['teacher'],
+                                  keys['features'])
+  return keys
+
+
+def _timed(wall, name, fn, *args):
+  t = time.time()
+  out = fn(*args)
+  wall[name] = time.time() - t
+  return out
+
+
+def _stages(run, keys, loaded, wall):
+  """Process 0's stages, under the workdir lock."""
+  c = run.config
+  teacher = _timed(wall, 'teacher', teacher_lib.run_stage, run,
+                   keys['teacher'], loaded)
+  logging.info('teacher test accuracy %.4f', teacher.test_acc)
+  feats = _timed(wall, 'features', features_lib.run_stage, run, teacher,
+                 keys['features'])
+  shared = students_lib.shared_inputs(run, teacher, feats, keys['students'])
+  if distributed.process_count() > 1:
+    distributed.broadcast_tree(shared)
+  students = _timed(wall, 'students', students_lib.run_stage, run, shared,
+                    config_lib.student_specs(c))
+  head = _timed(wall, 'head', head_lib.run_stage, run, teacher, students,
+                keys['head'])
+  logging.info('TCN test accuracy: %.4f before, %.4f after fine-tuning',
+               head.info['test_acc_before'], head.info['test_acc_after'])
+  results_of = {}
+  for stage in BASELINES:
+    if c[stage].enabled:
+      results_of[stage] = _timed(wall, stage, baselines.run_stage, run, stage,
+                                 teacher, feats)
+      logging.info('%s student test accuracy %.4f', stage,
+                   results_of[stage]['test_acc'])
+  assemble.save_tcn(os.path.join(run.workdir, 'tcn'), head.tcn)
+  results = _results(run, teacher, students, head, results_of, wall)
+  checkpoint.write_json(os.path.join(run.workdir, 'results.json'), results)
+  logging.info('%s', summary_line(results))
+  return results
+
+
+def summary_line(results: dict) -> str:
+  """The run's last log line: the TCN beside its teacher and the paper."""
+  def pct(value, scale=100.0):
+    return 'n/a' if value is None else f'{scale * value:.2f}%'
+  p = results['paper']
+  return (f"TCN ({results['method']}, n = {results['num_students']}, "
+          f"{results['params']['students_total']:,} student parameters): "
+          f"{pct(results['tcn_test_acc_after_finetune'])} test accuracy; "
+          f"its teacher {pct(results['teacher_test_acc'])}; the paper: TCN "
+          f"{pct(p['tcn'], 1)}, teacher {pct(p['teacher'], 1)}")
+
+
+def _results(run, teacher, students, head, baselines_out, wall):
+  c, tcn = run.config, head.tcn
+  n = c.num_students
+  student_params = [models.num_params(g.variables['params'])
+                    // len(g.member_ids)
+                    for g in tcn.groups for _ in g.member_ids]
+  info = students.info
+  results = {
+      'dataset': c.data.name, 'data_source': run.ds.source,
+      'num_students': n, 'method': c.method, 'seed': c.seed,
+      'gan': students_lib.gan_settings(c), 'kd': baselines_out.get('kd'),
+      'kdgan': baselines_out.get('kdgan'),
+      'chunking': c.chunking + (f' ({c.pca_assignment})'
+                                if tcn.basis is not None else ''),
+      'backend': jax.default_backend(),
+      'teacher_test_acc': teacher.test_acc,
+      'student_val_mse': [h[-1] if h else None for h in info['val_mse']],
+      'tcn_test_acc_before_finetune': head.info['test_acc_before'],
+      'tcn_test_acc_after_finetune': head.info['test_acc_after'],
+      # The paper's Table 3 for this dataset, method and n (%).
+      'paper': {'tcn': paper.tcn_accuracy(c.data.name, c.method, n),
+                'teacher': paper.teacher_accuracy(c.data.name)},
+      'params': {'teacher': models.num_params(teacher.variables['params']),
+                 'students_each': student_params,
+                 'students_total': int(sum(student_params)),
+                 'head': models.num_params(tcn.head_variables['params'])},
+      # Bitwise fingerprints: equal digests mean equal parameters.
+      'digests': {'teacher': checkpoint.digest(teacher.variables),
+                  'tcn': checkpoint.digest([g.variables for g in tcn.groups],
+                                           tcn.head_variables)},
+      'stage_keys': {'teacher': teacher.key, 'students': students.key,
+                     'head': head.key},
+      'wall_seconds_this_run': wall,
+      'train_seconds': {'teacher': teacher.seconds,
+                        'students': info['seconds'],
+                        'head': head.info['seconds']},
+  }
+  if distributed.process_count() > 1:
+    results['distributed'] = _distributed_record(info)
+  return results
+
+
+def _distributed_record(info):
+  p = distributed.process_count()
+  return {'num_processes': p, 'process_id': distributed.process_index(),
+          'members': [distributed.share(len(info['val_mse']), k, p)
+                      for k in range(p)],
+          'students_seconds_by_process': info['seconds_by_process']}
+
+
+def _students_process(run, wd, wall):
+  """Process k > 0: receives process 0's inputs, trains its share of the
+  students, takes part in gathering them, and writes its own results.json
+  (process 0 writes the run's)."""
+  t = time.time()
+  shared = distributed.broadcast_tree(None)
+  wd.claim('students', shared['key'])
+  out = students_lib.run_stage(run, shared,
+                               config_lib.student_specs(run.config))
+  wall['students'] = time.time() - t
+  info = out.info
+  results = {'distributed': _distributed_record(info),
+             'student_val_mse': {m: info['val_mse'][m][-1]
+                                 if info['val_mse'][m] else None
+                                 for m in info['members']},
+             'backend': jax.default_backend(),
+             'wall_seconds_this_run': wall,
+             'train_seconds': {'students': info['seconds']}}
+  checkpoint.write_json(os.path.join(run.workdir, 'results.json'), results)
+  return results

@@ -1,0 +1,231 @@
+"""Stage 2: n students regress the n chunks of the teacher's feature.
+
+Identical students (same architecture and chunk width) form a group that
+trains in one compiled program (`tcn_jax.engine`). FF students minimise a
+regression loss picked by name (`losses.STUDENT_LOSSES`); GAN students add
+an adversarial term against a discriminator each (`tcn_jax.gan`). With
+several processes each trains its share of the students and the groups are
+gathered (`tcn_jax.distributed`); students never communicate.
+"""
+import os
+
+import numpy as np
+import optax
+
+from tcn_jax import assemble
+from tcn_jax import chunking
+from tcn_jax import data as data_lib
+from tcn_jax import distributed
+from tcn_jax import engine
+from tcn_jax import fit
+from tcn_jax import gan as gan_lib
+from tcn_jax import losses
+from tcn_jax import metrics
+from tcn_jax import models
+from tcn_jax import record
+from tcn_jax import workdir as workdir_lib
+from tcn_jax.errors import TCNError
+
+
+def _targets(loss_name, encoded, chunks, bounds, member_ids):
+  """The group's member-stacked target dict (see `tcn_jax.losses`)."""
+  targets = {'chunk': np.stack([chunks[i] for i in member_ids])}
+  if losses.STUDENT_LOSSES.get(loss_name).needs_feature:
+    n = len(encoded)
+    targets['feature'] = np.stack([encoded] * len(member_ids))
+    targets['offset'] = np.stack([np.full(n, bounds[i][0], np.int32)
+                                  for i in member_ids])
+  return targets
+
+
+def train_students(specs, x, features, num_students, *, epochs,
+                   batch_size=128, optimizer='adam', learning_rate=1e-3,
+                   out_relu=False, init='normal', weight_decay=0.0, seed=0,
+                   strategy='auto', impl='auto', val=None, gan=None,
+                   loss='mse', loss_context=None, lr_schedule='constant',
+                   workdir=None, writer=None, members=None, dir_suffix=''):
+  """Trains n students on the n contiguous chunks of `features`.
+
+  Args:
+    specs: one architecture string for all students, or one per student.
+    x: (N, ...) training inputs; every student sees all of them.
+    features: (N, D) targets (teacher features, or PCA coefficients).
+    num_students: n.
+    epochs, batch_size, optimizer, learning_rate, out_relu, init,
+      weight_decay, strategy, impl: as in the config's `students` section.
+    seed: the run's seed.
+    val: optional (x_val, features_val), scored (MSE) after each epoch.
+    gan: None for FF students, or a dict of GAN settings (`gan_settings`).
+    loss: the regression loss's name in `losses.STUDENT_LOSSES`.
+    loss_context: what that loss needs (e.g. logit matching: head,
+      head_variables, weight, temperature, chunker).
+    lr_schedule: 'constant' (the paper) or 'cosine' (to 0 over the epochs).
+    workdir: checkpoints go to `workdir/students/group<g>` (None: unsaved).
+    writer: optional TensorBoard writer.
+    members: train only these member ids (a process's share); the groups
+      returned hold only them. dir_suffix: appended to group directories.
+
+  Returns:
+    (groups, info): `assemble.StudentGroup`s with trained variables; info =
+    {'val_mse': per student, its MSE per epoch, 'history', 'seconds'}.
+  """
+  if isinstance(specs, str):
+    specs = [specs] * num_students
+  if len(specs) != num_students:
+    raise TCNError(f'{len(specs)} student architectures given for '
+                   f'num_students={num_students}')
+  features = np.asarray(features)
+  sizes = chunking.chunk_sizes(features.shape[1], num_students)
+  bounds = chunking.chunk_bounds(features.shape[1], num_students)
+  groups = assemble.group_students(specs, sizes, out_relu, init)
+  chunks = chunking.chunk(features, num_students)
+  val_x, val_chunks = x[:1], [c[:1] for c in chunks]
+  if val is not None:
+    val_x, val_chunks = val[0], chunking.chunk(val[1], num_students)
+  seed = fit.stage_seed(seed, 'students')
+  lr = learning_rate
+  if lr_schedule == 'cosine':
+    lr = optax.cosine_decay_schedule(
+        learning_rate, max(1, epochs * (len(x) // batch_size)))
+  tx = fit.make_optimizer(optimizer, lr, 'config.students.optimizer')
+  val_mse, histories, seconds = {}, [], 0.0
+  for gi, group in enumerate(groups):
+    if members is not None:   # gi stays the index among all groups.
+      group.member_ids = [m for m in group.member_ids if m in members]
+      if not group.member_ids:
+        continue
+    model = group.model(impl)
+    regression = losses.STUDENT_LOSSES.get(loss)(group.out_dim,
+                                                 **(loss_context or {}))
+    common = dict(
+        name=f'students[{gi}]', x=x, ids=group.member_ids,
+        targets=_targets(loss, features, chunks, bounds, group.member_ids),
+        epochs=epochs, batch_size=batch_size, seed=seed, strategy=strategy,
+        val_x=val_x, val_metric=metrics.mse, writer=writer,
+        val_targets=np.stack([val_chunks[i] for i in group.member_ids]))
+    stage_dir = workdir and os.path.join(workdir, 'students',
+                                         f'group{gi}{dir_suffix}')
+    if gan is None:
+      init_fn = lambda k, model=model: model.init(k, x[:1])
+      group.variables, hist, secs = fit.fit(
+          stage_dir, model=model, loss=regression, tx=tx,
+          variables=engine.init_group(init_fn, seed, group.member_ids),
+          weight_decay=weight_decay, **common)
+    else:
+      disc = gan_lib.Discriminator(gan['disc_widths'], group.out_dim,
+                                   gan['disc_first_bias'], gan['recon_relu'])
+      d_tx = fit.make_optimizer(gan['d_optimizer'], gan['d_learning_rate'],
+                                'config.gan.d_optimizer')
+      init_fn = lambda k, model=model, disc=disc, d_tx=d_tx: (
+          gan_lib.init_state(model, disc, tx, d_tx, k, x[:1]))
+      state, hist, secs = fit.fit_group(
+          stage_dir, state=engine.init_group(init_fn, seed, group.member_ids),
+          member_step=gan_lib.make_member_step(
+              model, disc, tx, d_tx, mse_target=gan['mse_target'],
+              adv_weight=gan['adv_weight'], mse_weight=gan['mse_weight'],
+              g_steps_per_d_step=gan['g_steps_per_d_step'],
+              regression=regression if loss != 'mse' else None),
+          predict=lambda s, xb, model=model: model.apply(
+              {'params': s['g'], **s['g_state']}, xb), **common)
+      group.variables = {'params': state['g'], **state['g_state']}
+    for i, mid in enumerate(group.member_ids):
+      val_mse[mid] = [h['val'][i] for h in hist] if val is not None else []
+    histories.append(hist)
+    seconds += secs
+  groups = [g for g in groups if g.member_ids]   # members= may drop some.
+  return groups, {'val_mse': [val_mse.get(i, []) for i in range(num_students)],
+                  'history': histories, 'seconds': seconds}
+
+
+def train_share(specs, x, features, num_students, **kwargs):
+  """`train_students` with this process training only its
+  `distributed.share` of the students, then every process's groups
+  gathered (a collective: every process calls it with the same arguments).
+
+  Returns (all groups, info) as `train_students`, with info['members']
+  this process's students and info['seconds_by_process'] everyone's time.
+  """
+  k, p = distributed.process_index(), distributed.process_count()
+  mine = distributed.share(num_students, k, p)
+  groups, info = train_students(
+      specs, x, features, num_students, members=mine,
+      dir_suffix=f'.p{k}of{p}' if p > 1 else '', **kwargs)
+  extra = {str(m): info['val_mse'][m] for m in mine}
+  extra[f'seconds{k}'] = info['seconds']
+  groups, extra = distributed.gather_groups(groups, extra)
+  return groups, dict(
+      info, val_mse=[extra[str(m)] for m in range(num_students)],
+      members=mine, seconds_by_process=[extra[f'seconds{q}']
+                                        for q in range(p)])
+
+
+def gan_settings(config):
+  """The GAN students' settings from the resolved `config.gan` (None for
+  FF students)."""
+  if config.method != 'gan':
+    return None
+  g = config.gan
+  return {'disc_widths': tuple(int(w) for w in str(g.disc).split()),
+          'disc_first_bias': g.disc_first_bias, 'recon_relu': g.recon_relu,
+          'mse_target': g.mse_target, 'adv_weight': g.adv_weight,
+          'mse_weight': g.mse_weight,
+          'g_steps_per_d_step': g.g_steps_per_d_step,
+          'd_optimizer': g.d_optimizer, 'd_learning_rate': g.d_learning_rate}
+
+
+def key(run: record.Run, features_key: str) -> str:
+  """The students stage's key."""
+  c = run.config
+  return workdir_lib.stage_key(
+      stage='students', features=features_key, n=c.num_students,
+      method=c.method, chunking=c.chunking, pca_assignment=c.pca_assignment,
+      students=c.students.to_dict(),
+      gan=c.gan.to_dict() if c.method == 'gan' else None,
+      layers_impl=c.layers_impl, seed=c.seed, data=run.data_key)
+
+
+def shared_inputs(run: record.Run, teacher: record.Teacher,
+                  feats: record.Features, key: str) -> dict:
+  """What every process's students need from process 0: the fitted
+  chunking's basis, the encoded features, the teacher head, the key."""
+  c = run.config
+  chunker = chunking.fit(c.chunking, feats.train, c.num_students,
+                         c.pca_assignment)
+  shared = {'train': chunker.encode(feats.train),
+            'val': chunker.encode(feats.val),
+            'head': models.submodule_variables(teacher.variables, 'head'),
+            'basis': chunker.basis, 'key': key}
+  if feats.train_flip is not None:
+    shared['train_flip'] = chunker.encode(feats.train_flip)
+  return shared
+
+
+def run_stage(run: record.Run, shared: dict,
+              specs: list[str]) -> record.Students:
+  """The pipeline's students stage: all students, or with several processes
+  this process's share. shared: `shared_inputs` (broadcast from process 0
+  to the others); specs: one architecture per student."""
+  c, ds = run.config, run.ds
+  s = c.students
+  train = train_share if distributed.process_count() > 1 else train_students
+  chunker = chunking.Chunker(c.num_students, shared['train'].shape[1],
+                             shared['basis'])
+  t = c.teacher
+  context = dict(head=models.Head(ds.num_classes, t.head_dropout,
+                                  bn=t.head_bn),
+                 head_variables=shared['head'], weight=s.logit_weight,
+                 temperature=s.logit_temperature, chunker=chunker)
+  x, targets = ds.train.x, shared['train']
+  if s.augment == 'flip':   # Mirrored images, with the teacher's features.
+    x = np.concatenate([x, data_lib.hflip(x)])
+    targets = np.concatenate([targets, shared['train_flip']])
+  groups, info = train(
+      specs, x, targets, c.num_students, epochs=s.epochs,
+      batch_size=s.batch_size, optimizer=s.optimizer,
+      learning_rate=s.learning_rate, out_relu=s.out_relu, init=s.init,
+      weight_decay=s.weight_decay, seed=c.seed, strategy=s.strategy,
+      impl=c.layers_impl, val=(ds.val.x, shared['val']),
+      gan=gan_settings(c), loss=s.loss, loss_context=context,
+      lr_schedule=s.lr_schedule, workdir=run.workdir or None,
+      writer=run.writer)
+  return record.Students(groups, chunker, info, shared['key'])

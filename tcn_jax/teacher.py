@@ -1,0 +1,128 @@
+"""Stage 1: the teacher, trained with cross-entropy or loaded trained.
+
+`teacher.init_from` names a workdir of this library (its `teacher/`) or a
+teacher checkpoint directory: that teacher is used as it is (the paper's "huge
+pre-trained network"), checked against `teacher.body` by shape.
+"""
+import os
+
+import jax
+import optax
+
+from tcn_jax import checkpoint
+from tcn_jax import engine
+from tcn_jax import fit
+from tcn_jax import losses
+from tcn_jax import metrics
+from tcn_jax import models
+from tcn_jax import record
+from tcn_jax import workdir as workdir_lib
+from tcn_jax.errors import TCNError
+
+
+def train_teacher(teacher, ds, *, epochs, batch_size=256, optimizer='adam',
+                  learning_rate=1e-3, weight_decay=0.0, lr_step_epochs=0,
+                  lr_step_factor=0.5, seed=0, workdir=None, writer=None):
+  """Trains the teacher with cross-entropy (resumable in `workdir`).
+
+  Args:
+    teacher: a `models.Teacher`.
+    ds: a `data.Dataset` (train, val used).
+    epochs, batch_size, optimizer, learning_rate, weight_decay: as in the
+      config's `teacher` section; with lr_step_epochs > 0 the learning rate
+      is multiplied by lr_step_factor every lr_step_epochs epochs.
+    seed: the run's seed.
+    workdir: checkpoints go to `workdir/teacher` (None: nothing saved).
+    writer: optional TensorBoard writer.
+
+  Returns:
+    (variables, info): Flax variables {'params', ['batch_stats']};
+    info = {'history', 'seconds'}.
+  """
+  seed = fit.stage_seed(seed, 'teacher')
+  lr = learning_rate
+  if lr_step_epochs:
+    lr = optax.exponential_decay(
+        learning_rate, lr_step_epochs * (len(ds.train) // batch_size),
+        lr_step_factor, staircase=True)
+  variables, history, seconds = fit.fit(
+      workdir and os.path.join(workdir, 'teacher'), name='teacher',
+      model=teacher, loss=losses.classification,
+      tx=fit.make_optimizer(optimizer, lr, 'config.teacher.optimizer'),
+      variables=engine.init_group(lambda k: teacher.init(k, ds.train.x[:1]),
+                                  seed, [0]),
+      x=ds.train.x, targets={'label': ds.train.y[None]}, ids=[0],
+      epochs=epochs, batch_size=batch_size, seed=seed, strategy='auto',
+      val_x=ds.val.x, val_targets=ds.val.y[None], val_metric=metrics.accuracy,
+      writer=writer, weight_decay=weight_decay)
+  return (engine.unstack(variables, 1)[0],
+          {'history': history, 'seconds': seconds})
+
+
+def load_teacher(path: str, teacher, x_example):
+  """The trained variables of `teacher` from `path`: a workdir of this
+  library (its teacher/ stage) or a teacher checkpoint directory.
+
+  Raises TCNError naming `config.teacher.init_from` when there is none, or
+  when it was saved for another architecture.
+  """
+  where = os.path.join(path, 'teacher')
+  if not os.path.isdir(where):
+    where = path
+  if checkpoint.finished_epochs(where) == 0:
+    raise TCNError(f'config.teacher.init_from {path!r} holds no teacher '
+                   'checkpoint (a workdir of this library or its teacher/ '
+                   'directory)')
+  template = engine.stack([jax.eval_shape(
+      lambda: teacher.init(jax.random.key(0), x_example))])
+  with checkpoint.StageCheckpoint(where, read_only=True) as ckpt:
+    state, _ = ckpt.restore()   # fit's state: params, opt_state, ...
+  variables = {'params': state['params'], **state.get('model_state', {})}
+  got = checkpoint.shapes(variables)
+  want = checkpoint.shapes(template)
+  if got != want:
+    key = min(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    raise TCNError(f'config.teacher.init_from {path!r} holds a teacher of '
+                   f'another architecture ({key}: stored '
+                   f'{got.get(key, "nothing")}, config.teacher.body needs '
+                   f'{want.get(key, "nothing")})')
+  return engine.unstack(variables, 1)[0]
+
+
+def key(run: record.Run, loaded_digest: str = '') -> str:
+  """The teacher stage's key."""
+  c = run.config
+  section = c.teacher.to_dict()
+  if loaded_digest:   # A loaded teacher: its parameters, not its schedule.
+    section = {k: section[k] for k in ('body', 'head_dropout', 'head_bn')}
+  return workdir_lib.stage_key(
+      stage='teacher', teacher=section, loaded=loaded_digest,
+      layers_impl=c.layers_impl, seed=c.seed, data=run.data_key,
+      num_classes=run.ds.num_classes)
+
+
+def model(run: record.Run) -> models.Teacher:
+  c = run.config
+  return models.Teacher(c.teacher.body, run.ds.num_classes,
+                        c.teacher.head_dropout, c.layers_impl,
+                        c.teacher.head_bn)
+
+
+def run_stage(run: record.Run, key: str, loaded=None) -> record.Teacher:
+  """The pipeline's teacher stage: `loaded` variables (init_from), or
+  trained and checkpointed in the workdir; tested on the test split."""
+  c, ds, teacher = run.config.teacher, run.ds, model(run)
+  seconds = 0.0
+  variables = loaded
+  if variables is None:
+    variables, info = train_teacher(
+        teacher, ds, epochs=c.epochs, batch_size=c.batch_size,
+        optimizer=c.optimizer, learning_rate=c.learning_rate,
+        weight_decay=c.weight_decay, lr_step_epochs=c.lr_step_epochs,
+        lr_step_factor=c.lr_step_factor, seed=run.config.seed,
+        workdir=run.workdir or None, writer=run.writer)
+    seconds = info['seconds']
+  predict = jax.jit(lambda xb: teacher.apply(variables, xb))
+  acc = metrics.accuracy(engine.batched(predict, ds.test.x,
+                                        run.config.eval_batch_size), ds.test.y)
+  return record.Teacher(teacher, variables, acc, seconds, key)

@@ -1,0 +1,163 @@
+"""The run directory: its lock, its config, and which stages may be reused.
+
+Each stage's saved output records a key: a digest of the stage's resolved
+config section, the keys of the stages it consumes, the data and the seed
+(`stage_key`). A rerun reuses (resumes or skips) a stage only when its key
+matches. Otherwise the stage, and through the keys everything downstream of
+it, is recomputed when `config.allow_config_change` is set, or the run is
+refused. The workdir is opened only after the config and data are checked,
+so a run that cannot work writes nothing.
+"""
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+
+from absl import logging
+
+from tcn_jax import checkpoint
+from tcn_jax.errors import TCNError
+
+# Where each stage keeps its output, relative to the workdir.
+OUTPUTS = {'teacher': 'teacher', 'features': 'features.npz',
+           'students': 'students', 'head': 'head', 'kd': 'kd',
+           'kdgan': 'kdgan'}
+KEYS_FILE = 'stage_keys.json'
+# Outputs of the whole run, recomputed from the stages at its end.
+RUN_OUTPUTS = ('results.json', 'tcn')
+# Fields that may change between reruns without being a change of config.
+IGNORED = ('allow_config_change', 'distributed')
+
+
+def stage_key(**inputs) -> str:
+  """The key of a stage computed from `inputs` (JSON data: config sections,
+  upstream keys, the data's digest, the seed)."""
+  text = json.dumps(inputs, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _read_json(path):
+  """A workdir JSON file, or TCNError naming it when damaged."""
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (OSError, ValueError) as e:
+    raise TCNError(f'{path} cannot be read ({type(e).__name__}); move it '
+                   'away or use a new workdir') from None
+  if not isinstance(value, dict):
+    raise TCNError(f'{path} is not a JSON object; move it away or use a new '
+                   'workdir')
+  return value
+
+
+def diff(old: dict, new: dict, prefix: str = '') -> list[str]:
+  """The changed fields, as 'path: old -> new' (IGNORED fields skipped). A
+  field the old config lacks and the new one leaves off ('', 0, False) is an
+  option added since that run, with the old behaviour: not a change."""
+  out = []
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k, '<unset>'), new.get(k, '<unset>')
+    if k in IGNORED:
+      continue
+    if k not in old and not isinstance(b, dict) and not b:
+      continue
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += diff(a, b, f'{prefix}{k}.')
+    elif a != b:
+      out.append(f'{prefix}{k}: {a!r} -> {b!r}')
+  return out
+
+
+class Workdir:
+  """An open, locked run directory.
+
+  Args:
+    path: the directory (created if missing).
+    config: the resolved config as JSON data.
+    keys: {stage: key} of the stages this run will use.
+    allow_change: recompute stages whose key changed instead of refusing.
+  """
+
+  def __init__(self, path: str, config: dict, keys: dict[str, str],
+               allow_change: bool):
+    self.path, self.allow_change = path, allow_change
+    try:
+      os.makedirs(path, exist_ok=True)
+      self._lock = open(os.path.join(path, 'lock'), 'w')
+    except OSError as e:
+      raise TCNError(f'workdir {path} is not writable: {e.strerror}') from None
+    try:
+      fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      self._lock.close()
+      raise TCNError(f'workdir {path} is in use by another run') from None
+    try:
+      self._open(config, keys)
+    except BaseException:
+      self.close()
+      raise
+
+  def _open(self, config, keys):
+    config_path = os.path.join(self.path, 'config.json')
+    changes = []
+    if os.path.exists(config_path):
+      changes = diff(_read_json(config_path), config)
+      if changes and not self.allow_change:
+        raise TCNError(f'workdir {self.path} holds a run with another config '
+                       f'({"; ".join(changes)}); use a new workdir or '
+                       '--config.allow_config_change=True')
+    keys_path = os.path.join(self.path, KEYS_FILE)
+    self.keys = (_read_json(keys_path) if os.path.exists(keys_path) else {})
+    stale = [s for s, k in keys.items() if self._exists(s)
+             and self.keys.get(s) != k]
+    if stale and not self.allow_change:
+      raise TCNError(
+          f'workdir {self.path}: stage {stale[0]} was computed from other '
+          'inputs (another data set, seed or version); use a new workdir or '
+          '--config.allow_config_change=True to recompute it')
+    for stage in stale:
+      self._remove(OUTPUTS[stage], f'stage {stage} (its inputs changed)')
+    if stale or changes:
+      for name in RUN_OUTPUTS:
+        self._remove(name, 'the last results')
+    self.keys.update(keys)
+    checkpoint.write_json(keys_path, self.keys)
+    checkpoint.write_json(config_path, config)
+
+  def _exists(self, stage):
+    return os.path.exists(os.path.join(self.path, OUTPUTS[stage]))
+
+  def _remove(self, name, what):
+    path = os.path.join(self.path, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
+    else:
+      return
+    logging.info('config changed: removed %s, %s', path, what)
+
+  def claim(self, stage: str, key: str):
+    """Records `key` for a stage whose key became known after opening (a
+    process > 0 of a distributed run), applying the same rule."""
+    if self._exists(stage) and self.keys.get(stage) != key:
+      if not self.allow_change:
+        raise TCNError(f'workdir {self.path}: stage {stage} was computed from '
+                       'other inputs; use a new workdir or '
+                       '--config.allow_config_change=True')
+      self._remove(OUTPUTS[stage], f'stage {stage} (its inputs changed)')
+    self.keys[stage] = key
+    checkpoint.write_json(os.path.join(self.path, KEYS_FILE), self.keys)
+
+  def stage_dir(self, *parts) -> str:
+    return os.path.join(self.path, *parts)
+
+  def close(self):
+    self._lock.close()   # Closing the file releases the lock.
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
