@@ -1,6 +1,6 @@
 """Benchmark: students across devices ('sharded') and across processes.
 
-  python experiments/bench_distributed.py [--steps 5] [--repeats 3] \
+  python -m experiments.bench_distributed [--steps 5] [--repeats 3] \
       [--devices 2,4] [--batches 1,128,1000] [--calls 30]
 
 Three parts, each in fresh subprocesses (XLA_FLAGS and jax.distributed must
@@ -43,7 +43,7 @@ N, D, BATCH, CLASSES = 4, 256, 128, 10
 
 
 def _setup():
-  sys.path.insert(0, ROOT)
+  """jax, imported only once XLA_FLAGS / the role's environment is set."""
   import jax  # pylint: disable=g-import-not-at-top
   return jax
 
@@ -229,7 +229,7 @@ def main():
   if args.role == 'process':
     return role_process(args)
 
-  me = [sys.executable, os.path.abspath(__file__)]
+  me = [sys.executable, '-m', 'experiments.bench_distributed']   # cwd=ROOT.
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   devices = {}
   for d in [int(v) for v in args.devices.split(',')]:
@@ -260,7 +260,7 @@ def main():
 
 
 def write(args, devices, single, multi, jax_version):
-  command = ('python experiments/bench_distributed.py --steps '
+  command = ('python -m experiments.bench_distributed --steps '
              f'{args.steps} --repeats {args.repeats} --devices {args.devices}'
              f' --batches {args.batches} --calls {args.calls}')
   info = {'command': command, 'machine': platform.processor() or

@@ -19,22 +19,20 @@ each model's calls. FLOPs per image come from XLA's cost analysis.
 
 Writes experiments/results/bench_inference_<backend>.{md,json}.
 
-  python experiments/bench_inference.py [--rounds 12] [--calls 20,2]
+  python -m experiments.bench_inference [--rounds 12] [--calls 20,2]
 """
 import argparse
 import dataclasses
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_students as bs  # pylint: disable=g-import-not-at-top
-from configs import fashion_mnist
+from experiments import bench_students as bs
+from experiments import common
+from experiments import paper
 import tcn_jax
 from tcn_jax import assemble
 from tcn_jax import engine
@@ -42,31 +40,39 @@ from tcn_jax import features
 from tcn_jax import layers
 from tcn_jax import models
 
-CONFIG = fashion_mnist.get_config()
 NS = (1, 2, 4, 8)
 BATCHES = (1, 256)
+
+
+def for_n(n):
+  """configs/fashion_mnist.py resolved for n students (plain data)."""
+  return common.paper_config(n)
+
+
+CONFIG = for_n(4)
 
 
 def make_models(x1):
   """({name: jitted images -> outputs}, {KD name: parameter count}): the
   teacher, TCN n for NS, one n = 4 student alone and the KD students."""
-  teacher = models.Teacher(CONFIG.teacher.body, 10, CONFIG.teacher.head_dropout)
+  teacher = models.Teacher(CONFIG['teacher']['body'], 10,
+                           CONFIG['teacher']['head_dropout'])
   t_params = teacher.init(jax.random.key(0), x1)['params']
   out = {'teacher': jax.jit(lambda x: teacher.apply({'params': t_params}, x))}
   if layers.resolve_impl('auto') != 'xla':   # XLA's own conv / pooling.
-    teacher_xla = models.Teacher(CONFIG.teacher.body, 10,
-                                 CONFIG.teacher.head_dropout, impl='xla')
+    teacher_xla = models.Teacher(CONFIG['teacher']['body'], 10,
+                                 CONFIG['teacher']['head_dropout'], impl='xla')
     out['teacher_xla'] = jax.jit(
         lambda x: teacher_xla.apply({'params': t_params}, x))
   for n in NS:
-    spec = fashion_mnist.STUDENTS_FMNIST[str(n)]
+    spec = for_n(n)['students']['arch']
     groups = assemble.group_students([spec] * n,
                                      features.chunk_sizes(256, n))
     for g in groups:
       model = g.model()
       g.variables = {'params': engine.init_group(
           lambda k, model=model: model.init(k, x1)['params'], n, g.member_ids)}
-    dropout = float(CONFIG.head.dropout_by_n[str(n)])
+    dropout = float(for_n(n)['head']['dropout'])
     head = assemble.teacher_head({'params': t_params})
     tcn = assemble.TCN(groups, 10, dropout, head_variables=head)
     out[f'tcn_n{n}'] = assemble.make_predict(tcn)
@@ -75,14 +81,14 @@ def make_models(x1):
     if n == 4 and layers.resolve_impl('auto') != 'xla':
       out['tcn_n4_xla'] = assemble.make_predict(
           dataclasses.replace(tcn, impl='xla'))
-  student = models.student(fashion_mnist.STUDENTS_FMNIST['4'],
+  student = models.student(for_n(4)['students']['arch'],
                            features.chunk_sizes(256, 4)[0])
   s_params = student.init(jax.random.key(1), x1)['params']
   out['one_n4_student'] = jax.jit(
       lambda x: student.apply({'params': s_params}, x))
   params = {}
   for n in NS:   # Hinton KD students (also KDGAN's), sized for each n.
-    kd = models.Net(f'{CONFIG.kd.arch_by_n[str(n)]} D10')
+    kd = models.Net(f"{for_n(n)['kd']['arch']} D10")
     kd_params = kd.init(jax.random.key(2), x1)['params']
     params[f'kd_n{n}'] = models.num_params(kd_params)
     out[f'kd_n{n}'] = jax.jit(
@@ -144,10 +150,10 @@ def main():
     bs.log({k: f'{v:.2f} ms' for k, v in results[batch]['median_ms'].items()})
 
   meta = bs.meta_info(command=bs.command(), rounds=args.rounds, calls=calls,
-                      data=ds.source, teacher=CONFIG.teacher.body,
-                      students={str(n): fashion_mnist.STUDENTS_FMNIST[str(n)]
+                      data=ds.source, teacher=CONFIG['teacher']['body'],
+                      students={str(n): bs.spec_for(n)
                                 for n in NS},
-                      paper_table5_fmnist_s={'teacher': 0.171, 'tcn_n4': 0.082})
+                      paper_table5_fmnist_s=paper.TABLE5)
   names = list(fns)
   label = {'teacher': 'teacher', 'one_n4_student': 'one n=4 student alone '
            '(students in parallel, paper setting)',
@@ -178,8 +184,8 @@ def main():
                  f'{r256["median_ms"][k]:.1f} | '
                  f'{r256["vs_teacher"][k]:.2f}x |')
   lines += ['', 'Target: TCN n = 4 <= 0.5x the teacher\'s latency (paper '
-            'Table 5, F-MNIST: teacher 0.171 s, n = 4 0.082 s, students on '
-            'separate machines).']
+            f'Table 5, F-MNIST: teacher {paper.TABLE5["teacher"]} s, n = 4 '
+            f'{paper.TABLE5["tcn_n4"]} s, students on separate machines).']
   bs.write_results(os.path.join(bs.RESULTS,
                                 f'bench_inference_{meta["backend"]}'),
                    {'meta': meta, 'results': {str(b): r for b, r in

@@ -24,7 +24,7 @@ round with `os.getloadavg()` before/after each.
 
 Writes experiments/results/bench_keras_<backend>.{md,json}.
 
-  python experiments/bench_keras.py [--teacher-steps 20] [--student-steps 40] [--repeats 3]
+  python -m experiments.bench_keras [--teacher-steps 20] [--student-steps 40] [--repeats 3]
 """
 import argparse
 import os
@@ -38,10 +38,8 @@ import jax  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_students as bs  # pylint: disable=g-import-not-at-top
-from configs import fashion_mnist
+from experiments import bench_students as bs  # pylint: disable=g-import-not-at-top
+from experiments import common  # pylint: disable=g-import-not-at-top
 import tcn_jax
 from tcn_jax import features
 from tcn_jax import models
@@ -54,8 +52,8 @@ except ImportError:
   sys.exit("error: bench_keras.py needs TensorFlow: pip install '.[bench]' "
            '(tensorflow-cpu)')
 
-TEACHER_BODY = fashion_mnist.get_config().teacher.body
-STUDENT = fashion_mnist.STUDENTS_FMNIST['4']
+TEACHER_BODY = common.paper_config(4)['teacher']['body']
+STUDENT = common.paper_config(4)['students']['arch']
 N = 4
 TEACHER_BATCH, STUDENT_BATCH = 256, 128
 

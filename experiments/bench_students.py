@@ -25,7 +25,7 @@ the students over them (the other strategies use one device either way).
 Speedups are the median over rounds of the ratio of the two times measured
 in the same round.
 
-  python experiments/bench_students.py [--steps 10] [--repeats 3] [--ns 1,2,4,8] [--host-devices 2]
+  python -m experiments.bench_students [--steps 10] [--repeats 3] [--ns 1,2,4,8] [--host-devices 2]
 """
 import argparse
 import json
@@ -52,8 +52,7 @@ import jax  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import fashion_mnist  # pylint: disable=g-import-not-at-top
+from experiments import common  # pylint: disable=g-import-not-at-top
 import tcn_jax
 from tcn_jax import engine
 from tcn_jax import features
@@ -61,7 +60,7 @@ from tcn_jax import layers
 from tcn_jax import models
 from tcn_jax import train
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+RESULTS = common.RESULTS
 BATCH = 128
 MATMUL = 2048
 
@@ -125,8 +124,8 @@ def flops_of(jitted, *args):
 
 
 def command():
-  return ('python ' + os.path.relpath(sys.argv[0]) + ' '
-          + ' '.join(sys.argv[1:])).strip()
+  """`python -m experiments.<the script run> ARGS`."""
+  return common.command(quote=False)
 
 
 def meta_info(**extra):
@@ -157,7 +156,8 @@ def log(msg):
 # ------------------------------------------------------------ the groups
 
 def spec_for(n):
-  return fashion_mnist.STUDENTS_FMNIST[str(n)]
+  """The paper's student trunk for n (configs/fashion_mnist.py, resolved)."""
+  return common.paper_config(n)['students']['arch']
 
 
 class Group:

@@ -1,7 +1,7 @@
 """Chaos check: SIGKILL a smoke-sized run at random moments, resume it each
 time, and compare the final results and parameters with an uninterrupted run.
 
-  python experiments/chaos.py --kills 10 --seed 0
+  python -m experiments.chaos --kills 10 --seed 0
 
 One uninterrupted reference run first; then chains of runs in a fresh
 workdir: each start is killed after a seeded random delay (up to half the
@@ -28,10 +28,11 @@ from absl import logging
 import jax
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from tcn_jax import assemble  # pylint: disable=g-import-not-at-top
-from tcn_jax import checkpoint  # pylint: disable=g-import-not-at-top
+from experiments import common
+from tcn_jax import assemble
+from tcn_jax import checkpoint
+
+ROOT = common.REPO
 
 CONFIG = 'configs/fashion_mnist.py:smoke'
 TIMING = ('wall_seconds_this_run', 'train_seconds')
@@ -109,7 +110,7 @@ def main():
                       help='extra --config.* flags for every run')
   args = parser.parse_args()
   logging.set_verbosity(logging.ERROR)   # Orbax's read-only notices.
-  command = 'python experiments/chaos.py ' + ' '.join(sys.argv[1:])
+  command = common.command(module='experiments.chaos', quote=False)
   commit = subprocess.run(['git', '-C', ROOT, 'rev-parse', '--short', 'HEAD'],
                           text=True, capture_output=True).stdout.strip()
   rng = np.random.default_rng(args.seed)

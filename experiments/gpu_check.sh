@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 python3 -c "import jax; print(jax.__version__, jax.devices())"
 python3 -m pytest tests/test_layers.py tests/test_engine.py -q -p no:cacheprovider 2>&1 | tail -15
-python3 experiments/bench_students.py --steps 50 --repeats 3
+python3 -m experiments.bench_students --steps 50 --repeats 3
 python3 -m tcn_jax.main --config configs/fashion_mnist.py --workdir "$OUT/run" \
   --config.data.dir="$DATA" 2>&1 | grep -v orbax | grep -E "epoch|accuracy|error|Error" | tail -60
 cp "$OUT/run/results.json" "$OUT/results_gpu.json"

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The Fashion-MNIST grid on one accelerator, within a time limit, resumable:
-# JOBS runs in flight (experiments/reproduce_fmnist.py --jobs), stopped
+# JOBS runs in flight (python -m experiments.reproduce_fmnist --jobs), stopped
 # cleanly (SIGTERM: every run saves its epoch) after LIMIT seconds; rerun the
 # same command on the same machine to go on. Copies each finished run's
 # results.json and config.json to $OUT/gpu_grid/seed<S>/<run>/ and the
-# report to $OUT/gpu_grid/report.{md,json}, for experiments/tables.py, and
+# report to $OUT/gpu_grid/report.{md,json}, for experiments.tables, and
 # all of it (with each run's log.txt) to $OUT/gpu_grid.tar.gz.
 # SMOKE=1: the ':smoke' subset (a check of this script, minutes on a CPU).
-#   OUT=/tmp/gpu LIMIT=540 JOBS=8 ONLY='ff*,kd*,kdgan*,gan*' \
+#   OUT=/tmp/gpu LIMIT=540 JOBS=8 ONLY='ff*,gan*' \
 #     DATA=/usr/share/datasets/fashion-mnist bash experiments/gpu_grid.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_grid}; DATA=${DATA:-/usr/share/datasets/fashion-mnist}
@@ -22,7 +22,7 @@ if ! python3 -c 'import ml_collections, tensorboardX' 2>/dev/null; then
 fi
 python3 -m pip install -q --no-deps -e . >/dev/null 2>&1
 python3 -c "import jax; print(jax.__version__, jax.devices())"
-timeout -s TERM -k 60 "$LIMIT" python3 experiments/reproduce_fmnist.py \
+timeout -s TERM -k 60 "$LIMIT" python3 -m experiments.reproduce_fmnist \
   --seeds $SEEDS --jobs "$JOBS" --root "$ROOT" ${ONLY:+--only "$ONLY"} \
   ${SMOKE:+--smoke} \
   --out "$OUT/gpu_grid/report" \

@@ -1,16 +1,18 @@
 """Launches the paper's Table 3 grid (and the chunking study) on Fashion-MNIST.
 
-  python experiments/reproduce_fmnist.py [--root runs/fmnist_grid] [--seeds 0 1]
-      [--only 'ff*,kd4'] [--jobs 8] [--dry-run] [--smoke]
+  python -m experiments.reproduce_fmnist [--root runs/fmnist_grid]
+      [--seeds 0 1] [--only 'ff*,gan4_*'] [--jobs 8] [--dry-run] [--smoke]
       [--device-extra-flags '...']
 
 Per seed, one workdir per run under ROOT/seed<S>/<run>, each an ordinary
 `python -m tcn_jax.main` run (config.seed = S):
 
   ff<n>                         TCN, FF students, n = 1, 2, 4, 8 (ff4 first:
-                                it trains the seed's teacher)
-  kd<n>, kdgan<n>               Hinton KD / KDGAN baseline sized for n
-                                (--config.kd.enabled / --config.kdgan.enabled)
+                                it trains the seed's teacher), and the
+                                Hinton KD and KDGAN baselines sized for n
+                                on the same teacher (--config.kd.enabled,
+                                --config.kdgan.enabled: results.json has
+                                'kd' and 'kdgan')
   gan<n>_student_output         TCN, GAN students, the paper's loss
   gan<n>_disc_reconstruction    TCN, GAN students, the authors' code's loss
   pca_ordered<n>, pca_balanced<n>  chunking study, n = 4, 8, FF
@@ -46,17 +48,17 @@ Per seed, one workdir per run under ROOT/seed<S>/<run>, each an ordinary
                                 adversarial term beside the logit-matching
                                 MSE; same schedules, default discriminators)
 
-The teacher is trained once per seed: before a run starts, the seed's
-finished teacher (`teacher/` + `features.npz` of any run of that seed that
-has them) is copied into its workdir, so the pipeline skips that stage.
-kd<n> / kdgan<n> also copy ff<n>'s finished students and head (same config
-for those stages; failing that, those of kd<n> or kdgan<n>, whichever has
-finished), so they only train the baseline. With --jobs K, K runs
-are in flight at once (these models leave one GPU mostly idle); a run
-starts once its seed's teacher is trained and, for kd/kdgan, once ff<n> has
-finished. Everything is resumable: a run whose workdir has results.json is
-skipped, an interrupted one resumes from its last epoch when the same
-command runs again.
+The teacher is trained once per seed, by the seed's first run (ff4): every
+other run of the seed gets `--config.teacher.init_from=ROOT/seed<S>/ff4`
+(the library loads that workdir's teacher instead of training one; nothing
+is copied between workdirs). The source is the first workdir of the seed,
+in grid order, whose own teacher has finished (`teacher/` + features.npz),
+so a selection without ff4 uses whichever run trained the seed's teacher; a
+run started before keeps the source its config.json records. With --jobs K,
+K runs are in flight at once (these models leave one GPU mostly idle); a
+run starts once its seed's teacher is trained. Everything is resumable: a
+run whose workdir has results.json is skipped, an interrupted one resumes
+from its last epoch when the same command runs again.
 
 Writes a report of the grid (commands, status, seconds) to OUT.md / OUT.json
 (--out, default experiments/results/reproduce_fmnist) and ROOT/grid.json.
@@ -69,18 +71,20 @@ import fnmatch
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from experiments import common
+
+REPO = common.REPO
 CONFIG = 'configs/fashion_mnist.py'
 NS = (1, 2, 4, 8)
 GAN_TARGETS = ('student_output', 'disc_reconstruction')
-SMOKE_CELLS = 'ff2,kd2'
+SMOKE_CELLS = 'ff2'   # Teacher, FF n = 2, KD and KDGAN for n = 2.
+BASELINES = ('--config.kd.enabled=True', '--config.kdgan.enabled=True')
 LONG_EPOCHS = 30   # tuned_long<n>: student epochs (the paper: 10).
 LEVER_CELLS = ('flip_control1', 'pca_control2', 'pca_control4', 'budget8')
 CONTROL_EPOCHS = 20   # flip_control<n>, pca_control<n>, budget8: the steps
@@ -93,7 +97,7 @@ class Run:
   name: str
   preset: str                    # Config presets, e.g. '', 'gan', 'tuned,bn'.
   overrides: list
-  reuse_students_from: str = ''  # A finished run with the same students/head.
+  teacher: str = None            # teacher.init_from it was launched with.
   status: str = 'planned'
   seconds: float = 0.0
   rc: int = None
@@ -109,12 +113,8 @@ def grid(seeds, gan_targets_all_n=True):
   for s in seeds:
     seed = [f'--config.seed={s}']
     for n in (4, 1, 2, 8):   # ff4 first: it trains the seed's teacher.
-      runs.append(Run(s, f'ff{n}', '', [f'--config.num_students={n}', *seed]))
-    for n in NS:
-      for stage in ('kd', 'kdgan'):
-        runs.append(Run(s, f'{stage}{n}', '', [
-            f'--config.num_students={n}', f'--config.{stage}.enabled=True',
-            *seed], reuse_students_from=f'ff{n}'))
+      runs.append(Run(s, f'ff{n}', '', [f'--config.num_students={n}',
+                                        *BASELINES, *seed]))
     for n in NS:
       for target in GAN_TARGETS:
         if target == 'student_output' or gan_targets_all_n or n == 4:
@@ -180,9 +180,13 @@ def config_arg(run, smoke):
   return CONFIG + (':' + ','.join(presets) if presets else '')
 
 
-def command(run, root, smoke, extra):
-  return [sys.executable, '-m', 'tcn_jax.main', '--config', config_arg(run, smoke), '--workdir',
-          run.workdir(root), *run.overrides, *extra]
+def command(run, root, smoke, extra, teacher=''):
+  """The pipeline's command line; teacher: a finished teacher's workdir to
+  load (teacher.init_from), '' to train one."""
+  init = [f'--config.teacher.init_from={teacher}'] if teacher else []
+  return [sys.executable, '-m', 'tcn_jax.main', '--config',
+          config_arg(run, smoke), '--workdir', run.workdir(root), *init,
+          *run.overrides, *extra]
 
 
 def _show(path):
@@ -191,38 +195,12 @@ def _show(path):
   return path if rel.startswith('..') else rel
 
 
-def shell_line(run, root, smoke, extra, teacher_run='ff4'):
-  """The run as shell commands (the copies it needs, then the pipeline);
-  teacher_run: the run of this seed that trains the teacher."""
-  w = _show(run.workdir(root))
-  teacher_src = _show(run.workdir(root, teacher_run))
-  parts = []
-  if run.name != teacher_run:
-    parts.append(f'[ -e {w}/features.npz ] || {{ mkdir -p {w} && cp -r '
-                 f'{teacher_src}/teacher {teacher_src}/features.npz {w}/; }}')
-  if run.reuse_students_from:
-    src = _show(run.workdir(root, run.reuse_students_from))
-    parts.append(f'{{ [ -e {w}/students ] || cp -r {src}/students '
-                 f'{src}/head {w}/; }}')
-  cmd = command(run, root, smoke, extra)
+def shell_line(run, root, smoke, extra, teacher=''):
+  """The run as a shell command (paths as typed from the repository)."""
+  cmd = command(run, root, smoke, extra, _show(teacher) if teacher else '')
   cmd[0] = 'python'
-  cmd[cmd.index('--workdir') + 1] = w
-  parts.append(shlex.join(cmd))
-  return ' && '.join(parts)
-
-
-def _copy_atomic(src, dst):
-  """Copies a file or directory to dst via a temporary name (kill-safe)."""
-  tmp = dst + '.copying'
-  if os.path.isdir(tmp):
-    shutil.rmtree(tmp)
-  elif os.path.exists(tmp):
-    os.remove(tmp)
-  if os.path.isdir(src):
-    shutil.copytree(src, tmp)
-  else:
-    shutil.copy2(src, tmp)
-  os.replace(tmp, dst)
+  cmd[cmd.index('--workdir') + 1] = _show(run.workdir(root))
+  return shlex.join(cmd)
 
 
 def finished(workdir):
@@ -230,67 +208,72 @@ def finished(workdir):
   return os.path.isfile(os.path.join(workdir, 'results.json'))
 
 
+def own_teacher(workdir):
+  """Whether workdir holds a finished teacher it trained: its checkpoint
+  (`teacher/`) and the features, which are computed only after it, and no
+  teacher.init_from in its config.json (a loaded teacher is not saved)."""
+  return (os.path.isdir(os.path.join(workdir, 'teacher'))
+          and os.path.isfile(os.path.join(workdir, 'features.npz'))
+          and not recorded_teacher(workdir))
+
+
 def finished_teacher(root, run, runs):
-  """A workdir of run's seed holding a finished teacher (features.npz is
-  written only after the teacher stage), in grid order; None if none."""
+  """A workdir of run's seed (not run's own) holding a finished teacher of
+  its own, in grid order, then other workdirs by name; None if none."""
   seed_dir = os.path.join(root, f'seed{run.seed}')
-  names = [r.name for r in runs if r.seed == run.seed]
+  names = [r.name for r in grid([run.seed])]
+  names += [r.name for r in runs if r.seed == run.seed]
   if os.path.isdir(seed_dir):
-    names += sorted(set(os.listdir(seed_dir)) - set(names))
-  for name in names:
+    names += sorted(os.listdir(seed_dir))
+  for name in dict.fromkeys(names):
     d = os.path.join(seed_dir, name)
-    if (name != run.name and os.path.isfile(os.path.join(d, 'features.npz'))
-        and os.path.isdir(os.path.join(d, 'teacher'))):
+    if name != run.name and own_teacher(d):
       return d
   return None
 
 
-def finished_students(root, run):
-  """The first finished workdir of run's seed holding the students and head
-  run reuses: ff<n>, else a sibling (kd<n>, kdgan<n>) that trained or copied
-  the same ones; None if none has finished."""
-  names = [run.reuse_students_from] + [
-      r.name for r in grid([run.seed]) if r.name != run.name
-      and r.reuse_students_from == run.reuse_students_from]
-  for name in names:
-    d = run.workdir(root, name)
-    if finished(d):
-      return d
-  return None
+def recorded_teacher(workdir):
+  """The teacher.init_from a run already started in workdir records in its
+  config.json ('' = its own teacher); None if it has not started."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      cfg = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return str((cfg.get('teacher') or {}).get('init_from') or '')
 
 
-def prepare(run, root, runs, log):
-  """Copies the seed's teacher (and finished_students) into run's workdir."""
-  w = run.workdir(root)
-  os.makedirs(w, exist_ok=True)
-  if not os.path.exists(os.path.join(w, 'teacher')):
-    src = finished_teacher(root, run, runs)
-    if src:
-      _copy_atomic(os.path.join(src, 'features.npz'),
-                   os.path.join(w, 'features.npz'))
-      _copy_atomic(os.path.join(src, 'teacher'), os.path.join(w, 'teacher'))
-      log(f'  teacher and features copied from {_show(src)}')
-    else:
-      log('  no finished teacher for this seed yet: this run trains it')
-  if run.reuse_students_from and not os.path.exists(
-      os.path.join(w, 'students')):
-    src = finished_students(root, run)
-    if src:
-      for stage in ('students', 'head'):
-        _copy_atomic(os.path.join(src, stage), os.path.join(w, stage))
-      log(f'  students and head copied from {_show(src)}')
-    else:
-      log(f'  {_show(run.workdir(root, run.reuse_students_from))} has not '
-          'finished: this run trains its own students')
+def teacher_for(run, root, runs):
+  """The teacher.init_from to launch run with: what it recorded when it
+  started, else a finished teacher of its seed, else '' (it trains one)."""
+  recorded = recorded_teacher(run.workdir(root))
+  if recorded is not None:
+    return recorded
+  return finished_teacher(root, run, runs) or ''
+
+
+def planned_teacher(run, root, runs):
+  """teacher_for, or for a run whose seed's teacher is not trained yet the
+  workdir of the run that will train it (what a dry run prints)."""
+  teacher = teacher_for(run, root, runs)
+  first = teacher_runs(runs)[run.seed]
+  if teacher or recorded_teacher(run.workdir(root)) is not None:
+    return teacher
+  return '' if run.name == first else run.workdir(root, first)
 
 
 RUNNING = []   # The pipelines in flight (for SIGTERM forwarding).
 
 
 def launch(run, root, smoke, extra, log, env=None):
-  """Runs the pipeline; its output goes to <workdir>/log.txt."""
+  """Runs the pipeline (loading run.teacher, if any); its output goes to
+  <workdir>/log.txt."""
   w = run.workdir(root)
-  cmd = command(run, root, smoke, extra)
+  os.makedirs(w, exist_ok=True)
+  cmd = command(run, root, smoke, extra, run.teacher or '')
   env = dict(env or os.environ, PYTHONUNBUFFERED='1')
   t0 = time.time()
   with open(os.path.join(w, 'log.txt'), 'a', buffering=1) as out:
@@ -311,18 +294,15 @@ def launch(run, root, smoke, extra, log, env=None):
 
 
 def ready(run, runs, root):
-  """Whether `run` can start now: its seed's teacher is
-  finished, or no other selected run is still to train it; and the run it
-  copies students from is finished, or not selected, or failed."""
+  """Whether `run` can start now: it trains its seed's teacher, or started
+  before (its config.json records its teacher), or a teacher of its seed
+  has finished, or no other selected run is still to train one."""
   first = teacher_runs(runs)[run.seed]
   by_name = {(r.seed, r.name): r for r in runs}
-  unsettled = ('planned', 'running')
-  if (run.name != first and by_name[run.seed, first].status in unsettled
-      and not os.path.exists(os.path.join(run.workdir(root), 'teacher'))
-      and finished_teacher(root, run, runs) is None):
-    return False
-  src = by_name.get((run.seed, run.reuse_students_from))
-  return src is None or src.status not in unsettled
+  return (run.name == first
+          or by_name[run.seed, first].status not in ('planned', 'running')
+          or recorded_teacher(run.workdir(root)) is not None
+          or finished_teacher(root, run, runs) is not None)
 
 
 def teacher_runs(runs):
@@ -334,13 +314,14 @@ def teacher_runs(runs):
 
 
 def write_report(path, cmdline, args, runs, root, smoke, extra, elapsed):
-  rows, first = [], teacher_runs(runs)
+  rows = []
   for r in runs:
+    teacher = (r.teacher if r.teacher is not None
+               else planned_teacher(r, root, runs))
     rows.append(dict(seed=r.seed, name=r.name, status=r.status,
                      rc=r.rc, seconds=round(r.seconds, 1),
                      workdir=_show(r.workdir(root)),
-                     command=shell_line(r, root, smoke, extra,
-                                        first[r.seed])))
+                     command=shell_line(r, root, smoke, extra, teacher)))
   summary = {s: sum(r.status == s for r in runs)
              for s in dict.fromkeys(r.status for r in runs)}
   data = dict(command=cmdline, root=_show(root), seeds=args.seeds,
@@ -353,19 +334,19 @@ def write_report(path, cmdline, args, runs, root, smoke, extra, elapsed):
       + ', '.join(f'{v} {k}' for k, v in summary.items())
       + f'; {elapsed:.0f} s in this invocation.'
       + (' Dry run: nothing was launched; the commands below are what a '
-         'real run executes, in order (the copies give every run of a seed '
-         'the teacher trained by its ff4, and kd/kdgan runs the students '
-         'of ff<n>).' if args.dry_run else ''), '',
-      'Tables from these runs: `python experiments/tables.py '
+         'real run executes, in order (every run of a seed loads the '
+         'teacher trained by its ff4, `--config.teacher.init_from`).'
+         if args.dry_run else ''), '',
+      'Tables from these runs: `python -m experiments.tables '
       f'{_show(root)} --out experiments/results/tables_<name>`.', '',
       '| seed | run | workdir | status | seconds |', '|---|---|---|---|---|']
   for row in rows:
     rc = '' if row['rc'] in (None, 0) else f' (rc {row["rc"]})'
     lines.append(f'| {row["seed"]} | {row["name"]} | `{row["workdir"]}` | '
                  f'{row["status"]}{rc} | {row["seconds"]:.0f} |')
-  lines += ['', 'Shell equivalent, in launch order (the launcher also copies '
-            'a finished teacher from any run of the seed, and trains one '
-            'where none has finished yet):', '', '```bash',
+  lines += ['', 'Shell equivalent, in launch order (the launcher loads a '
+            'finished teacher of any run of the seed, and trains one where '
+            'none has finished yet):', '', '```bash',
             *[row['command'] for row in rows], '```']
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path + '.md', 'w') as f:
@@ -399,7 +380,7 @@ def main(argv=None):
   ap.add_argument('--seeds', type=int, nargs='+', default=None,
                   help='config.seed values (default 0 1; with --smoke: 0)')
   ap.add_argument('--only', default='',
-                  help="comma-separated names or globs, e.g. 'ff*,kd4' or "
+                  help="comma-separated names or globs, e.g. 'ff*,gan4_*' or "
                        "'seed1/gan4_*' (default: the whole grid)")
   ap.add_argument('--dry-run', action='store_true',
                   help='print the commands, launch nothing')
@@ -418,8 +399,7 @@ def main(argv=None):
                   help='runs in flight at once (default 1). On one GPU '
                        'several small runs share it: each gets '
                        '0.9/jobs of its memory (XLA_PYTHON_CLIENT_MEM_'
-                       'FRACTION). A run waits for its seed\'s teacher and '
-                       'for the run it copies students from')
+                       'FRACTION). A run waits for its seed\'s teacher')
   ap.add_argument('--out', default=None,
                   help='report path without extension (.md, .json); default '
                        'experiments/results/reproduce_fmnist[_smoke]')
@@ -429,8 +409,7 @@ def main(argv=None):
       argv[i:i + 2] = [f'{tok}={argv[i + 1]}']
       break
   args = ap.parse_args(argv)
-  cmdline = 'python experiments/reproduce_fmnist.py' + (
-      ' ' + shlex.join(argv) if argv else '')
+  cmdline = common.command(argv, 'experiments.reproduce_fmnist')
   if args.seeds is None:
     args.seeds = [0] if args.smoke else [0, 1]
   only = args.only or (SMOKE_CELLS if args.smoke else '')
@@ -454,11 +433,11 @@ def main(argv=None):
     print(msg, flush=True)
 
   if args.dry_run:
-    first = teacher_runs(runs)
     for r in runs:
       if finished(r.workdir(root)):
         r.status = 'done'
-      print(shell_line(r, root, args.smoke, extra, first[r.seed]))
+      print(shell_line(r, root, args.smoke, extra,
+                       planned_teacher(r, root, runs)))
     if keep_plan:
       log(f'report not written: {_show(args.out)}.md holds the plan of '
           '`--dry-run` alone; give --out to write this one')
@@ -524,9 +503,13 @@ def main(argv=None):
       if r is None:
         break
       pending.remove(r)
+      r.teacher = teacher_for(r, root, runs)
       log(f'[{index[id(r)]}/{len(runs)}] seed{r.seed}/{r.name}: '
-          f'{shlex.join(command(r, root, args.smoke, extra)[1:])}')
-      prepare(r, root, runs, log)
+          f'{shlex.join(command(r, root, args.smoke, extra, r.teacher)[1:])}')
+      if not r.teacher:
+        log('  no finished teacher of this seed to load: this run trains '
+            'one' if recorded_teacher(r.workdir(root)) is None else
+            '  resumes with its own teacher')
       r.status = 'running'
       t = threading.Thread(target=work, args=(r,), daemon=True)
       t.start()

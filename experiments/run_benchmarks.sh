@@ -5,7 +5,7 @@
 # bench_distributed}_cpu.{md,json}. About 25 minutes on a 2-core CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python experiments/bench_keras.py --teacher-steps 20 --student-steps 40 --repeats 3
-python experiments/bench_students.py --steps 6 --repeats 4 --host-devices 2
-python experiments/bench_inference.py
-python experiments/bench_distributed.py --steps 5 --repeats 3 --devices 2,4 --batches 1,128,1000 --calls 30
+python -m experiments.bench_keras --teacher-steps 20 --student-steps 40 --repeats 3
+python -m experiments.bench_students --steps 6 --repeats 4 --host-devices 2
+python -m experiments.bench_inference
+python -m experiments.bench_distributed --steps 5 --repeats 3 --devices 2,4 --batches 1,128,1000 --calls 30

@@ -1,61 +1,38 @@
 """Paper Table 6: parameters and FLOPs of the teacher, the KD student and
 each TCN configuration (Fashion-MNIST architectures), next to the paper.
 
-  python experiments/table6.py [--out experiments/results/table6]
+  python -m experiments.table6 [--out experiments/results/table6]
 
-Architectures come from configs/fashion_mnist.py (teacher body + head, the
-per-n student trunks + output Dense of the chunk width, the per-n KD
-students + Dense(10)), built with tcn_jax.models. FLOPs per example are
+Architectures come from configs/fashion_mnist.py resolved for each n
+(teacher body + head, the student trunks + output Dense of the chunk width,
+the KD student + Dense(10)), built with tcn_jax.models. FLOPs per example are
 XLA's own count for the compiled inference program
 (`jax.jit(f).lower(x).compile().cost_analysis()['flops']`, where a
 multiply-add counts 2), at batch 1 and at batch 256 divided by 256, with
 the reference convolution/pooling ops (layers_impl='xla'). No hand formulas.
 """
 import argparse
-import importlib.util
 import json
 import os
-import shlex
-import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from tcn_jax import features as features_lib  # pylint: disable=g-import-not-at-top
-from tcn_jax import models  # pylint: disable=g-import-not-at-top
-from tcn_jax import train  # pylint: disable=g-import-not-at-top
+from experiments import common
+from experiments.paper import NS, TABLE6, TABLE6_FOR
+from tcn_jax import chunking
+from tcn_jax import config as config_lib
+from tcn_jax import models
 
-NS = (1, 2, 4, 8)
 IMPL = 'xla'
-# Paper Table 6, MNIST & F-MNIST columns (#Para, FLOPs), in extraction order
-# (reference notes Sec. 7d); the row labels were lost in the extraction.
-# `reading` is the reference notes' / the paper text's attribution.
-PAPER_ROWS = [
-    ('2.38M', '26.46M', 'teacher'),
-    ('94.65k', '11.67M', 'KD student (Sec. 6 of the notes: "a KD student of '
-     '94.65k params")'),
-    ('95.32k', '12.53M', 'probably the n=1 student (label lost)'),
-    ('46.36k', '6.26M', 'n=2, each student (paper text: 46.36k)'),
-    ('91.24k', '12.54M', 'label lost (2 x 46.36k = 92.72k: n=2 total?)'),
-    ('22.17k', '3.14M', 'n=4, each student (paper text and Table 4: 22.17k)'),
-    ('67.84k', '9.46M', 'label lost'),
-    ('10.9k', '1.57M', 'probably n=8, each student (paper text)'),
-    ('41.37k', '1.19M', 'label lost'),
-    ('5.00k', '149.12k', 'label lost'),
-]
-# Our reading of which paper row belongs to which of our rows.
-PAPER_FOR = {'teacher': 0, 'kd1': 1, 'kd2': 1, 'kd4': 1, 'kd8': 1,
-             'student1': 2, 'student2': 3, 'student4': 5, 'student8': 7}
-
-
-def _load_config(preset=''):
-  path = os.path.join(REPO, 'configs', 'fashion_mnist.py')
-  spec = importlib.util.spec_from_file_location('fmnist_config', path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(preset)
+def _load_config(preset='', n=None):
+  """configs/fashion_mnist.py:<preset> for n students (default: its own n),
+  resolved."""
+  cfg = common.get_config('fashion_mnist', preset)
+  if n is not None:
+    cfg.num_students = n
+  return ml_collections.ConfigDict(common.resolve(cfg))
 
 
 def _cost(fn, args, batch):
@@ -94,9 +71,7 @@ def rows():
   head_params = models.num_params(hv['params'])
 
   for n in NS:
-    cfg = _load_config()
-    cfg.num_students = n
-    spec = train.per_n(cfg, 'kd.arch', n)
+    spec = _load_config(n=n).kd.arch
     kd = models.Net(f'{spec} D10', 'glorot_uniform', IMPL)
     kv = _init(kd, key)
     out.append(dict(key=f'kd{n}', config=f'KD student for n={n}',
@@ -107,10 +82,9 @@ def rows():
   # the ':wide' students (48-unit bottleneck, not in the paper).
   for n, preset in ([(n, '') for n in NS] + [(4, 'improved')]
                     + [(n, 'wide') for n in (2, 4, 8)]):
-    cfg = _load_config(preset)
-    cfg.num_students = n
-    specs = train.student_specs(cfg)
-    widths = features_lib.chunk_sizes(256, n)
+    cfg = _load_config(preset, n)
+    specs = config_lib.student_specs(cfg)
+    widths = chunking.chunk_sizes(256, n)
     nets = [models.student(s, w, cfg.students.out_relu, cfg.students.init,
                            IMPL) for s, w in zip(specs, widths)]
     svs = [_init(m, k) for m, k in zip(nets, jax.random.split(key, n))]
@@ -125,7 +99,7 @@ def rows():
                       config=f'{name}: {which}', arch=f'{specs[i]} D{widths[i]}',
                       params=each[i],
                       **measure(lambda v, x, m=nets[i]: m.apply(v, x), svs[i])))
-    head_n = models.Head(10, float(train.per_n(cfg, 'head.dropout', n)))
+    head_n = models.Head(10, float(cfg.head.dropout))
 
     def tcn(vs, x, nets=nets, head_n=head_n):
       students, hvars = vs
@@ -139,9 +113,9 @@ def rows():
                     params=sum(each) + head_params,
                     **measure(tcn, (svs, hv))))
   for r in out:
-    p = PAPER_FOR.get(r['key'])
+    p = TABLE6_FOR.get(r['key'])
     r['paper_params'], r['paper_flops'], r['paper_row'] = (
-        PAPER_ROWS[p] if p is not None else (None, None, None))
+        TABLE6[p] if p is not None else (None, None, None))
   return out, head_params
 
 
@@ -155,22 +129,12 @@ def _tcn_arch(n, kinds):
                     for m in kinds.values())
 
 
-def _num(v):
-  if v >= 1e6:
-    return f'{v / 1e6:.2f}M'
-  if v >= 1e3:
-    return f'{v / 1e3:.2f}k'
-  return f'{v:.0f}'
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  ap.add_argument('--out', default=os.path.join(REPO, 'experiments', 'results',
-                                                'table6'),
+  ap.add_argument('--out', default=os.path.join(common.RESULTS, 'table6'),
                   help='output path without extension (.md and .json)')
   args = ap.parse_args()
-  command = 'python experiments/table6.py' + (
-      ' ' + shlex.join(sys.argv[1:]) if sys.argv[1:] else '')
+  command = common.command(module='experiments.table6')
   table, head_params = rows()
   device = jax.devices()[0]
   lines = [
@@ -191,8 +155,8 @@ def main():
   for r in table:
     lines.append(
         f'| {r["config"]} | `{r["arch"]}` | {r["params"]:,} '
-        f'({_num(r["params"])}) | {_num(r["flops_b1"])} | '
-        f'{_num(r["flops_b256"])} | {r["paper_params"] or "—"} | '
+        f'({common.num(r["params"])}) | {common.num(r["flops_b1"])} | '
+        f'{common.num(r["flops_b256"])} | {r["paper_params"] or "—"} | '
         f'{r["paper_flops"] or "—"} |')
   lines += [
       '', 'Paper columns: our reading of the garbled Table 6 (reference '
@@ -202,7 +166,7 @@ def main():
       'All MNIST / F-MNIST rows of the paper\'s Table 6, in extraction '
       'order:', '', '| # | paper params | paper FLOPs | reading |',
       '|---|---|---|---|']
-  for i, (p, f, what) in enumerate(PAPER_ROWS, 1):
+  for i, (p, f, what) in enumerate(TABLE6, 1):
     lines.append(f'| {i} | {p} | {f} | {what} |')
   t = table[0]
   by = {r['key']: r for r in table}
@@ -210,10 +174,10 @@ def main():
   ratios = ', '.join(f'n={n} {by[f"student{n}"]["flops_b1"] / paper:.1f}x'
                      for n, paper in ((2, 6.26e6), (4, 3.14e6), (8, 1.57e6)))
   lines += [
-      '', f'Reading. The teacher matches the paper: {_num(t["params"])} '
-      f'parameters and {_num(t["flops_b1"])} FLOPs against 2.38M and '
+      '', f'Reading. The teacher matches the paper: {common.num(t["params"])} '
+      f'parameters and {common.num(t["flops_b1"])} FLOPs against 2.38M and '
       '26.46M, so the paper counts FLOPs as XLA does (2 per multiply-add), '
-      f'and so does the n=1 student ({_num(s1)} against 12.53M, although '
+      f'and so does the n=1 student ({common.num(s1)} against 12.53M, although '
       'the paper\'s has about twice our 49.6k parameters). The other '
       'students do not: the paper\'s per-student FLOPs are the n=1 '
       'student\'s divided by n (12.53M / 2 = 6.27M, / 4 = 3.13M, / 8 = '
@@ -222,7 +186,7 @@ def main():
       'the cost) and differ only in the output width, so each costs about '
       f'what the n=1 student costs: ours are {ratios} the paper\'s values. '
       'A TCN therefore costs n times one student at inference (n=8: '
-      f'{_num(by["tcn8"]["flops_b1"])}, {by["tcn8"]["flops_b1"] / t["flops_b1"]:.1f}x '
+      f'{common.num(by["tcn8"]["flops_b1"])}, {by["tcn8"]["flops_b1"] / t["flops_b1"]:.1f}x '
       'the teacher), where the paper claims a reduction. Parameters do not '
       'halve with n in the code either (notes Sec. 3 and 8): the TCN total '
       'grows from 52k (n=1) to 172k (n=8), against the teacher\'s 2.45M. '
@@ -235,7 +199,7 @@ def main():
                'backend': jax.default_backend(), 'layers_impl': IMPL,
                'head_params': head_params, 'rows': table,
                'paper_rows': [dict(params=p, flops=fl, reading=w)
-                              for p, fl, w in PAPER_ROWS]}, f, indent=1)
+                              for p, fl, w in TABLE6]}, f, indent=1)
   print('\n'.join(lines))
 
 
