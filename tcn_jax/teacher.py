@@ -73,11 +73,12 @@ def load_teacher(path: str, teacher, x_example):
     raise TCNError(f'config.teacher.init_from {path!r} holds no teacher '
                    'checkpoint (a workdir of this library or its teacher/ '
                    'directory)')
-  template = engine.stack([jax.eval_shape(
-      lambda: teacher.init(jax.random.key(0), x_example))])
+  template = jax.eval_shape(lambda: teacher.init(jax.random.key(0),
+                                                 x_example))
   with checkpoint.StageCheckpoint(where, read_only=True) as ckpt:
     state, _ = ckpt.restore()   # fit's state: params, opt_state, ...
-  variables = {'params': state['params'], **state.get('model_state', {})}
+  stacked = {'params': state['params'], **state.get('model_state', {})}
+  variables = engine.unstack(stacked, 1)[0]
   got = checkpoint.shapes(variables)
   want = checkpoint.shapes(template)
   if got != want:
@@ -86,7 +87,7 @@ def load_teacher(path: str, teacher, x_example):
                    f'another architecture ({key}: stored '
                    f'{got.get(key, "nothing")}, config.teacher.body needs '
                    f'{want.get(key, "nothing")})')
-  return engine.unstack(variables, 1)[0]
+  return variables
 
 
 def key(run: record.Run, loaded_digest: str = '') -> str:
