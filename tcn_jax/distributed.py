@@ -19,7 +19,7 @@ Transport. The processes join `jax.distributed` and move bytes with
 msgpack, so no process needs the others' shapes and no shared filesystem is
 needed. By default (`initialize(..., courier=True)`) the `jax.distributed`
 member is a small CPU-only child process (the courier, `python -m
-tcn_jax.distributed`) that the training process talks to over two pipes:
+tcn_jax.courier`) that the training process talks to over two pipes:
 the training process itself stays a single-process JAX runtime with its own
 devices. That is needed for checkpoints: once `jax.distributed` is
 initialized, Orbax (0.12.8) treats every save as a multi-host one and
@@ -29,14 +29,8 @@ keys), while every stage of the pipeline checkpoints per process.
 `courier=False` joins in this process instead (no Orbax use then).
 """
 import dataclasses
-import itertools
 import json
-import os
 import re
-import struct
-import subprocess
-import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -44,13 +38,9 @@ import numpy as np
 from flax import serialization
 
 from tcn_jax import assemble
+from tcn_jax import courier
 from tcn_jax.errors import TCNError
 
-# How long (s) to wait for all processes to join, and for the others at
-# shutdown (process 0 fine-tunes the head while the others wait there).
-JOIN_TIMEOUT = 300
-SHUTDOWN_TIMEOUT = 7 * 24 * 3600
-BARRIER_TIMEOUT = 7 * 24 * 3600   # Before each training-time collective.
 
 _COURIER = None   # The courier of this process, once joined with one.
 
@@ -83,7 +73,7 @@ def validate(section, num_students=None):
 
 
 def initialize(num_processes: int = 1, process_id: int = 0,
-               coordinator: str = '', timeout: int = JOIN_TIMEOUT,
+               coordinator: str = '', timeout: int = courier.JOIN_TIMEOUT,
                courier: bool = True) -> bool:
   """Joins the run as `process_id` of `num_processes`; `coordinator` is
   'host:port' of process 0, which serves it. One process: nothing to do.
@@ -106,27 +96,14 @@ def initialize(num_processes: int = 1, process_id: int = 0,
                      'config.distributed asks for another')
     return True
   if courier:
-    _COURIER = _Courier(num_processes, process_id, coordinator, timeout)
+    _COURIER = courier.Courier(num_processes, process_id, coordinator, timeout)
     return True
   try:
-    _join(num_processes, process_id, coordinator, timeout)
+    courier.join(num_processes, process_id, coordinator, timeout)
   except Exception as e:  # pylint: disable=broad-except  (XLA raises several)
-    raise TCNError(_join_error(coordinator, process_id, num_processes,
+    raise TCNError(courier.join_error(coordinator, process_id, num_processes,
                                e)) from None
   return True
-
-
-def _join(num_processes, process_id, coordinator, timeout):
-  jax.distributed.initialize(
-      coordinator_address=coordinator, num_processes=num_processes,
-      process_id=process_id, initialization_timeout=timeout,
-      shutdown_timeout_seconds=SHUTDOWN_TIMEOUT)
-
-
-def _join_error(coordinator, process_id, num_processes, e):
-  line = (str(e).strip().splitlines() or [repr(e)])[0][:200]
-  return (f'cannot join {coordinator} as process {process_id} of '
-          f'{num_processes} (config.distributed): {line}')
 
 
 def _jax_joined():
@@ -201,7 +178,7 @@ def allgather_bytes(blob: bytes, fast: bool = False) -> list[bytes]:
     return _COURIER.call(b'F' if fast else b'A', blob)
   if jax.process_count() == 1:
     return [blob]
-  return _allgather_here(blob, fast)
+  return courier.allgather_here(blob, fast)
 
 
 def broadcast_bytes(blob: bytes) -> bytes:
@@ -210,32 +187,7 @@ def broadcast_bytes(blob: bytes) -> bytes:
     return _COURIER.call(b'B', blob if process_index() == 0 else b'')[0]
   if jax.process_count() == 1:
     return blob
-  return _broadcast_here(blob)
-
-
-def _allgather_here(blob, same_size=False):
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  if same_size:
-    rows = np.asarray(multihost_utils.process_allgather(
-        np.frombuffer(blob, np.uint8)))
-    return [row.tobytes() for row in rows]
-  sizes = np.asarray(multihost_utils.process_allgather(
-      np.array([len(blob)], np.int64))).reshape(-1)
-  buf = np.zeros(max(int(sizes.max()), 1), np.uint8)
-  buf[:len(blob)] = np.frombuffer(blob, np.uint8)
-  rows = np.asarray(multihost_utils.process_allgather(buf))
-  return [rows[p, :int(s)].tobytes() for p, s in enumerate(sizes)]
-
-
-def _broadcast_here(blob):
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  first = jax.process_index() == 0
-  size = int(np.asarray(multihost_utils.broadcast_one_to_all(
-      np.array([len(blob) if first else 0], np.int64)))[0])
-  buf = np.zeros(max(size, 1), np.uint8)
-  if first:
-    buf[:size] = np.frombuffer(blob, np.uint8)
-  return np.asarray(multihost_utils.broadcast_one_to_all(buf))[:size].tobytes()
+  return courier.broadcast_here(blob)
 
 
 def to_bytes(tree) -> bytes:
@@ -262,144 +214,6 @@ def allgather_tree(tree) -> list:
   if process_count() == 1:
     return [tree]
   return [from_bytes(b) for b in allgather_bytes(to_bytes(tree))]
-
-
-class _Courier:
-  """A child process that is this process's member of `jax.distributed`.
-
-  Frames on two pipes: op (1 byte) + length (8 bytes) + payload. Requests:
-  A (allgather: P frames back), B (broadcast: 1 frame back), both after a
-  barrier of all processes; F (allgather of equal-size blobs without the
-  barrier, for inference, where the processes run in step); Q (leave).
-  The courier answers E + message on failure; it leaves the run when its
-  pipe closes (this process exited or was killed).
-  """
-
-  def __init__(self, num_processes, process_id, coordinator, timeout):
-    self.num_processes, self.process_id = num_processes, process_id
-    self.coordinator = coordinator
-    to_r, to_w = os.pipe()
-    from_r, from_w = os.pipe()
-    self.log = tempfile.NamedTemporaryFile(prefix='tcn_courier_',
-                                           suffix='.log', delete=False)
-    env = dict(os.environ, JAX_PLATFORMS='cpu')
-    env.pop('XLA_FLAGS', None)   # No forced host devices: one is enough.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env['PYTHONPATH'] = os.pathsep.join(
-        [root] + [p for p in [env.get('PYTHONPATH')] if p])
-    self.proc = subprocess.Popen(
-        [sys.executable, '-m', 'tcn_jax.distributed', str(to_r), str(from_w),
-         str(num_processes), str(process_id), coordinator, str(timeout)],
-        pass_fds=(to_r, from_w), env=env, stdin=subprocess.DEVNULL,
-        stdout=self.log, stderr=self.log)
-    os.close(to_r)
-    os.close(from_w)
-    self.send = os.fdopen(to_w, 'wb')
-    self.recv = os.fdopen(from_r, 'rb')
-    op, payload = self._read()   # R once joined, E + why not.
-    if op != b'R':
-      self._fail(payload.decode(errors='replace'))
-
-  def _read(self):
-    head = self.recv.read(9)
-    if len(head) < 9:
-      return b'E', self._last_log_line().encode()
-    op, size = head[:1], struct.unpack('<Q', head[1:])[0]
-    payload = self.recv.read(size)
-    if len(payload) < size:
-      return b'E', self._last_log_line().encode()
-    return op, payload
-
-  def _last_log_line(self):
-    self.proc.wait(timeout=60)
-    with open(self.log.name, errors='replace') as f:
-      lines = [l.strip() for l in f if l.strip() and not l.startswith('@')]
-    # XLA's coordination client aborts its process on a fatal error (a peer
-    # died, the coordinator is unreachable), logging an absl::Status.
-    why = [l.split('absl::Status: ', 1)[1] for l in lines
-           if 'absl::Status: ' in l]
-    why += [l for l in lines if l.startswith('RPC: ')][-1:]
-    if not why:
-      why = ([l for l in lines if 'Error' in l] or lines or ['no output'])[-1:]
-    return (f'the courier process (its jax.distributed member) exited with '
-            f'code {self.proc.returncode}: {"; ".join(why)[:300]}')
-
-  def _fail(self, why):
-    try:   # The courier is gone or going; its log has been read.
-      self.proc.wait(timeout=60)
-      os.unlink(self.log.name)
-    except (OSError, subprocess.TimeoutExpired):
-      pass
-    raise TCNError(f'process {self.process_id} of {self.num_processes} '
-                   f'(coordinator {self.coordinator}, config.distributed): '
-                   f'{why}')
-
-  def call(self, op, payload=b''):
-    try:
-      self.send.write(op + struct.pack('<Q', len(payload)) + payload)
-      self.send.flush()
-    except BrokenPipeError:
-      self._fail(self._last_log_line())
-    frames = []
-    for _ in range(self.num_processes if op in (b'A', b'F') else 1):
-      got, data = self._read()
-      if got == b'E':
-        self._fail(data.decode(errors='replace'))
-      frames.append(data)
-    return frames
-
-  def close(self):
-    try:
-      self.call(b'Q')
-    finally:
-      self.send.close()
-      self.recv.close()
-      self.proc.wait()
-      os.unlink(self.log.name)
-
-
-def _courier_main(argv):
-  """`python -m tcn_jax.distributed IN OUT P K COORDINATOR TIMEOUT`."""
-  in_fd, out_fd, p, k, coordinator, timeout = argv
-  recv, send = os.fdopen(int(in_fd), 'rb'), os.fdopen(int(out_fd), 'wb')
-
-  def reply(op, payload=b''):
-    send.write(op + struct.pack('<Q', len(payload)) + payload)
-    send.flush()
-
-  try:
-    _join(int(p), int(k), coordinator, int(timeout))
-  except Exception as e:  # pylint: disable=broad-except
-    reply(b'E', _join_error(coordinator, k, p, e).split(': ', 1)[1].encode())
-    return 1
-  reply(b'R')
-  client = jax._src.distributed.global_state.client  # pylint: disable=protected-access
-  for seq in itertools.count():
-    head = recv.read(9)
-    if len(head) < 9:
-      # The training process is gone (an error, a kill): leave at once; the
-      # coordination service then fails the other processes' couriers.
-      os._exit(1)  # pylint: disable=protected-access
-    op, size = head[:1], struct.unpack('<Q', head[1:])[0]
-    payload = recv.read(size)
-    try:
-      if op in (b'A', b'B'):
-        # Everyone arrives first: a collective may wait for hours here (a
-        # teacher training on process 0), longer than Gloo's own timeout.
-        client.wait_at_barrier(f'tcn_jax_{seq}', BARRIER_TIMEOUT * 1000)
-      if op in (b'A', b'F'):
-        for part in _allgather_here(payload, same_size=op == b'F'):
-          reply(b'D', part)
-      elif op == b'B':
-        reply(b'D', _broadcast_here(payload))
-      elif op == b'Q':
-        jax.distributed.shutdown()
-        reply(b'D')
-        return 0
-    except Exception as e:  # pylint: disable=broad-except
-      reply(b'E', (str(e).strip().splitlines() or [repr(e)])[0][:300]
-            .encode())
-      return 1
 
 
 # ----------------------------------------------------------------- training
@@ -493,6 +307,3 @@ def make_predict(tcn, strategy='auto'):
 
   return predict
 
-
-if __name__ == '__main__':
-  sys.exit(_courier_main(sys.argv[1:]))

@@ -17,7 +17,6 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 
 from tcn_jax.errors import TCNError
