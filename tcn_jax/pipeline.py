@@ -18,6 +18,7 @@ import numpy as np
 from tcn_jax import assemble
 from tcn_jax import baselines
 from tcn_jax import checkpoint
+from tcn_jax import chunking
 from tcn_jax import config as config_lib
 from tcn_jax import data as data_lib
 from tcn_jax import distributed
@@ -64,7 +65,6 @@ def check_data(config, ds: data_lib.Dataset):
     if other != shape:
       raise TCNError(f'{name} inputs of {config.data.name} have shape '
                      f'{other}, train inputs {shape} ({ds.source})')
-  from tcn_jax import chunking  # pylint: disable=g-import-not-at-top
   chunking.chunk_sizes(check_fits('teacher.body', config.teacher.body, shape,
                                   config.layers_impl, dtype),
                        config.num_students)
