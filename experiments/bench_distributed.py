@@ -51,14 +51,14 @@ def _setup():
 def _student_group(jax, ids, x):
   """(model, member step, stacked state) of FF students `ids` (no BN)."""
   import optax  # pylint: disable=g-import-not-at-top
-  from tcn_jax import engine, models, train  # pylint: disable=g-import-not-at-top
+  from tcn_jax import engine, losses, models  # pylint: disable=g-import-not-at-top
   model = models.student(SPEC, D // N)
   params = engine.init_group(lambda k: model.init(k, x[:1])['params'], 0, ids)
   tx = optax.adam(1e-3, eps=1e-7)
 
   def loss_fn(p, xb, tb, key):
     pred = model.apply({'params': p}, xb, train=True, rngs={'dropout': key})
-    return train.mse_loss(pred, tb)
+    return losses.mse(pred, tb)
 
   state = {'params': params, 'opt_state': jax.vmap(tx.init)(params)}
   return model, engine.gradient_step(loss_fn, tx), state

@@ -35,8 +35,8 @@ from experiments import common
 from experiments import paper
 import tcn_jax
 from tcn_jax import assemble
+from tcn_jax import chunking
 from tcn_jax import engine
-from tcn_jax import features
 from tcn_jax import layers
 from tcn_jax import models
 
@@ -67,7 +67,7 @@ def make_models(x1):
   for n in NS:
     spec = for_n(n)['students']['arch']
     groups = assemble.group_students([spec] * n,
-                                     features.chunk_sizes(256, n))
+                                     chunking.chunk_sizes(256, n))
     for g in groups:
       model = g.model()
       g.variables = {'params': engine.init_group(
@@ -82,7 +82,7 @@ def make_models(x1):
       out['tcn_n4_xla'] = assemble.make_predict(
           dataclasses.replace(tcn, impl='xla'))
   student = models.student(for_n(4)['students']['arch'],
-                           features.chunk_sizes(256, 4)[0])
+                           chunking.chunk_sizes(256, 4)[0])
   s_params = student.init(jax.random.key(1), x1)['params']
   out['one_n4_student'] = jax.jit(
       lambda x: student.apply({'params': s_params}, x))

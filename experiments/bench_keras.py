@@ -5,7 +5,7 @@ Dropout 0.5 + Dense 10, Adam 1e-3, batch 256) and the n = 4 student
 ('C32 C32 MP C16 C16 MP Do.25 F D16r Do.3' + Dense 64, init normal(0.05),
 Adam 1e-3, MSE, batch 128) written in Keras (TensorFlow CPU, `pip install
 '.[bench]'`) as in the reference notebooks, against the same models trained
-by tcn_jax's engine exactly as `train.fit` trains them (strategy `auto`), on
+by tcn_jax's engine exactly as `fit.fit` trains them (strategy `auto`), on
 the real Fashion-MNIST training images (48k):
 
   teacher          Keras vs ours;
@@ -41,9 +41,9 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from experiments import bench_students as bs  # pylint: disable=g-import-not-at-top
 from experiments import common  # pylint: disable=g-import-not-at-top
 import tcn_jax
-from tcn_jax import features
+from tcn_jax import chunking
+from tcn_jax import losses
 from tcn_jax import models
-from tcn_jax import train
 
 try:
   import keras  # pylint: disable=g-import-not-at-top
@@ -176,7 +176,7 @@ def main():
   x, y = ds.train.x, ds.train.y
   bs.log(f'data: {ds.source}, train {x.shape}; keras {keras.__version__}, '
          f'tensorflow {tf.__version__}, jax {jax.__version__}')
-  width = features.chunk_sizes(256, N)[0]
+  width = chunking.chunk_sizes(256, N)[0]
   rng = np.random.default_rng(0)
   # Stand-in teacher features (post-ReLU like the real ones).
   targets = np.maximum(rng.standard_normal((N, len(x), width), np.float32), 0)
@@ -187,7 +187,7 @@ def main():
   x_dev, t_dev = jnp.asarray(x), jnp.asarray(targets)
   ours = {
       'ours_teacher': bs.Group(
-          models.Teacher(TEACHER_BODY, 10, 0.5), train.ce_loss, [0], 'auto',
+          models.Teacher(TEACHER_BODY, 10, 0.5), losses.ce, [0], 'auto',
           x_dev, jnp.asarray(y)[None], ts, batch=TEACHER_BATCH),
       'ours_student': bs.student_group(STUDENT, width, [0], 'auto', x_dev,
                                        t_dev, ss),

@@ -54,11 +54,12 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from experiments import common  # pylint: disable=g-import-not-at-top
 import tcn_jax
+from tcn_jax import chunking
 from tcn_jax import engine
-from tcn_jax import features
+from tcn_jax import fit
 from tcn_jax import layers
+from tcn_jax import losses
 from tcn_jax import models
-from tcn_jax import train
 
 RESULTS = common.RESULTS
 BATCH = 128
@@ -161,7 +162,7 @@ def spec_for(n):
 
 
 class Group:
-  """Members `ids` of `model` trained with the engine as train.fit does it
+  """Members `ids` of `model` trained with the engine as fit.fit does it
   (same loss wrapper, optimizer, keys and batch order): `run()` trains
   `steps` more batches of `x`; targets are (members, N, ...)."""
 
@@ -172,7 +173,7 @@ class Group:
     self.targets = targets
     init = lambda k: model.init(k, x[:1])['params']
     self.params = engine.init_group(init, 0, self.ids)
-    self.tx = train.make_optimizer('adam', 1e-3, 'optimizer')
+    self.tx = fit.make_optimizer('adam', 1e-3, 'optimizer')
     self.opt_state = jax.vmap(self.tx.init)(self.params)
     self.keys = engine.member_keys(0, self.ids)
     self.epoch, self.strategy = 0, strategy
@@ -221,7 +222,7 @@ class Group:
 def student_group(spec, width, ids, strategy, x, all_targets, steps,
                   epoch_fn=None, impl='auto'):
   """Students `ids` of one width; all_targets: (all students, N, width)."""
-  return Group(models.student(spec, width, impl=impl), train.mse_loss, ids,
+  return Group(models.student(spec, width, impl=impl), losses.mse, ids,
                strategy, x, all_targets[np.asarray(list(ids))], steps,
                epoch_fn=epoch_fn)
 
@@ -250,7 +251,7 @@ class Sequential:
 # --------------------------------------------------------------- one row
 
 def bench_n(n, x, steps, repeats):
-  width = features.chunk_sizes(256, n)[0]
+  width = chunking.chunk_sizes(256, n)[0]
   spec = spec_for(n)
   rng = np.random.default_rng(n)
   # Stand-in teacher features (post-ReLU, like the real ones): speed does
@@ -343,7 +344,7 @@ def analyze(x, repeats, n=4):
   """Where one student's training step (n's architecture) goes on this
   backend: each matmul of the step timed alone, and the step itself with the
   library's layers and with XLA's own convolution and pooling."""
-  width = features.chunk_sizes(256, n)[0]
+  width = chunking.chunk_sizes(256, n)[0]
   spec = spec_for(n)
   rng = np.random.default_rng(0)
   targets = jnp.asarray(np.maximum(
