@@ -27,8 +27,8 @@ from tcn_jax.errors import TCNError
 from tcn_jax.registry import Registry
 
 # Fields that take the paper's value for n from `<field>_by_n` when unset.
-PER_N = ('students.arch', 'students.epochs', 'head.epochs', 'head.dropout',
-         'head.optimizer', 'gan.disc', 'gan.g_steps_per_d_step', 'kd.arch')
+PER_N = ('students.arch', 'students.epochs', 'head.epochs', 'head.optimizer',
+         'head.dropout', 'gan.disc', 'gan.g_steps_per_d_step', 'kd.arch')
 UNSET = ('', -1, -1.0, None)
 METHODS = Registry('method', 'method')
 METHODS.register('ff', 'regression loss only (paper: FF)')
