@@ -228,6 +228,8 @@ def _check_optimizer(field, name, learning_rate):
 def _validate(c):
   """Every check that needs no data, in the order a reader meets them."""
   n = c.num_students
+  check_number('seed', c.seed, int, 0)
+  check_number('data.split_seed', c.data.split_seed, int, 0)
   METHODS.check(c.method)
   DATASETS.check(c.data.name)
   engine.resolve_strategy(c.students.strategy)

@@ -65,7 +65,11 @@ def parse(spec: str) -> list[dict[str, Any]]:
     elif g['mp']:
       out.append(dict(kind='pool', padding='SAME' if g['mpsame'] else 'VALID'))
     elif g['do']:
-      out.append(dict(kind='dropout', rate=float(g['do'])))
+      rate = float(g['do']) if g['do'].count('.') <= 1 else -1.0
+      if not 0 <= rate < 1:
+        raise ValueError(f'dropout rate of {tok!r} in architecture {spec!r} '
+                         'must be in [0, 1)')
+      out.append(dict(kind='dropout', rate=rate))
     elif g['f']:
       out.append(dict(kind='flatten'))
     elif g['d']:
