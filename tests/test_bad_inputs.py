@@ -3,7 +3,9 @@ stderr naming the cause, a non-zero exit code, and every file an earlier run
 left in the workdir (results, checkpoints, features) unchanged.
 
 Cases run `main.main` in-process on a copy of a finished tiny run; flag
-parsing errors (absl) run the real command line.
+parsing errors (absl) run the real command line. An error that the config
+and the data alone show (found before the workdir is opened) leaves the
+workdir byte for byte as it was, with no file added.
 """
 import fcntl
 import glob
@@ -16,6 +18,7 @@ import signal
 import subprocess
 import sys
 import types
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -25,7 +28,8 @@ from test_data import _synthetic, _write_split
 from tcn_jax import assemble
 from tcn_jax import checkpoint
 from tcn_jax import main
-from tcn_jax import train
+from tcn_jax import pipeline
+from tcn_jax import workdir as workdir_lib
 from tcn_jax.errors import TCNError
 
 pytestmark = needs_fmnist
@@ -35,7 +39,7 @@ pytestmark = needs_fmnist
 def finished(tmp_path_factory):
   """A finished tiny run: the earlier output that no bad input may harm."""
   workdir = str(tmp_path_factory.mktemp('finished') / 'run')
-  train.run(tiny_config(), workdir)
+  pipeline.run(tiny_config(), workdir)
   return workdir
 
 
@@ -88,7 +92,7 @@ def _data_dir(path, shape=(28, 28), label_max=9, images_magic=0x803,
     raw[:4] = images_magic.to_bytes(4, 'big')
     with open(name, 'wb') as f:
       f.write(raw[:len(raw) - cut])
-  return path
+  return str(path)   # As a user gives it (config.json holds it).
 
 
 def _truncate(pattern):
@@ -105,8 +109,45 @@ def _lock(workdir):
   return handle
 
 
+def _claim(workdir, config):
+  """Rewrites the workdir's records (config.json, stage_keys.json) as a run
+  of `config` would have left them, so that its stages count as that run's
+  and a rerun of `config` reads their checkpoints: the checks of the
+  checkpoints and of training are reached through the stages, not through
+  the reuse rule, which recomputes a stage whose inputs changed when
+  allow_config_change is set (tests/test_stages.py). The records are what
+  the pipeline itself computes for `config` when it opens the workdir."""
+  opened = {}
+
+  class Opened(Exception):
+    pass
+
+  def workdir_of(path, config_json, keys, allow_change):
+    del path, allow_change
+    opened.update(config=config_json, keys=keys)
+    raise Opened
+
+  with mock.patch.object(workdir_lib, 'Workdir', workdir_of):
+    with pytest.raises(Opened):
+      pipeline.run(config, workdir)
+  keys_path = os.path.join(workdir, workdir_lib.KEYS_FILE)
+  with open(keys_path) as f:
+    keys = json.load(f)
+  keys.update(opened['keys'])
+  checkpoint.write_json(keys_path, keys)
+  checkpoint.write_json(os.path.join(workdir, 'config.json'), opened['config'])
+
+
+def _claimed(tmp, wd):
+  """Setup: the finished run's stages claimed for the case's config."""
+  del tmp, wd
+  return {'claim': True}
+
+
 # (id, config overrides, expected text in the error line, setup(tmp, workdir)
-# returning more overrides or an object to keep alive, or None).
+# returning more overrides or an object to keep alive, or None). A setup's
+# 'claim': True rewrites the workdir's records for the case's config first
+# (`_claim`).
 CASES = [
     # Config values.
     ('unknown dataset', {'data__name': 'cifar100'},
@@ -125,7 +166,8 @@ CASES = [
     ('negative logit weight', {'students__logit_weight': -1.0},
      'config.students.logit_weight must be a number >= 0', None),
     ('unknown student LR schedule', {'students__lr_schedule': 'linear'},
-     "unknown config.students.lr_schedule 'linear'", None),
+     "unknown learning-rate schedule 'linear' (config.students.lr_schedule)",
+     None),
     ('bad optimizer', {'head__optimizer': 'rmsprop'},
      "unknown optimizer 'rmsprop' (config.head.optimizer)", None),
     ('negative epochs', {'students__epochs': -2},
@@ -138,11 +180,11 @@ CASES = [
      'config.data.val_fraction must be a number > 0', None),
     ('zero eval batch', {'eval_batch_size': 0}, 'config.eval_batch_size', None),
     ('unknown augmentation', {'students__augment': 'crop'},
-     "unknown config.students.augment 'crop'", None),
+     "unknown augmentation 'crop' (config.students.augment)", None),
     ('unknown initializer', {'students__init': 'zeros'},
      "unknown initializer 'zeros'", None),
     ('unknown layers impl', {'layers_impl': 'tpu'},
-     "unknown layers_impl 'tpu'", None),
+     "unknown layers_impl 'tpu' (config.layers_impl)", None),
     ('unknown layer in teacher', {'teacher__body': 'C8 X3 F D32r'},
      "config.teacher.body: unknown layer 'X3'", None),
     ('unknown layer in students', {'students__arch': 'C4 Q F'},
@@ -184,15 +226,17 @@ CASES = [
      'add F (Flatten)', None),
     ('data of another image size than the checkpoint', {},
      'teacher/2 was saved for another architecture or input size',
-     lambda tmp, wd: {'data__dir': _data_dir(tmp, shape=(32, 32))}),
+     lambda tmp, wd: {'data__dir': _data_dir(tmp, shape=(32, 32)),
+                      'claim': True}),
     ('teacher checkpoint of another architecture',
      {'teacher__body': 'C16 MP F D64r D32r'},
      'teacher/2 was saved for another architecture or input size '
      '(params/trunk/Conv_0/bias: stored (1, 8), this config needs (1, 16))',
-     None),
+     _claimed),
     ('students checkpoint of another architecture',
      {'students__arch': 'C6 MP F D8r'},
-     'students/group0/2 was saved for another architecture', None),
+     'students/group0/2 was saved for another architecture', _claimed),
+    # The data against the config: found before the workdir is opened.
     ('batch size larger than the data',
      {'teacher__epochs': 3, 'teacher__batch_size': 1000},
      'batch size 1000 is larger than the 300 training examples', None),
@@ -206,29 +250,44 @@ CASES = [
     ('empty checkpoint directory', {},
      'teacher/3 is damaged or truncated (KeyError', lambda tmp, wd: os.mkdir(
          os.path.join(wd, 'teacher/3'))),
-    # Numbers.
+    # Numbers: epoch 3 of a run of this config that finished epoch 2.
     ('non-finite loss', {'teacher__epochs': 3, 'teacher__learning_rate': 1e30},
-     'non-finite loss in stage teacher, member 0, epoch 3', None),
+     'non-finite loss in stage teacher, member 0, epoch 3', _claimed),
 ]
+# Cases whose error comes from the stages, after the workdir is opened: the
+# run rewrites config.json (allow_config_change is set), nothing else.
+AFTER_OPENING = {
+    'data of another image size than the checkpoint',
+    'teacher checkpoint of another architecture',
+    'students checkpoint of another architecture',
+    'truncated checkpoint data', 'truncated checkpoint record',
+    'empty checkpoint directory', 'non-finite loss'}
 
 
-@pytest.mark.parametrize('overrides, message, setup',
-                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input(finished, tmp_path, run_main, overrides, message, setup):
+@pytest.mark.parametrize('name, overrides, message, setup', CASES,
+                         ids=[c[0] for c in CASES])
+def test_bad_input(finished, tmp_path, run_main, name, overrides, message,
+                   setup):
   workdir = str(tmp_path / 'run')
   shutil.copytree(finished, workdir)
   extra = setup(tmp_path / 'setup', workdir) if setup else None
   overrides = dict(overrides, **(extra if isinstance(extra, dict) else {}))
+  claim = overrides.pop('claim', False)
   target = overrides.pop('workdir', workdir)
   overrides.setdefault('allow_config_change', True)   # Reach later checks.
+  config = tiny_config(**overrides)
+  if claim:
+    _claim(workdir, config)
   before = _snapshot(workdir)
-  code, errors = run_main(tiny_config(**overrides), target)
+  code, errors = run_main(config, target)
   assert code != 0
   assert len(errors) == 1 and message in errors[0], errors
   after = _snapshot(workdir)
-  if overrides.get('allow_config_change'):
+  if name in AFTER_OPENING:
     before.pop('config.json')
-  assert {k: after.get(k) for k in before} == before
+    assert {k: after.get(k) for k in before} == before
+  else:   # Nothing written: no file changed, none added.
+    assert after == before
 
 
 def test_disk_full(finished, tmp_path, run_main):
@@ -236,14 +295,15 @@ def test_disk_full(finished, tmp_path, run_main):
   gives ENOSPC) is one error line naming it; earlier epochs stay."""
   workdir = str(tmp_path / 'run')
   shutil.copytree(finished, workdir)
+  config = tiny_config(teacher__epochs=3, allow_config_change=True)
+  _claim(workdir, config)   # A run of 3 teacher epochs that finished 2.
   before = _snapshot(workdir)
   before.pop('config.json')
   soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
   old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
   try:
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))
-    code, errors = run_main(
-        tiny_config(teacher__epochs=3, allow_config_change=True), workdir)
+    code, errors = run_main(config, workdir)
   finally:
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     signal.signal(signal.SIGXFSZ, old)
@@ -380,7 +440,7 @@ def test_damaged_features_cache_is_recomputed(finished, tmp_path):
   _truncate(os.path.join(workdir, 'features.npz'))
   with open(os.path.join(workdir, 'features.npz.tmp'), 'w') as f:
     f.write('left over by a kill')
-  results = train.run(tiny_config(), workdir)
+  results = pipeline.run(tiny_config(), workdir)
   with open(os.path.join(finished, 'results.json')) as f:
     expected = json.load(f)
   assert results['digests'] == expected['digests']
@@ -391,8 +451,9 @@ def test_config_diff_ignores_options_added_since_the_run():
   """A field missing from an old run's config.json and left off now is not
   a change (runs of older versions resume); any other difference is."""
   old = {'students': {'epochs': 10}}
-  assert train._diff(old, {'students': {'epochs': 10, 'augment': ''}}) == []
-  assert train._diff(old, {'students': {'epochs': 10, 'augment': 'flip'}}) == [
+  assert workdir_lib.diff(old, {'students': {'epochs': 10, 'augment': ''}}) == []
+  assert workdir_lib.diff(old, {'students': {'epochs': 10,
+                                             'augment': 'flip'}}) == [
       "students.augment: '<unset>' -> 'flip'"]
-  assert train._diff({'students': {'epochs': 10, 'gone': 0}}, old) == [
+  assert workdir_lib.diff({'students': {'epochs': 10, 'gone': 0}}, old) == [
       "students.gone: 0 -> '<unset>'"]

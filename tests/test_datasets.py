@@ -11,8 +11,9 @@ import tensorflow_datasets as tfds
 
 from tcn_jax import assemble
 from tcn_jax import data
+from tcn_jax import metrics
 from tcn_jax import models
-from tcn_jax import train
+from tcn_jax import pipeline
 from tcn_jax.errors import TCNError
 
 CONFIGS = ['mnist', 'cifar10', 'imdb', 'imagenet']
@@ -35,15 +36,17 @@ def _config(name, preset):
 def test_every_stage_on_mock_data(name, tmp_path):
   ff_dir, gan_dir = str(tmp_path / 'ff'), str(tmp_path / 'gan')
   with tfds.testing.mock_data(num_examples=300):
-    ff = train.run(_config(name, 'smoke'), ff_dir)
-    # The GAN run reuses the trained teacher (a resumed stage) and features.
+    ff = pipeline.run(_config(name, 'smoke'), ff_dir)
+    # The GAN run reuses the trained teacher (a resumed stage) and features,
+    # with the keys they were computed from.
     os.makedirs(gan_dir)
     shutil.copytree(os.path.join(ff_dir, 'teacher'),
                     os.path.join(gan_dir, 'teacher'))
     shutil.copy(os.path.join(ff_dir, 'features.npz'), gan_dir)
+    shutil.copy(os.path.join(ff_dir, 'stage_keys.json'), gan_dir)
     config = _config(name, 'gan,smoke')
     config.kd.enabled = config.kdgan.enabled = False   # Done in the FF run.
-    gan = train.run(config, gan_dir)
+    gan = pipeline.run(config, gan_dir)
     ds = data.load(_config(name, 'smoke').data)
   assert ff['data_source'] == gan['data_source'] == 'tfds'
   assert gan['digests']['teacher'] == ff['digests']['teacher']
@@ -63,7 +66,7 @@ def test_every_stage_on_mock_data(name, tmp_path):
   predict, tcn = assemble.load_tcn(os.path.join(gan_dir, 'tcn'))
   logits = np.asarray(predict(ds.test.x[:16]))
   assert logits.shape == (16, ds.num_classes)
-  acc = train.evaluate(predict, ds.test.x, ds.test.y, 50)
+  acc = metrics.evaluate(predict, ds.test.x, ds.test.y, 50)
   assert acc == pytest.approx(gan['tcn_test_acc_after_finetune'])
   assert tcn.num_students == 2
 
@@ -117,5 +120,6 @@ def test_flip_on_text_fails_before_training(tmp_path):
   with tfds.testing.mock_data(num_examples=300):
     with pytest.raises(TCNError, match=r"config.students.augment='flip' "
                        r'needs images .* shape \(\d+,\)'):
-      train.run(_config('imdb', 'smoke,flip'), str(tmp_path))
+      pipeline.run(_config('imdb', 'smoke,flip'), str(tmp_path))
   assert not (tmp_path / 'teacher').exists()
+  assert not list(tmp_path.iterdir())   # Nothing written to the workdir.

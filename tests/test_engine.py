@@ -6,8 +6,8 @@ import optax
 import pytest
 
 from tcn_jax import engine
+from tcn_jax import losses as losses_lib
 from tcn_jax import models
-from tcn_jax import train
 from tcn_jax.errors import TCNError
 
 SPEC = 'C4 MP C4 MP Do.2 F D8r Do.1'
@@ -26,7 +26,7 @@ def train_group(ids, strategy, epochs=2, n_data=96, batch=32):
 
   def loss_fn(p, xb, tb, key):
     pred = model.apply({'params': p}, xb, train=True, rngs={'dropout': key})
-    return train.mse_loss(pred, tb)
+    return losses_lib.mse(pred, tb)
 
   epoch_fn = engine.make_epoch_fn(loss_fn, tx, len(ids), strategy)
   keys = engine.member_keys(7, ids)

@@ -3,6 +3,7 @@ import jax
 import numpy as np
 import pytest
 
+from tcn_jax import chunking
 from tcn_jax import features
 from tcn_jax import models
 from tcn_jax.errors import TCNError
@@ -19,32 +20,32 @@ def _features(n_rows, dim, seed=0):
 def test_chunk_round_trip_and_order(n):
   """Chunks are contiguous equal slices in order; unchunk restores them."""
   f = _features(5, 256)
-  chunks = features.chunk(f, n)
+  chunks = chunking.chunk(f, n)
   assert len(chunks) == n
   width = 256 // n
   for i, c in enumerate(chunks):
     assert c.shape == (5, width)
     np.testing.assert_array_equal(c, f[:, i * width:(i + 1) * width])
-  np.testing.assert_array_equal(features.unchunk(chunks), f)
+  np.testing.assert_array_equal(chunking.unchunk(chunks), f)
 
 
 def test_chunk_uneven():
   """D=10, n=3 gives widths [4, 3, 3], like numpy.array_split."""
   f = _features(4, 10)
-  assert features.chunk_sizes(10, 3) == [4, 3, 3]
-  assert features.chunk_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
-  chunks = features.chunk(f, 3)
+  assert chunking.chunk_sizes(10, 3) == [4, 3, 3]
+  assert chunking.chunk_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
+  chunks = chunking.chunk(f, 3)
   assert [c.shape[1] for c in chunks] == [4, 3, 3]
   for c, ref in zip(chunks, np.array_split(f, 3, axis=1)):
     np.testing.assert_array_equal(c, ref)
-  np.testing.assert_array_equal(features.unchunk(chunks), f)
+  np.testing.assert_array_equal(chunking.unchunk(chunks), f)
 
 
 def test_chunk_sizes_cover_dim():
   """Widths sum to D and differ by at most one, larger ones first."""
   for dim in (1, 7, 10, 64, 256):
     for n in range(1, min(dim, 12) + 1):
-      sizes = features.chunk_sizes(dim, n)
+      sizes = chunking.chunk_sizes(dim, n)
       assert sum(sizes) == dim
       assert max(sizes) - min(sizes) <= 1
       assert sizes == sorted(sizes, reverse=True)
@@ -55,9 +56,9 @@ def test_bad_num_students_raise(n):
   """n < 1 and n > D are user errors, reported with the value."""
   f = _features(2, 10)
   with pytest.raises(TCNError, match=str(n)):
-    features.chunk(f, n)
+    chunking.chunk(f, n)
   with pytest.raises(TCNError):
-    features.chunk_sizes(10, n)
+    chunking.chunk_sizes(10, n)
 
 
 @pytest.fixture(scope='module')
@@ -103,13 +104,13 @@ def test_teacher_features_rows_independent_of_batching(teacher_and_params):
 
 
 def test_pca_basis_round_trip_and_balance():
-  from tcn_jax import features as F  # pylint: disable=g-import-not-at-top
+  from tcn_jax import chunking as F  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   x = rng.standard_normal((400, 16)) @ rng.standard_normal((16, 16)) + 2.0
   pca = F.fit_pca(x)
   assert (np.diff(pca['variance']) <= 1e-4).all()       # falling variance
   shares = {}
-  for assignment in F.PCA_ASSIGNMENTS:
+  for assignment in F.PCA_ASSIGNMENTS.names():
     order = F.pca_order(pca['variance'], 4, assignment)
     assert sorted(order) == list(range(16))
     basis = F.pca_basis(pca, order)
@@ -118,9 +119,33 @@ def test_pca_basis_round_trip_and_balance():
                                atol=1e-3)
     shares[assignment] = [pca['variance'][order[a:b]].sum()
                           for a, b in F.chunk_bounds(16, 4)]
+    # The fitted Chunker holds that basis: encode is to_coefficients, decode
+    # maps back, split cuts the coefficients into the students' chunks.
+    chunker = F.fit('pca', x, 4, assignment)
+    np.testing.assert_allclose(chunker.basis['matrix'], basis['matrix'])
+    np.testing.assert_allclose(chunker.encode(x), coeffs, atol=1e-5)
+    np.testing.assert_allclose(chunker.decode(chunker.encode(x)), x,
+                               atol=1e-3)
+    assert [c.shape[1] for c in chunker.split(coeffs)] == chunker.widths()
   assert np.ptp(shares['balanced']) < 0.2 * np.ptp(shares['ordered'])
   with pytest.raises(TCNError, match='pca_assignment'):
     F.pca_order(pca['variance'], 4, 'random')
+
+
+def test_contiguous_chunker_is_the_identity_map():
+  """The paper's chunking: no basis; encode and decode leave features as
+  they are and split is `chunk`."""
+  f = _features(6, 10)
+  chunker = chunking.fit('contiguous', f, 3)
+  assert chunker.basis is None and chunker.widths() == [4, 3, 3]
+  np.testing.assert_array_equal(chunker.encode(f), f)
+  np.testing.assert_array_equal(chunker.decode(f), f)
+  for a, b in zip(chunker.split(f), chunking.chunk(f, 3)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(TCNError, match="unknown chunking 'svd'"):
+    chunking.fit('svd', f, 3)
+  with pytest.raises(TCNError, match='11'):
+    chunking.fit('contiguous', f, 11)
 
 
 def test_teacher_head_with_and_without_batchnorm():

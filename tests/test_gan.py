@@ -5,10 +5,13 @@ import numpy as np
 import optax
 import pytest
 
+from tcn_jax import chunking
 from tcn_jax import engine
 from tcn_jax import gan
+from tcn_jax import losses
 from tcn_jax import models
-from tcn_jax import train
+from tcn_jax import pipeline
+from tcn_jax import students as students_lib
 from conftest import needs_fmnist
 from tcn_jax.errors import TCNError
 
@@ -38,8 +41,8 @@ def _run(ids, strategy, epochs=2, tx=None, **kw):
       strategy)
   metrics = []
   for e in range(epochs):
-    state, m = epoch(state, x, chunks, engine.batch_order(1, e, len(x), 16),
-                     keys, e)
+    state, m = epoch(state, x, {'chunk': chunks},
+                     engine.batch_order(1, e, len(x), 16), keys, e)
     metrics.append(m)
   return state, jax.tree_util.tree_map(lambda *a: np.concatenate(a), *metrics)
 
@@ -70,7 +73,7 @@ def test_without_adversarial_term_student_output_equals_ff():
 
   def loss_fn(p, xb, tb, key):
     pred = student.apply({'params': p}, xb, train=True, rngs={'dropout': key})
-    return train.mse_loss(pred, tb)
+    return losses.mse(pred, tb)
 
   epoch = engine.make_epoch_fn(loss_fn, tx, 2, 'unrolled')
   for e in range(2):
@@ -91,8 +94,8 @@ def test_discriminator_learns_and_student_mse_falls():
 @pytest.mark.parametrize('mse_target', gan.MSE_TARGETS)
 def test_logit_matching_gan_students(mse_target):
   """GAN students with the logit-matching regression term: at weight 0 they
-  train exactly as plain GAN students (the [feature | offset] targets give
-  each member its own chunk); at weight 1 they train differently."""
+  train exactly as plain GAN students (the {chunk, feature, offset} targets
+  give each member its own chunk); at weight 1 they train differently."""
   rng = np.random.default_rng(0)
   x = rng.random((64, 12, 12, 1), np.float32)
   features = rng.standard_normal((64, 16)).astype(np.float32)
@@ -103,13 +106,16 @@ def test_logit_matching_gan_students(mse_target):
                   d_learning_rate=2e-4)
 
   def students(weight=None):
-    match = None if weight is None else dict(
-        head=head, head_variables=head.init(jax.random.key(1), features[:1]),
-        weight=weight, temperature=2.0, basis=None)
-    groups, info = train.train_students(
+    match = {} if weight is None else dict(
+        loss='logit_matching', loss_context=dict(
+            head=head,
+            head_variables=head.init(jax.random.key(1), features[:1]),
+            weight=weight, temperature=2.0,
+            chunker=chunking.Chunker(2, 16)))
+    groups, info = students_lib.train_students(
         SPEC, x, features, 2, epochs=2, batch_size=16, optimizer='sgd',
         learning_rate=0.05, seed=3, strategy='unrolled', impl='im2col',
-        val=(x[:16], features[:16]), gan=settings, logit_match=match)
+        val=(x[:16], features[:16]), gan=settings, **match)
     assert all(np.isfinite(m).all() for m in info['val_mse'])
     return groups[0].variables
 
@@ -123,7 +129,8 @@ def test_logit_matching_gan_students(mse_target):
 
 def test_bad_mse_target():
   student, disc, *_ = _setup([0])
-  with pytest.raises(TCNError, match='gan.mse_target'):
+  with pytest.raises(TCNError, match=r"unknown GAN MSE target 'pixels' "
+                     r'\(config.gan.mse_target\)'):
     gan.make_member_step(student, disc, optax.adam(1e-3), optax.adam(1e-3),
                          mse_target='pixels')
 
@@ -136,7 +143,7 @@ def test_gan_pipeline_on_real_subset(tmp_path):
   config.data.train_size = 800
   config.gan.mse_target = 'disc_reconstruction'
   config.gan.disc = '16 32'
-  results = train.run(config, str(tmp_path))
+  results = pipeline.run(config, str(tmp_path))
   assert results['method'] == 'gan'
   assert len(results['student_val_mse']) == 2
   assert all(np.isfinite(results['student_val_mse']))

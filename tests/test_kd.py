@@ -4,23 +4,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from conftest import needs_fmnist
+from tcn_jax import chunking
 from tcn_jax import engine
+from tcn_jax import fit
 from tcn_jax import kdgan
-from tcn_jax import train
+from tcn_jax import losses
+from tcn_jax import pipeline
 
 
 def test_kd_loss_limits():
   rng = np.random.default_rng(0)
   logits = jnp.asarray(rng.standard_normal((8, 10)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 10, 8))
-  target = jnp.concatenate([logits, labels[:, None].astype(jnp.float32)], 1)
+  target = {'logits': logits, 'label': labels}
   # alpha = 0: plain cross-entropy on labels.
-  np.testing.assert_allclose(train.kd_loss(4.0, 0.0)(logits * 2, target),
-                             train.ce_loss(logits * 2, labels), rtol=1e-6)
+  np.testing.assert_allclose(losses.kd(4.0, 0.0)(logits * 2, target),
+                             losses.ce(logits * 2, labels), rtol=1e-6)
   # alpha = 1: minimised (zero gradient) where student logits = teacher's.
-  grad = jax.grad(lambda l: train.kd_loss(4.0, 1.0)(l, target))(logits)
+  grad = jax.grad(lambda l: losses.kd(4.0, 1.0)(l, target))(logits)
   np.testing.assert_allclose(grad, 0.0, atol=1e-6)
-  grad = jax.grad(lambda l: train.kd_loss(4.0, 1.0)(l, target))(logits * 0)
+  grad = jax.grad(lambda l: losses.kd(4.0, 1.0)(l, target))(logits * 0)
   assert np.abs(grad).max() > 1e-3
 
 
@@ -41,12 +44,12 @@ def _kdgan_vs_kd(adv_weight, steps=3):
   x = jnp.asarray(rng.random((16, 8, 8, 1)), jnp.float32)
   t_logits = jnp.asarray(rng.standard_normal((16, 4)), jnp.float32)
   feats = jnp.asarray(rng.standard_normal((16, 6)), jnp.float32)
-  labels = jnp.asarray(rng.integers(0, 4, 16), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 4, 16), jnp.int32)
   net = models.Net('C4 MP F Do.2 D4', 'glorot_uniform', 'im2col')
   disc = kdgan.LabelDiscriminator((8,))
-  tx, d_tx = train.make_optimizer('adam', 1e-2, ''), train.make_optimizer(
+  tx, d_tx = fit.make_optimizer('adam', 1e-2, ''), fit.make_optimizer(
       'adam', 1e-2, '')
-  loss = train.kd_loss(4.0, 0.9)
+  loss = losses.kd(4.0, 0.9)
   state = kdgan.init_state(net, disc, tx, d_tx, jax.random.key(1), x[:1], 6,
                            4)
   step = jax.jit(kdgan.make_member_step(net, disc, tx, d_tx, loss, 4,
@@ -56,12 +59,12 @@ def _kdgan_vs_kd(adv_weight, steps=3):
           {'params': p}, xb, train=True, rngs={'dropout': jax.random.split(
               key)[0]}), tb), tx))
   kd_state = {'params': state['c'], 'opt_state': state['c_opt']}
-  target = jnp.concatenate([t_logits, feats, labels[:, None]], 1)
+  target = {'logits': t_logits, 'feature': feats, 'label': labels}
   for i in range(steps):
     key = jax.random.key(10 + i)
     state, metrics = step(state, x, target, key)
-    kd_state, _ = kd_step(kd_state, x, jnp.concatenate(
-        [t_logits, labels[:, None]], 1), key)
+    kd_state, _ = kd_step(kd_state, x, {'logits': t_logits, 'label': labels},
+                          key)
   return state, kd_state, metrics
 
 
@@ -85,14 +88,18 @@ def test_logit_matching_loss():
   feats = jnp.asarray(rng.standard_normal((8, 12)), jnp.float32)
   head = models.Head(5, 0.5)
   head_vars = head.init(jax.random.key(0), feats)
-  offset, width = 4, 4
-  target = jnp.concatenate([feats, jnp.full((8, 1), offset, jnp.float32)], 1)
+  offset, width = 4, 4    # The second of three 4-wide chunks.
   chunk = feats[:, offset:offset + width]
+  target = {'chunk': chunk, 'feature': feats,
+            'offset': jnp.full((8,), offset, jnp.int32)}
   pred = chunk + 0.3 * jnp.asarray(rng.standard_normal((8, width)),
                                    jnp.float32)
-  loss = lambda w: train.logit_matching_loss(head, head_vars, width, w, 2.0)
+  loss = lambda w: losses.logit_matching(
+      width, head=head, head_variables=head_vars, weight=w, temperature=2.0,
+      chunker=chunking.Chunker(3, 12))
+  assert losses.STUDENT_LOSSES.get('logit_matching') is losses.logit_matching
   np.testing.assert_allclose(loss(0.0)(pred, target),
-                             train.mse_loss(pred, chunk), rtol=1e-6)
+                             losses.mse(pred, chunk), rtol=1e-6)
   assert float(loss(1.0)(pred, target)) > float(loss(0.0)(pred, target))
   np.testing.assert_allclose(loss(1.0)(chunk, target), 0.0, atol=1e-6)
   np.testing.assert_allclose(jax.grad(loss(1.0))(chunk, target), 0.0,
@@ -104,9 +111,9 @@ def test_logit_matching_students_in_pipeline(tmp_path):
   """A tiny real-data run with the logit-matching loss: finite, and other
   students than plain MSE gives."""
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-  plain = train.run(tiny_config(), str(tmp_path / 'plain'))
-  matched = train.run(tiny_config(students__logit_weight=1.0),
-                      str(tmp_path / 'matched'))
+  plain = pipeline.run(tiny_config(), str(tmp_path / 'plain'))
+  matched = pipeline.run(tiny_config(students__logit_weight=1.0),
+                         str(tmp_path / 'matched'))
   assert all(np.isfinite(m) for m in matched['student_val_mse'])
   assert matched['digests']['teacher'] == plain['digests']['teacher']
   assert matched['digests']['tcn'] != plain['digests']['tcn']

@@ -21,7 +21,7 @@ from conftest import TINY_FLAGS
 from tcn_jax import assemble
 from tcn_jax import distributed
 from tcn_jax import models
-from tcn_jax import train
+from tcn_jax import students
 from tcn_jax.errors import TCNError
 
 # 16-d features in 3 chunks (6, 5, 5): groups (A, 6) = [0] and (A, 5) = [1, 2];
@@ -79,7 +79,7 @@ def _worker(k, port, out):
   jax.config.update('jax_default_matmul_precision', 'highest')
   distributed.initialize(2, k, f'localhost:{port}')
   x, feats, val, x_test = _data()
-  groups, info = distributed.train_students(
+  groups, info = students.train_share(
       SPEC, x, feats, N, val=val, workdir=os.path.join(out, 'run'),
       **TRAIN_KW)
   tcn = assemble.TCN(groups=groups, num_classes=CLASSES, head_dropout=0.5,
@@ -119,8 +119,8 @@ def test_two_processes_equal_one(tmp_path):
 
   # One process training all students, with the same seeds.
   x, feats, val, x_test = _data()
-  ref_groups, ref_info = train.train_students(SPEC, x, feats, N, val=val,
-                                              **TRAIN_KW)
+  ref_groups, ref_info = students.train_students(SPEC, x, feats, N,
+                                                 val=val, **TRAIN_KW)
   predict, tcn = assemble.load_tcn(os.path.join(out, 'tcn'))
   assert [g.member_ids for g in tcn.groups] == [[0], [1, 2]]
   for got, want in zip(tcn.groups, ref_groups):

@@ -2,6 +2,7 @@
 rerun skipping finished stages, the assembled TCN, a changed config (kills,
 bad inputs and the command line: test_resume.py, test_bad_inputs.py)."""
 import dataclasses
+import json
 import os
 
 import jax
@@ -10,12 +11,16 @@ import pytest
 
 from conftest import needs_fmnist, tiny_config
 from tcn_jax import assemble
+from tcn_jax import baselines
 from tcn_jax import checkpoint
+from tcn_jax import config as config_lib
 from tcn_jax import data
 from tcn_jax import engine
 from tcn_jax import features
+from tcn_jax import head
 from tcn_jax import models
-from tcn_jax import train
+from tcn_jax import pipeline
+from tcn_jax import record
 from tcn_jax.errors import TCNError
 
 pytestmark = needs_fmnist
@@ -29,7 +34,7 @@ def run_dir(tmp_path_factory):
   config.num_students = N
   config.kd.enabled = config.kdgan.enabled = True
   workdir = str(tmp_path_factory.mktemp('run'))
-  results = train.run(config, workdir)
+  results = pipeline.run(config, workdir)
   return config, workdir, results
 
 
@@ -40,6 +45,18 @@ def test_accuracy_floors(run_dir):
   assert r['tcn_test_acc_before_finetune'] > 0.15
   assert len(r['student_val_mse']) == N
   assert r['params']['students_total'] == sum(r['params']['students_each'])
+
+
+def test_results_name_the_paper_and_the_stage_keys(run_dir):
+  """results.json puts the paper's Table 3 numbers beside the run's and
+  records the keys of the stages it was computed from (as in the workdir's
+  stage_keys.json)."""
+  _, workdir, r = run_dir
+  assert r['paper'] == {'tcn': 89.43, 'teacher': 91.98}   # F-MNIST, FF, n=2
+  with open(os.path.join(workdir, 'stage_keys.json')) as f:
+    keys = json.load(f)
+  assert set(r['stage_keys']) == {'teacher', 'students', 'head'}
+  assert all(keys[s] == k for s, k in r['stage_keys'].items())
 
 
 def test_kd_and_kdgan_baselines(run_dir):
@@ -73,7 +90,7 @@ def test_load_tcn_reproduces_accuracy(run_dir):
 
 def test_rerun_skips_finished_stages(run_dir):
   config, workdir, r = run_dir
-  again = train.run(config, workdir)
+  again = pipeline.run(config, workdir)
   for key in ('teacher_test_acc', 'tcn_test_acc_before_finetune',
               'tcn_test_acc_after_finetune', 'student_val_mse'):
     assert again[key] == r[key]
@@ -90,8 +107,8 @@ def test_finished_head_needs_only_test_outputs(run_dir):
   no_x = data.Split(x=None, y=ds.train.y)
   test_only = dataclasses.replace(
       ds, train=no_x, val=dataclasses.replace(no_x, y=ds.val.y))
-  _, info = train.finetune_head(
-      tcn, test_only, epochs=train.per_n(config, 'head.epochs', N),
+  _, info = head.finetune_head(
+      tcn, test_only, epochs=config_lib.resolve(config).head.epochs,
       batch_size=config.head.batch_size, workdir=workdir)
   assert info['test_acc_after'] == pytest.approx(
       r['tcn_test_acc_after_finetune'], abs=1e-6)
@@ -105,11 +122,16 @@ def test_finished_baseline_needs_no_teacher_logits(run_dir, stage):
   without running the teacher over the training images."""
   config, workdir, r = run_dir
   ds = data.load(config.data)
-  def no_teacher(_):
-    raise AssertionError('teacher logits computed for a finished stage')
-  feats = np.zeros((len(ds.train.y), 256), np.float32)   # Only its width.
-  out = train.train_baseline(stage, config, ds, no_teacher, feats, workdir,
-                             writer=None)
+
+  class NoTeacher:
+    def apply(self, *unused):
+      raise AssertionError('teacher logits computed for a finished stage')
+
+  teacher = record.Teacher(NoTeacher(), None, 0.0, 0.0, '')
+  feats = record.Features(   # Only the training features' width is read.
+      np.zeros((len(ds.train.y), 256), np.float32), None, None, '')
+  run = record.Run(config_lib.resolve(config), workdir, ds, '')
+  out = baselines.run_stage(run, stage, teacher, feats)
   assert out['test_acc'] == pytest.approx(r[stage]['test_acc'], abs=1e-6)
   assert out['params'] == r[stage]['params']
 
@@ -119,7 +141,7 @@ def test_changed_config_is_refused(run_dir):
   changed = config.copy_and_resolve_references()
   changed.students.learning_rate = 0.5
   with pytest.raises(TCNError, match='students.learning_rate'):
-    train.run(changed, workdir)
+    pipeline.run(changed, workdir)
 
 
 def test_pca_chunks_run_and_basis_is_saved(tmp_path):
@@ -128,7 +150,7 @@ def test_pca_chunks_run_and_basis_is_saved(tmp_path):
   config.num_students = N
   config.data.train_size = 1000
   config.chunking = 'pca'
-  results = train.run(config, str(tmp_path))
+  results = pipeline.run(config, str(tmp_path))
   assert results['chunking'] == 'pca (balanced)'
   predict, tcn = assemble.load_tcn(str(tmp_path / 'tcn'))
   assert tcn.basis['matrix'].shape == (256, 256)
@@ -152,7 +174,7 @@ def test_flip_augmentation_targets_and_steps(tmp_path):
   """augment='flip': the students' extra targets are the teacher's features
   of the mirrored images, and they take twice the steps per epoch."""
   config = tiny_config(students__augment='flip')
-  train.run(config, str(tmp_path))
+  pipeline.run(config, str(tmp_path))
   c, ds = config.teacher, data.load(config.data)
   epochs, batch = config.students.epochs, config.students.batch_size
   assert _adam_steps(str(tmp_path / 'students' / 'group0')) == (
