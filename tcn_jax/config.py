@@ -163,6 +163,7 @@ def resolve(user: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   needed = {'gan.disc': c.method == 'gan',
             'gan.g_steps_per_d_step': c.method == 'gan',
             'kd.arch': c.kd.enabled or c.kdgan.enabled}
+  _check_feature(c)   # Before per-n values: n > D is the real problem.
   for path in PER_N:
     _choose(c, path, n, needed.get(path, True))
   if not c.students.get('loss'):
@@ -221,6 +222,17 @@ def parse_arch(field, spec):
     raise TCNError(f'config.{field}: {e}') from None
 
 
+def _check_feature(c):
+  """The teacher's body ends in a feature at least n wide."""
+  body = parse_arch('teacher.body', c.teacher.body)
+  sized = [l for l in body if l['kind'] in ('dense', 'gap')]
+  if not sized:
+    raise TCNError('config.teacher.body must end in a Dense feature layer '
+                   '(or GAP, global average pooling)')
+  if sized[-1]['kind'] == 'dense':   # A GAP width is checked on the data.
+    chunking.chunk_sizes(sized[-1]['features'], c.num_students)
+
+
 def _check_optimizer(field, name, learning_rate):
   fit.make_optimizer(name, learning_rate, f'config.{field}')
 
@@ -236,13 +248,6 @@ def _validate(c):
   distributed.validate(c.get('distributed'), n)
   LAYERS_IMPLS.check(c.layers_impl)
   INITS.check(c.students.init)
-  body = parse_arch('teacher.body', c.teacher.body)
-  sized = [l for l in body if l['kind'] in ('dense', 'gap')]
-  if not sized:
-    raise TCNError('config.teacher.body must end in a Dense feature layer '
-                   '(or GAP, global average pooling)')
-  if sized[-1]['kind'] == 'dense':   # A GAP width is checked on the data.
-    chunking.chunk_sizes(sized[-1]['features'], n)
   for spec in student_specs(c):
     parse_arch('students.arch', spec)
   for section in ('teacher', 'students', 'head'):

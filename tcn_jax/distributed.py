@@ -38,7 +38,7 @@ import numpy as np
 from flax import serialization
 
 from tcn_jax import assemble
-from tcn_jax import courier
+from tcn_jax import courier as courier_lib
 from tcn_jax.errors import TCNError
 
 
@@ -73,7 +73,7 @@ def validate(section, num_students=None):
 
 
 def initialize(num_processes: int = 1, process_id: int = 0,
-               coordinator: str = '', timeout: int = courier.JOIN_TIMEOUT,
+               coordinator: str = '', timeout: int = courier_lib.JOIN_TIMEOUT,
                courier: bool = True) -> bool:
   """Joins the run as `process_id` of `num_processes`; `coordinator` is
   'host:port' of process 0, which serves it. One process: nothing to do.
@@ -96,12 +96,12 @@ def initialize(num_processes: int = 1, process_id: int = 0,
                      'config.distributed asks for another')
     return True
   if courier:
-    _COURIER = courier.Courier(num_processes, process_id, coordinator, timeout)
+    _COURIER = courier_lib.Courier(num_processes, process_id, coordinator, timeout)
     return True
   try:
-    courier.join(num_processes, process_id, coordinator, timeout)
+    courier_lib.join(num_processes, process_id, coordinator, timeout)
   except Exception as e:  # pylint: disable=broad-except  (XLA raises several)
-    raise TCNError(courier.join_error(coordinator, process_id, num_processes,
+    raise TCNError(courier_lib.join_error(coordinator, process_id, num_processes,
                                e)) from None
   return True
 
@@ -178,7 +178,7 @@ def allgather_bytes(blob: bytes, fast: bool = False) -> list[bytes]:
     return _COURIER.call(b'F' if fast else b'A', blob)
   if jax.process_count() == 1:
     return [blob]
-  return courier.allgather_here(blob, fast)
+  return courier_lib.allgather_here(blob, fast)
 
 
 def broadcast_bytes(blob: bytes) -> bytes:
@@ -187,7 +187,7 @@ def broadcast_bytes(blob: bytes) -> bytes:
     return _COURIER.call(b'B', blob if process_index() == 0 else b'')[0]
   if jax.process_count() == 1:
     return blob
-  return courier.broadcast_here(blob)
+  return courier_lib.broadcast_here(blob)
 
 
 def to_bytes(tree) -> bytes:

@@ -76,6 +76,15 @@ def check_data(config, ds: data_lib.Dataset):
                dtype)
   if config.students.augment == 'flip':
     data_lib.hflip(ds.train.x[:1])   # Fails now on text, not after stage 1.
+  sections = ['teacher', 'students', 'head'] + (
+      ['kd'] if config.kd.enabled or config.kdgan.enabled else [])
+  for section in sections:
+    size = config[section].batch_size
+    examples = len(ds.train) * (2 if section == 'students' and
+                                config.students.augment == 'flip' else 1)
+    if size > examples:
+      raise TCNError(f'batch size {size} (config.{section}.batch_size) is '
+                     f'larger than the {examples} training examples')
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -239,7 +239,8 @@ CASES = [
     # The data against the config: found before the workdir is opened.
     ('batch size larger than the data',
      {'teacher__epochs': 3, 'teacher__batch_size': 1000},
-     'batch size 1000 is larger than the 300 training examples', None),
+     'batch size 1000 (config.teacher.batch_size) is larger than the 300 '
+     'training examples', None),
     # Damaged checkpoints: refused, naming the step, never trained over.
     ('truncated checkpoint data', {},
      'teacher/2 is damaged or truncated', lambda tmp, wd: _truncate(
