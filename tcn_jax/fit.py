@@ -47,8 +47,8 @@ def stage_seed(seed: int, stage: str) -> int:
 def fit(stage_dir, *, name, model, loss, tx, variables, x, targets, ids,
         epochs, batch_size, seed, strategy, val_x, val_targets, val_metric,
         writer, weight_decay=0.0):
-  """Gradient descent on loss(model(x), target) (+ weight_decay * the L2 of
-  the kernels) for a stacked group of Flax `variables`; BatchNorm statistics
+  """Gradient descent on loss(model(x), target dict) (+ weight_decay * the
+  L2 of the kernels) for a stacked group of Flax `variables`; BatchNorm statistics
   and other mutable collections update in train mode. See `fit_group`.
   Returns (variables, history, training seconds)."""
   params = variables['params']
@@ -91,7 +91,9 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
   `stage_dir` (per-epoch checkpoints of the whole state).
 
   member_step(state, x, target, key) -> (state, metrics dict with 'loss');
-  predict(member_state, x) is scored by val_metric(pred, target) per member
+  targets: a dict of (members, N, ...) arrays, one member's rows of which
+  are a step's `target` (see `tcn_jax.losses`); predict(member_state, x) is
+  scored by val_metric(pred, target) per member
   after each epoch. Without stage_dir nothing is saved; without writer
   nothing goes to TensorBoard. Returns (state, history, training seconds).
   """
