@@ -131,15 +131,13 @@ def _flip(c):
 
 @register('best', 'the best-known recipe within 100k student parameters '
           'and 30 CPU minutes: n = 2, tuned + wide + bn, PCA-balanced '
-          'chunks, 20 student epochs, a 12-epoch teacher', False,
-          ('fashion_mnist',))
+          'chunks, 20 student epochs', False, ('fashion_mnist',))
 def _best(c):
   for name in ('tuned', 'wide', 'bn'):
     PRESETS.get(name).apply(c)
   c.num_students = 2
   c.chunking, c.pca_assignment = 'pca', 'balanced'
   c.students.epochs = 20
-  c.teacher.epochs = 12
 
 
 def apply(c: Config, preset: str,
