@@ -156,6 +156,10 @@ def _choose(config, path, n, needed):
 def resolve(user: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The resolved, validated copy of `user` (idempotent); TCNError naming
   the field on the first value that cannot work."""
+  if not isinstance(user, ml_collections.ConfigDict):
+    raise TCNError('the config must be an ml_collections.ConfigDict (what a '
+                   f"config file's get_config returns), got "
+                   f'{type(user).__name__}')
   c = ml_collections.ConfigDict(copy.deepcopy(user.to_dict()))
   n = c.num_students
   if not isinstance(n, int) or isinstance(n, bool) or n < 1:

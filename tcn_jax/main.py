@@ -6,6 +6,7 @@ Errors in the flags, config, data or workdir print one line
 progress and its checkpoint (outside an epoch: stop at once), print one line
 and exit with 128 + the signal number; the same command resumes.
 """
+import os
 import signal
 import sys
 
@@ -33,18 +34,55 @@ def _fail(e: Exception, code: int = 2):
   sys.exit(code)
 
 
+def _config_path(argv):
+  """The --config file named in argv (without its presets), or ''."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      value = arg.split('=', 1)[1]
+    elif arg == '--config' and i + 1 < len(argv):
+      value = argv[i + 1]
+    else:
+      continue
+    return os.path.abspath(value.split(':', 1)[0])
+  return ''
+
+
+def _raised_in(e: BaseException, path: str) -> bool:
+  """Whether `e` was raised while running the file `path`."""
+  tb = e.__traceback__
+  while tb is not None:
+    if os.path.abspath(tb.tb_frame.f_code.co_filename) == path:
+      return True
+    tb = tb.tb_next
+  return False
+
+
 def parse_flags(argv):
-  """absl's flag parsing, with a bad flag or override as one `error:` line."""
+  """absl's flag parsing, with a bad flag, override or config file as one
+  `error:` line."""
+  path = _config_path(argv)
   try:
     return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:   # Overriding a field not there.
+  except Exception as e:  # pylint: disable=broad-except  (a config file)
+    if (isinstance(e, SyntaxError) or _raised_in(e, path)
+        or "attribute 'get_config'" in str(e)
+        or not isinstance(e, (AttributeError, KeyError, flags.Error, OSError,
+                              ValueError, TypeError))):
+      first = (str(e).strip().splitlines() or [''])[0]
+      _fail(TCNError(f'--config {path} cannot be loaded: '
+                     f'{type(e).__name__}: {first}'))
+    _parse_error(e)
+
+
+def _parse_error(e):
+  """A bad flag or --config.* override as one `error:` line."""
+  if isinstance(e, (AttributeError, KeyError)):   # A field that is not there.
     while e.args and isinstance(e.args[0], Exception):
       e = e.args[0]
     field, *hint = str(e.args[0] if e.args else e).splitlines()
     _fail(TCNError('; '.join([f'no config field {field} in the --config.* '
                               'overrides', *hint])))
-  except (flags.Error, OSError, ValueError, TypeError) as e:
-    _fail(e)
+  _fail(e)
 
 
 def _stop(signum, _):

@@ -144,6 +144,15 @@ def _claimed(tmp, wd):
   return {'claim': True}
 
 
+def _replace_file(name, text):
+  """Setup: the workdir's file `name` replaced by `text`."""
+  def setup(tmp, wd):
+    del tmp
+    with open(os.path.join(wd, name), 'w') as f:
+      f.write(text)
+  return setup
+
+
 # (id, config overrides, expected text in the error line, setup(tmp, workdir)
 # returning more overrides or an object to keep alive, or None). A setup's
 # 'claim': True rewrites the workdir's records for the case's config first
@@ -191,7 +200,22 @@ CASES = [
      "config.students.arch: unknown layer 'Q'", None),
     ('teacher without feature layer', {'teacher__body': 'C8 MP F'},
      'must end in a Dense feature layer', None),
+    ('negative seed', {'seed': -1}, 'config.seed must be an integer >= 0',
+     None),
+    ('negative split seed', {'data__split_seed': -3},
+     'config.data.split_seed must be an integer >= 0', None),
+    ('dropout rate 1 in an architecture', {'students__arch': 'C4 MP F Do1.0'},
+     "dropout rate of 'Do1.0' in architecture 'C4 MP F Do1.0' must be in "
+     '[0, 1)', None),
     # Workdir.
+    ('config.json not JSON', {}, 'config.json cannot be read (JSONDecodeError)',
+     _replace_file('config.json', '{"seed": 0,')),
+    ('config.json empty', {}, 'config.json cannot be read',
+     _replace_file('config.json', '')),
+    ('config.json not an object', {}, 'config.json is not a JSON object',
+     _replace_file('config.json', '[1, 2]')),
+    ('stage_keys.json damaged', {}, 'stage_keys.json cannot be read',
+     _replace_file('stage_keys.json', 'nul')),
     ('changed config on resume',
      {'students__learning_rate': 0.5, 'allow_config_change': False},
      'students.learning_rate: 0.001 -> 0.5', None),
@@ -413,6 +437,39 @@ def test_bad_command_line(tmp_path, flag, message):
                         timeout=300)
   errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
   assert proc.returncode == 2
+  assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
+  assert not os.path.exists(workdir)
+
+
+# Config files that do not load: (file text, expected text in the error).
+BAD_CONFIG_FILES = [
+    ('def get_config(:\n', 'SyntaxError: invalid syntax'),
+    ('import no_such_module_here\ndef get_config():\n  pass\n',
+     "ModuleNotFoundError: No module named 'no_such_module_here'"),
+    ('def get_config():\n  raise RuntimeError("no config today")\n',
+     'RuntimeError: no config today'),
+    ('def get_config():\n  return {"seed": 0}\n',
+     'the config must be an ml_collections.ConfigDict'),
+    ('hello\n', "NameError: name 'hello' is not defined"),
+    ('x = 1\n', 'get_config'),
+]
+
+
+@pytest.mark.parametrize('text, message', BAD_CONFIG_FILES,
+                         ids=['syntax', 'import', 'raises', 'dict',
+                              'not python', 'no get_config'])
+def test_config_file_that_does_not_load(tmp_path, text, message):
+  """One `error:` line naming the cause, exit 2, no workdir, no traceback."""
+  path = tmp_path / 'bad_config.py'
+  path.write_text(text)
+  workdir = str(tmp_path / 'run')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'tcn_jax.main', '--config', str(path),
+       '--workdir', workdir], cwd=ROOT, capture_output=True, text=True,
+      timeout=300)
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
+  assert proc.returncode == 2, proc.stderr[-2000:]
   assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
   assert 'Traceback' not in proc.stderr
   assert not os.path.exists(workdir)
