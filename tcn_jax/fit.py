@@ -84,6 +84,21 @@ def fit(stage_dir, *, name, model, loss, tx, variables, x, targets, ids,
   return variables, history, seconds
 
 
+def check_inputs(name, epochs, x, targets):
+  """TCNError, before any work, unless `epochs` is an integer >= 0 and
+  every target has one row per input (the Python API's contract; the
+  command line checks its config earlier)."""
+  if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+    raise TCNError(f'{name}: epochs must be an integer >= 0, got {epochs!r}')
+  if x is None or targets is None:   # A finished stage, only restored.
+    return
+  for leaf in jax.tree_util.tree_leaves(targets):
+    if np.ndim(leaf) < 2 or np.shape(leaf)[1] != len(x):
+      raise TCNError(f'{name}: {len(x)} inputs but targets of shape '
+                     f'{np.shape(leaf)} (members, one row per input, ...): '
+                     'features and labels need one row per input')
+
+
 def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
               epochs, batch_size, seed, strategy, val_x, val_targets,
               val_metric, writer):
@@ -98,6 +113,7 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
   nothing goes to TensorBoard. Returns (state, history, training seconds).
   """
   n = len(ids)
+  check_inputs(name, epochs, x, targets)
   with (checkpoint.StageCheckpoint(stage_dir) if stage_dir
         else contextlib.nullcontext()) as ckpt:
     start = ckpt.latest_epoch() if ckpt else 0
