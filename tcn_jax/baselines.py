@@ -128,8 +128,8 @@ def run_stage(run: record.Run, stage: str, teacher: record.Teacher,
         d_optimizer=g.d_optimizer, d_learning_rate=g.d_learning_rate,
         **common)
   predict = jax.jit(lambda xb: model.apply(variables, xb))
-  out = {'test_acc': metrics.accuracy(
-             engine.batched(predict, ds.test.x, c.eval_batch_size), ds.test.y),
+  out = {'test_acc': metrics.evaluate(predict, ds.test.x, ds.test.y,
+                                      c.eval_batch_size),
          'params': models.num_params(variables['params']),
          'temperature': k.temperature, 'alpha': k.alpha,
          'train_seconds': info['seconds']}

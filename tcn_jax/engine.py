@@ -163,8 +163,8 @@ def make_group_epoch(member_step, num_members: int, strategy: str):
   step of one member (any state pytree: params, optimizer state, batch
   statistics, a discriminator, ...); metrics is a pytree of scalars.
   state: stacked over members; x: (N, ...) shared by all members; targets:
-  a pytree (e.g. a dict) of (members, N, ...) arrays; order: the epoch's (steps, batch) indices; keys:
-  (members,) member keys. Returns the new state and the metrics stacked as
+  a pytree (e.g. a dict) of (members, N, ...) arrays; order: the epoch's
+  (steps, batch) indices; keys: (members,) member keys. Returns the new state and the metrics stacked as
   (steps, members). The state is donated.
   """
   strategy = resolve_strategy(strategy)

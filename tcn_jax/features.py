@@ -54,12 +54,12 @@ def run_stage(run: record.Run, teacher: record.Teacher,
   path = run.workdir and os.path.join(run.workdir, 'features.npz')
   feats = None
   try:
-    with np.load(path) as f:
-      if str(f['digest']) == key:
-        logging.info('features: reusing %s', path)
-        feats = {s: f[s] for s in images}
-  except (OSError, EOFError, KeyError, ValueError, TypeError,
-          zipfile.BadZipFile):
+    if path:
+      with np.load(path) as f:
+        if str(f['digest']) == key:
+          logging.info('features: reusing %s', path)
+          feats = {s: f[s] for s in images}
+  except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
     pass   # Missing, from another version, or damaged: compute again.
   if feats is None:
     feats = {s: teacher_features(teacher.model, teacher.variables, x,

@@ -100,12 +100,11 @@ def main(argv):
   try:
     if len(argv) > 1:
       raise TCNError(f'unexpected arguments: {argv[1:]}')
-    results = pipeline.run(_CONFIG.value, _WORKDIR.value)
+    pipeline.run(_CONFIG.value, _WORKDIR.value)   # Its last line sums up.
   except TCNError as e:
     _fail(e, e.exit_code)
   except OSError as e:   # A config file that does not load, a full disk, ...
     _fail(e)
-  del results   # The pipeline's last log line summarises them.
 
 
 if __name__ == '__main__':

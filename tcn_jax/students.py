@@ -124,7 +124,7 @@ def train_students(specs, x, features, num_students, *, epochs,
               model, disc, tx, d_tx, mse_target=gan['mse_target'],
               adv_weight=gan['adv_weight'], mse_weight=gan['mse_weight'],
               g_steps_per_d_step=gan['g_steps_per_d_step'],
-              regression=regression if loss != 'mse' else None),
+              regression=regression),
           predict=lambda s, xb, model=model: model.apply(
               {'params': s['g'], **s['g_state']}, xb), **common)
       group.variables = {'params': state['g'], **state['g_state']}

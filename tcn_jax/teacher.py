@@ -124,6 +124,6 @@ def run_stage(run: record.Run, key: str, loaded=None) -> record.Teacher:
         workdir=run.workdir or None, writer=run.writer)
     seconds = info['seconds']
   predict = jax.jit(lambda xb: teacher.apply(variables, xb))
-  acc = metrics.accuracy(engine.batched(predict, ds.test.x,
-                                        run.config.eval_batch_size), ds.test.y)
+  acc = metrics.evaluate(predict, ds.test.x, ds.test.y,
+                         run.config.eval_batch_size)
   return record.Teacher(teacher, variables, acc, seconds, key)
