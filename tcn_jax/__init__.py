@@ -34,6 +34,7 @@ from tcn_jax.models import Net
 from tcn_jax.models import student
 from tcn_jax.models import Teacher
 from tcn_jax.metrics import evaluate
+from tcn_jax.metrics import set_progress
 from tcn_jax.pipeline import run
 from tcn_jax.students import train_students
 from tcn_jax.teacher import load_teacher

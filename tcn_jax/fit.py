@@ -130,7 +130,7 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
     keys = engine.member_keys(seed, ids)
     x_dev = jnp.asarray(x)
     t_dev = jax.tree_util.tree_map(jnp.asarray, targets)
-    progress = metrics.Progress(name, epochs, start)
+    progress = metrics.Progress(name, epochs, start, len(x) // batch_size)
     for epoch in range(start, epochs):
       with checkpoint.signals_deferred():   # A stop waits for epoch + save.
         t0 = time.time()

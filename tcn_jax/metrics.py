@@ -1,10 +1,13 @@
-"""Metrics (accuracy, MSE, parameter counts) and where they are written."""
+"""Metrics (accuracy, MSE, parameter counts) and where they are written:
+TensorBoard, and progress (a live bar in notebooks, log lines elsewhere)."""
+import sys
 import time
 
 from absl import logging
 import numpy as np
 
 from tcn_jax import engine
+from tcn_jax.errors import TCNError
 
 
 def accuracy(logits, labels) -> float:
@@ -44,16 +47,72 @@ class Writer:
     self._tb.close()
 
 
-class Progress:
-  """Logs one line per epoch with the loss, seconds per epoch and an ETA."""
+# How training reports progress (`set_progress`): 'auto' = a live bar in a
+# notebook (tqdm.auto), log lines elsewhere; 'bar' = a bar anywhere; 'log' =
+# one log line per epoch; 'none' = silent.
+PROGRESS_MODES = ('auto', 'bar', 'log', 'none')
+_progress_mode = 'auto'
 
-  def __init__(self, stage: str, total_epochs: int, start_epoch: int):
+
+def set_progress(mode: str) -> str:
+  """Sets how every training function reports progress, for the process.
+
+  Args:
+    mode: 'auto' (a live `tqdm.auto` bar in a Jupyter / Colab notebook, log
+      lines elsewhere), 'bar' (a bar anywhere, also on a terminal), 'log'
+      (one absl log line per epoch: loss, seconds per epoch, ETA) or 'none'.
+
+  Returns:
+    The mode that was set before, so a caller can restore it.
+  """
+  global _progress_mode
+  if mode not in PROGRESS_MODES:
+    raise TCNError(f'unknown progress mode {mode!r}; choose one of '
+                   f'{PROGRESS_MODES}')
+  before, _progress_mode = _progress_mode, mode
+  return before
+
+
+def in_notebook() -> bool:
+  """Whether this process is a Jupyter (or Colab) kernel."""
+  ipython = sys.modules.get('IPython')
+  try:
+    shell = ipython and ipython.get_ipython()
+    return bool(shell) and 'IPKernelApp' in shell.config
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+class Progress:
+  """One stage's progress, per epoch: a live bar of steps with the loss, the
+  validation score and an ETA, or one log line (see `set_progress`)."""
+
+  def __init__(self, stage: str, total_epochs: int, start_epoch: int,
+               steps_per_epoch: int = 1):
     self.stage, self.total, self.start = stage, total_epochs, start_epoch
+    self.steps = steps_per_epoch
     self.t0 = time.time()
     self.epoch_times = []
+    mode = _progress_mode
+    if mode == 'auto':
+      mode = 'bar' if in_notebook() else 'log'
+    self.mode, self.bar = mode, None
+    if mode == 'bar' and start_epoch < total_epochs:
+      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+      self.bar = tqdm(total=total_epochs * self.steps,
+                      initial=start_epoch * self.steps, desc=stage,
+                      unit='step', dynamic_ncols=True)
 
   def epoch(self, epoch: int, values: dict):
     self.epoch_times.append(time.time() - self.t0 - sum(self.epoch_times))
+    if self.bar is not None:
+      self.bar.set_postfix(epoch=f'{epoch}/{self.total}', refresh=False,
+                           **{k: f'{v:.4f}' for k, v in values.items()})
+      self.bar.update(self.steps)
+      if epoch >= self.total:
+        self.bar.close()
+    if self.mode != 'log':
+      return
     per_epoch = float(np.median(self.epoch_times))
     eta = per_epoch * (self.total - epoch)
     text = ' '.join(f'{k}={v:.4f}' for k, v in values.items())
