@@ -44,8 +44,26 @@ from tcn_jax.teacher import train_teacher
 def load_dataset(name: str = 'fashion_mnist', data_dir: str = '',
                  split_seed: int = 0, val_fraction: float = 0.2,
                  train_size: int = 0, test_size: int = 0) -> Dataset:
-  """Loads a dataset (local IDX dir, system copy, or TFDS) with a seeded
-  validation split carved from train; see `tcn_jax.data.load`."""
+  """Loads a dataset into memory, with a seeded validation split.
+
+  Fashion-MNIST and MNIST come from `data_dir` (IDX files), else the system
+  copy (/usr/share/datasets/fashion-mnist), else TFDS; the other datasets
+  from TFDS, built with `--file_format=array_record` (see
+  `tcn_jax.data.load`).
+
+  Args:
+    name: 'fashion_mnist', 'mnist', 'cifar10', 'imdb' or 'imagenet'.
+    data_dir: a directory of IDX files, or the TFDS data_dir ('' = default).
+    split_seed: the seed of the validation split and of the subsets.
+    val_fraction: the part of train held out for validation.
+    train_size: a seeded subset of train (0 = all); val keeps a quarter of
+      its size.
+    test_size: a seeded subset of test (0 = all).
+
+  Returns:
+    A `Dataset` (train, val, test, num_classes, source). Raises TCNError
+    saying how to get a dataset that is not there.
+  """
   import ml_collections  # pylint: disable=g-import-not-at-top
   from tcn_jax import data  # pylint: disable=g-import-not-at-top
   return data.load(ml_collections.ConfigDict(dict(

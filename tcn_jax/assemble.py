@@ -21,7 +21,16 @@ from tcn_jax.errors import TCNError
 
 @dataclasses.dataclass
 class StudentGroup:
-  """Identical students (same architecture and output width), stacked."""
+  """Identical students (same architecture and output width), stacked.
+
+  Attributes:
+    spec: the students' trunk architecture string (`tcn_jax.models`).
+    out_dim: the width of each student's chunk (its output Dense).
+    member_ids: the chunks these students own, in feature order.
+    out_relu: a ReLU after the output Dense.
+    init: the kernel initializer's name (`models.INITS`).
+    variables: {'params', ['batch_stats']} with a leading member axis.
+  """
   spec: str
   out_dim: int
   member_ids: list[int]   # Which chunks, in feature order, these students own.
@@ -40,6 +49,18 @@ class StudentGroup:
 
 @dataclasses.dataclass
 class TCN:
+  """The assembled network: students, their joined outputs, the head.
+
+  Attributes:
+    groups: the trained `StudentGroup`s (from `train_students`).
+    num_classes: the head's outputs.
+    head_dropout: the head's dropout rate while it is fine-tuned.
+    head_variables: the head's {'params', ['batch_stats']}, usually the
+      teacher's output layer (`teacher_head`) to start from.
+    impl: the layers' implementation ('auto', 'im2col', 'xla').
+    basis: None, or for PCA chunks {'matrix': (D, D), 'mean': (D,)}.
+    head_bn: keep the teacher's BatchNorm in the head.
+  """
   groups: list[StudentGroup]
   num_classes: int
   head_dropout: float
@@ -63,8 +84,16 @@ class TCN:
 
 
 def teacher_head(teacher_variables, keep_bn: bool = False):
-  """The teacher's output layer as TCN head variables; its BatchNorm (if
-  any) only with keep_bn (the authors' CIFAR-10 TCN head drops it)."""
+  """The teacher's output layer as TCN head variables.
+
+  Args:
+    teacher_variables: the trained teacher's Flax variables.
+    keep_bn: keep the head's BatchNorm, if any (the authors' CIFAR-10 TCN
+      head drops it).
+
+  Returns:
+    The head's variables {'params', ['batch_stats']}, for `TCN`.
+  """
   head = models.submodule_variables(teacher_variables, 'head')
   if keep_bn:
     return head
@@ -102,7 +131,15 @@ def student_outputs_fn(tcn: TCN, strategy='auto'):
 
 
 def make_predict(tcn: TCN, strategy='auto'):
-  """Jitted `predict(images) -> logits` of the assembled network."""
+  """The assembled network as one jitted function, without the teacher.
+
+  Args:
+    tcn: a `TCN` with trained students and head.
+    strategy: how the members of a group run (`engine.STRATEGIES`).
+
+  Returns:
+    Jitted `predict(images) -> logits` (inference mode).
+  """
   outputs = student_outputs_fn(tcn, strategy)
   head = tcn_head(tcn)
   students = [g.variables for g in tcn.groups]
@@ -116,7 +153,12 @@ def tcn_head(tcn: TCN) -> models.Head:
 
 
 def save_tcn(path: str, tcn: TCN):
-  """Saves the TCN (all students, head, architecture) as one checkpoint."""
+  """Saves the TCN (all students, head, architecture) as one checkpoint.
+
+  Args:
+    path: a directory (an Orbax checkpoint); an older TCN there is replaced.
+    tcn: the `TCN` to save.
+  """
   state = {'students': {str(i): g.variables
                         for i, g in enumerate(tcn.groups)},
            'head': tcn.head_variables}
@@ -130,7 +172,15 @@ def save_tcn(path: str, tcn: TCN):
 
 
 def load_tcn(path: str, strategy='auto'):
-  """Loads a saved TCN; returns (jitted predict(images) -> logits, TCN)."""
+  """Loads a TCN saved by `save_tcn` (or a run's `workdir/tcn`).
+
+  Args:
+    path: the directory `save_tcn` wrote.
+    strategy: how the members of a group run (`engine.STRATEGIES`).
+
+  Returns:
+    (predict, tcn): jitted `predict(images) -> logits` and the `TCN`.
+  """
   if not os.path.isdir(path):
     raise TCNError(f'load_tcn: {path} is not a directory')
   with checkpoint.StageCheckpoint(path, read_only=True) as ckpt:

@@ -30,7 +30,15 @@ PCA_ASSIGNMENTS.register('balanced', 'about equal variance per student')
 
 
 def chunk_sizes(dim: int, n: int) -> list[int]:
-  """Widths of the n contiguous chunks of a `dim`-wide feature."""
+  """Widths of the n contiguous chunks of a `dim`-wide feature.
+
+  Args:
+    dim: D, the feature width.
+    n: the number of students.
+
+  Returns:
+    n widths summing to D; the first D % n are one wider.
+  """
   if not isinstance(n, int) or n < 1:
     raise TCNError(f'num_students must be a positive integer, got {n!r}')
   if n > dim:
@@ -44,12 +52,27 @@ def chunk_bounds(dim: int, n: int) -> list[tuple[int, int]]:
 
 
 def chunk(features, n: int) -> list:
-  """Splits (N, D) features into n contiguous (N, D_i) chunks, in order."""
+  """Splits features into the students' contiguous chunks (the paper's).
+
+  Args:
+    features: (N, D) features.
+    n: the number of students.
+
+  Returns:
+    n arrays (N, D_i), in feature order (widths: `chunk_sizes`).
+  """
   return [features[:, a:b] for a, b in chunk_bounds(features.shape[-1], n)]
 
 
 def unchunk(chunks) -> np.ndarray:
-  """Inverse of `chunk`: concatenates chunks in order."""
+  """Inverse of `chunk`: concatenates chunks in order.
+
+  Args:
+    chunks: (N, D_i) arrays (e.g. the students' outputs), in feature order.
+
+  Returns:
+    The (N, D) feature as a numpy array.
+  """
   return np.concatenate([np.asarray(c) for c in chunks], axis=-1)
 
 

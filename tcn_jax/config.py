@@ -154,8 +154,17 @@ def _choose(config, path, n, needed):
 
 
 def resolve(user: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The resolved, validated copy of `user` (idempotent); TCNError naming
-  the field on the first value that cannot work."""
+  """The resolved, validated copy of a config (idempotent).
+
+  Args:
+    user: a config as `configs/*.py` give it (or `base_config()`), with
+      overrides; per-n fields may be unset ('' or -1).
+
+  Returns:
+    A new config with every per-n value chosen for `num_students` and the
+    `*_by_n` tables dropped. Raises TCNError naming the field of the first
+    value that cannot work.
+  """
   if not isinstance(user, ml_collections.ConfigDict):
     raise TCNError('the config must be an ml_collections.ConfigDict (what a '
                    f"config file's get_config returns), got "

@@ -62,6 +62,7 @@ _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*")  # Letters, inner apostrophes.
 
 @dataclasses.dataclass
 class Split:
+  """One split: inputs `x` (N, ...) and integer labels `y` (N,)."""
   x: np.ndarray
   y: np.ndarray
 
@@ -71,6 +72,14 @@ class Split:
 
 @dataclasses.dataclass
 class Dataset:
+  """A dataset in memory, as `tcn.load_dataset` returns it.
+
+  Attributes:
+    train, val, test: `Split`s; images float32 in [0, 1], (N, H, W, C).
+      val is a seeded part of the original train split, never of test.
+    num_classes: the number of labels.
+    source: where it was read (an IDX directory, or 'tfds').
+  """
   train: Split
   val: Split
   test: Split

@@ -29,6 +29,9 @@ def teacher_features(teacher, variables, x,
     variables: its Flax variables ({'params', ['batch_stats']}).
     x: (N, ...) inputs.
     batch_size: examples per compiled call.
+
+  Returns:
+    (N, D) numpy array: the students' regression targets.
   """
   fn = jax.jit(lambda xb: teacher.apply(variables, xb,
                                         method=teacher.features))

@@ -26,6 +26,9 @@ def evaluate(predict, x, y, batch_size: int = 1000) -> float:
     predict: images -> logits (e.g. `make_predict(tcn)`).
     x, y: inputs and integer labels.
     batch_size: examples per call.
+
+  Returns:
+    The fraction of `x` classified as `y`, in [0, 1].
   """
   return accuracy(engine.batched(predict, x, batch_size), y)
 

@@ -129,7 +129,14 @@ class ResidualBlock(nn.Module):
 
 
 class Net(nn.Module):
-  """A plain feed-forward network described by an architecture string."""
+  """A plain feed-forward network described by an architecture string.
+
+  Attributes:
+    spec: e.g. 'C32 C32 MP C16 C16 MP Do.25 F D16r Do.3' (the tokens are
+      listed at the top of this module).
+    initializer: the kernels' initializer's name (`INITS`).
+    impl: convolutions as 'im2col' matmuls, 'xla' convolutions, or 'auto'.
+  """
   spec: str
   initializer: str = 'glorot_uniform'
   impl: str = 'auto'
@@ -178,6 +185,12 @@ class Head(nn.Module):
   teacher's weights copy over unchanged. The paper's MNIST-style teachers
   output a post-ReLU feature, where the leading ReLU is the identity; the
   CIFAR-10 teacher has the BatchNorm (`bn=True`).
+
+  Attributes:
+    num_classes: the outputs (logits).
+    dropout: the dropout rate before the Dense (training only).
+    initializer: the kernel's initializer's name (`INITS`).
+    bn: a BatchNorm after the ReLU.
   """
   num_classes: int
   dropout: float = 0.5
@@ -195,7 +208,16 @@ class Head(nn.Module):
 
 
 class Teacher(nn.Module):
-  """Body (ending in the feature layer) followed by the output Head."""
+  """Body (ending in the feature layer) followed by the output Head.
+
+  Attributes:
+    body: the architecture string up to and including the feature layer,
+      e.g. 'C32 C64 MP Do.25 F D256r D256r' (a 256-wide feature).
+    num_classes: the outputs (logits).
+    head_dropout: the head's dropout rate.
+    impl: convolutions as 'im2col' matmuls, 'xla' convolutions, or 'auto'.
+    head_bn: a BatchNorm in the head (the CIFAR-10 teacher).
+  """
   body: str
   num_classes: int
   head_dropout: float = 0.5
@@ -230,7 +252,18 @@ def l2_penalty(params) -> jax.Array:
 
 def student(spec: str, out_dim: int, out_relu: bool = False,
             init: str = 'normal', impl: str = 'auto') -> Net:
-  """A student: the trunk `spec` plus an output Dense of its chunk's width."""
+  """A student: the trunk `spec` plus an output Dense of its chunk's width.
+
+  Args:
+    spec: the trunk's architecture string.
+    out_dim: the width of the student's chunk.
+    out_relu: a ReLU after the output Dense.
+    init: the kernels' initializer's name (`INITS`).
+    impl: convolutions as 'im2col' matmuls, 'xla' convolutions, or 'auto'.
+
+  Returns:
+    The `Net` module.
+  """
   return Net(f'{spec} D{out_dim}{"r" if out_relu else ""}', init, impl)
 
 

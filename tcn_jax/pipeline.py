@@ -94,6 +94,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config: a config as `configs/*.py` give it (resolved here).
     workdir: the run's directory; created only once the config and the data
       are checked.
+
+  Returns:
+    The results (what `workdir/results.json` holds): accuracies of the
+    teacher and the TCN before and after head fine-tuning beside the
+    paper's, per-student validation MSE, parameters, seconds, digests.
   """
   config = config_lib.resolve(config)
   dist = config.distributed

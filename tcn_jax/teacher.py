@@ -60,11 +60,18 @@ def train_teacher(teacher, ds, *, epochs, batch_size=256, optimizer='adam',
 
 
 def load_teacher(path: str, teacher, x_example):
-  """The trained variables of `teacher` from `path`: a workdir of this
-  library (its teacher/ stage) or a teacher checkpoint directory.
+  """The trained variables of `teacher` from a checkpoint.
 
-  Raises TCNError naming `config.teacher.init_from` when there is none, or
-  when it was saved for another architecture.
+  Args:
+    path: a workdir of this library (its teacher/ stage) or a teacher
+      checkpoint directory.
+    teacher: the `models.Teacher` it was trained as.
+    x_example: one batch of inputs (e.g. `ds.train.x[:1]`), for the shapes.
+
+  Returns:
+    The teacher's Flax variables {'params', ['batch_stats']}. Raises
+    TCNError naming `config.teacher.init_from` when there is none, or when
+    it was saved for another architecture.
   """
   where = os.path.join(path, 'teacher')
   if not os.path.isdir(where):
