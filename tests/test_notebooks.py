@@ -13,6 +13,7 @@ nbformat = pytest.importorskip('nbformat')
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, 'notebooks', '*.ipynb')))
 NAMES = [os.path.basename(p) for p in NOTEBOOKS]
 # Colab's address of a notebook on GitHub: the README's badges use it.
+WIDGET = 'application/vnd.jupyter.widget-view+json'
 COLAB = 'https://colab.research.google.com/github/{}/blob/main/notebooks/{}'
 
 
@@ -58,10 +59,14 @@ def test_notebook_runs_top_to_bottom(path, monkeypatch):
     # a live progress bar per stage.
     assert f'tcn_jax from {os.path.join(ROOT, "tcn_jax")}' in _stdout(code[1])
     assert sum('image/png' in o.get('data', {}) for o in outputs) == 3
+    # A text bar on stderr, or with ipywidgets (Colab) a widget per stage.
     stderr = ''.join(o.get('text', '') for o in outputs
                      if o.get('name') == 'stderr')
+    widgets = ''.join(o['data']['text/plain'] + '\n' for o in outputs
+                      if WIDGET in o.get('data', {}))
     for stage in ('teacher', 'students[0]', 'head'):
-      assert re.search(re.escape(stage) + r': 100%\|', stderr), stage
+      done = re.search(re.escape(stage) + r': 100%\|', stderr)
+      assert done or widgets.count(f'{stage}: '), stage
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=NAMES)
