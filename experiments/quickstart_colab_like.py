@@ -6,7 +6,7 @@ notebook runs there top to bottom in an empty directory, as a user's would.
 Writes <out>.json and <out>.md: final accuracies, wall time (install and
 execution), the load average (the machine may be shared) and versions.
 
-  python experiments/quickstart_colab_like.py \
+  python -m experiments.quickstart_colab_like \
       --out experiments/results/quickstart_colab_like
 """
 import argparse
