@@ -15,6 +15,7 @@ import numpy as np
 from tcn_jax import checkpoint
 from tcn_jax import chunking
 from tcn_jax import engine
+from tcn_jax import inputs
 from tcn_jax import models
 from tcn_jax.errors import TCNError
 
@@ -28,6 +29,7 @@ class StudentGroup:
   out_relu: bool = False
   init: str = 'normal'
   variables: Any = None   # {'params', ['batch_stats']}; leading axis = member.
+  input_shape: Any = None  # One example's shape (train_students sets it).
 
   def model(self, impl='auto'):
     return models.student(self.spec, self.out_dim, self.out_relu, self.init,
@@ -53,6 +55,14 @@ class TCN:
   @property
   def num_students(self):
     return sum(len(g.member_ids) for g in self.groups)
+
+  @property
+  def input_shape(self) -> tuple | None:
+    """One example's shape, when its students recorded it (None: a TCN
+    saved before they did; inputs are then checked against the
+    parameters)."""
+    shapes = [g.input_shape for g in self.groups if g.input_shape is not None]
+    return tuple(shapes[0]) if shapes else None
 
   @property
   def chunker(self) -> chunking.Chunker:
@@ -102,12 +112,26 @@ def student_outputs_fn(tcn: TCN, strategy='auto'):
 
 
 def make_predict(tcn: TCN, strategy='auto'):
-  """Jitted `predict(images) -> logits` of the assembled network."""
+  """`predict(images) -> logits` of the assembled network (jitted).
+
+  `images` follow the API's input contract (`tcn_jax.inputs`): (N, ...)
+  channels last, of the TCN's input shape, float in [0, 1] or uint8 pixels
+  (scaled by 1/255 as the data loader does); anything else is a TCNError.
+  """
   outputs = student_outputs_fn(tcn, strategy)
   head = tcn_head(tcn)
   students = [g.variables for g in tcn.groups]
   head_variables = tcn.head_variables
-  return jax.jit(lambda x: head.apply(head_variables, outputs(students, x)))
+  logits = jax.jit(lambda x: head.apply(head_variables, outputs(students, x)))
+  spec, shape, fitting = tcn.groups[0].spec, tcn.input_shape, {}
+
+  def predict(images):
+    images = inputs.batch('predict', 'images', images, spec=spec, shape=shape)
+    if shape is None:
+      inputs.fits('predict', 'images', images, logits, fitting)
+    return logits(images)
+
+  return predict
 
 
 def tcn_head(tcn: TCN) -> models.Head:
@@ -139,7 +163,7 @@ def load_tcn(path: str, strategy='auto'):
     state, meta = ckpt.restore()
   if not isinstance(meta, dict) or meta.get('kind') != 'tcn_jax.TCN':
     raise TCNError(f'load_tcn: {path} is a checkpoint but not of a TCN')
-  groups = [StudentGroup(**g) for g in meta['groups']]
+  groups = [StudentGroup(**g) for g in meta['groups']]   # input_shape: a list
   tcn = TCN(groups, meta['num_classes'], meta['head_dropout'],
             head_bn=meta.get('head_bn', False))
   for i, g in enumerate(groups):

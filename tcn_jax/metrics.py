@@ -5,6 +5,7 @@ from absl import logging
 import numpy as np
 
 from tcn_jax import engine
+from tcn_jax import inputs
 
 
 def accuracy(logits, labels) -> float:
@@ -21,9 +22,11 @@ def evaluate(predict, x, y, batch_size: int = 1000) -> float:
 
   Args:
     predict: images -> logits (e.g. `make_predict(tcn)`).
-    x, y: inputs and integer labels.
+    x, y: inputs (the API's contract: `tcn_jax.inputs`) and integer labels.
     batch_size: examples per call.
   """
+  x = inputs.batch('evaluate', 'x', x)
+  y = inputs.labels('evaluate', 'y', y, len(x), None)
   return accuracy(engine.batched(predict, x, batch_size), y)
 
 
