@@ -54,8 +54,7 @@ def vocabulary(spec: str | None) -> int:
 
 
 def _shape_hint(got, want):
-  if len(got) == len(want) + 1 and got[1:] == want:
-    return ''
+  """How a common mistake with `want` gives `got`, or ''."""
   if len(want) == 3 and got == (want[2], want[0], want[1]):
     return '; these look channels first (NCHW): use x.transpose(0, 2, 3, 1)'
   if got == want[:-1] and want[-1] == 1:
