@@ -31,6 +31,10 @@ class StudentGroup:
   variables: Any = None   # {'params', ['batch_stats']}; leading axis = member.
   input_shape: Any = None  # One example's shape (train_students sets it).
 
+  def __post_init__(self):   # From JSON or msgpack: a list.
+    if self.input_shape is not None:
+      self.input_shape = tuple(int(v) for v in self.input_shape)
+
   def model(self, impl='auto'):
     return models.student(self.spec, self.out_dim, self.out_relu, self.init,
                           impl)
