@@ -91,7 +91,7 @@ def tmp_dirs(workdir):
                    recursive=True)
 
 
-def stage_of(workdir, log_path):
+def stage_of(workdir, log_path, baselines=()):
   """The stage a killed run was in, from its log and its workdir ('students'
   includes computing the frozen students' outputs before the head)."""
   with open(log_path, errors='replace') as f:
@@ -102,11 +102,9 @@ def stage_of(workdir, log_path):
     return 'teacher'
   if not os.path.exists(os.path.join(workdir, 'features.npz')):
     return 'features'
-  if 'TCN test accuracy' in log:   # Then the baselines, in this order.
-    for stage in ('kd', 'kdgan'):
-      started = (os.path.isdir(os.path.join(workdir, stage))
-                 or f'[{stage}]' in log)
-      if started and f'{stage} student test accuracy' not in log:
+  if 'TCN test accuracy' in log:   # Then the enabled baselines, in order.
+    for stage in baselines:
+      if f'{stage} student test accuracy' not in log:
         return stage
     return 'save'
   return 'head' if os.path.isdir(os.path.join(workdir, 'head')) else 'students'
@@ -179,7 +177,9 @@ def stage_chain(src, workdir, flags, stage, kills, rng, window,
       trials.append({'stage_swept': stage, 'start': starts, 'mode': mode,
                      'kill_after_stage_start_s': round(time.time() - t_begin,
                                                        3),
-                     'stage': stage_of(workdir, log_path),
+                     'stage': stage_of(workdir, log_path, [
+                         b for b in ('kd', 'kdgan')
+                         if f'--config.{b}.enabled=True' in flags]),
                      'during_write': in_write})
       print(f'  {stage} trial: {trials[-1]}', flush=True)
     error_lines = [l for l in log_text.splitlines()
@@ -190,6 +190,52 @@ def stage_chain(src, workdir, flags, stage, kills, rng, window,
     if not killed:
       return trials, errors
     starts += 1
+
+
+def write_stage_report(args, report, command, commit):
+  """Writes chaos_stages.json / .md for the stages swept so far."""
+  all_trials = [t for s in report['stages'].values() for t in s['trials']]
+  report['kills'] = len(all_trials)
+  report['survived'] = sum(t['survived'] for t in all_trials)
+  report['all_identical'] = all(c['identical'] for s in report['stages']
+                                .values() for c in s['chains'])
+  os.makedirs(args.out, exist_ok=True)
+  checkpoint.write_json(os.path.join(args.out, 'chaos_stages.json'), report)
+  lines = [
+      '# Chaos by stage: SIGKILL inside each stage, resume, compare', '',
+      '```bash', command, '```', '',
+      f'Commit {commit}, config `{CONFIG}` with the seconds-long flags '
+      f'`{" ".join(TINY)}` and per stage the flags below. Per stage: one '
+      'uninterrupted reference run, then chains whose first start is killed '
+      'with SIGKILL after the stage\'s start line appeared in its log, after '
+      'a seeded random share of the stage\'s reference duration (mode '
+      '`time`) or at the first write of its output (checkpoint or '
+      '`features.npz`) after a third of that delay (mode `write`); the same '
+      'command then runs to the end. A trial survives when its chain\'s '
+      'results.json (metrics and parameter digests, timings left out) and '
+      'saved TCN are bitwise equal to the reference. "stage": where the kill '
+      'landed, from the log and the workdir. The students stage (smoke '
+      'config) is in [chaos.md](chaos.md).', '',
+      f'**Trials survived: {report["survived"]} / {report["kills"]}** '
+      f'(all chains identical: {report["all_identical"]})', '']
+  for stage, r in report['stages'].items():
+    lines += [f'## {stage}', '',
+              f'Flags: `{" ".join(r["flags"])}`; reference stage '
+              f'{r["reference_stage_seconds"]} s; teacher digest '
+              f'`{r["reference_results"]["digests"]["teacher"][:16]}…`, TCN '
+              f'`{r["reference_results"]["digests"]["tcn"][:16]}…`.', '',
+              '| chain | mode | killed after stage start (s) | stage | '
+              'output being written | next start resumed | survived |',
+              '|---|---|---|---|---|---|---|']
+    for t in r['trials']:
+      lines.append(f'| {t["chain"]} | {t["mode"]} | '
+                   f'{t["kill_after_stage_start_s"]} | {t["stage"]} | '
+                   f'{"yes" if t["during_write"] else "no"} | '
+                   f'{", ".join(t.get("resumed", [])) or "-"} | '
+                   f'{"yes" if t["survived"] else "NO"} |')
+    lines.append('')
+  with open(os.path.join(args.out, 'chaos_stages.md'), 'w') as f:
+    f.write('\n'.join(lines))
 
 
 def sweep_stages(args, src, rng, command, commit):
@@ -236,55 +282,20 @@ def sweep_stages(args, src, rng, command, commit):
     report['stages'][stage] = {
         'flags': STAGES[stage][0], 'reference_stage_seconds': round(window, 2),
         'reference_results': expected, 'chains': chains, 'trials': trials}
-  all_trials = [t for s in report['stages'].values() for t in s['trials']]
-  report['kills'] = len(all_trials)
-  report['survived'] = sum(t['survived'] for t in all_trials)
-  report['all_identical'] = all(c['identical'] for s in report['stages']
-                                .values() for c in s['chains'])
-  os.makedirs(args.out, exist_ok=True)
-  checkpoint.write_json(os.path.join(args.out, 'chaos_stages.json'), report)
-  lines = [
-      '# Chaos by stage: SIGKILL inside each stage, resume, compare', '',
-      '```bash', command, '```', '',
-      f'Commit {commit}, config `{CONFIG}` with the seconds-long flags '
-      f'`{" ".join(TINY)}` and per stage the flags below. Per stage: one '
-      'uninterrupted reference run, then chains whose first start is killed '
-      'with SIGKILL after the stage\'s start line appeared in its log, after '
-      'a seeded random share of the stage\'s reference duration (mode '
-      '`time`) or at the first write of its output (checkpoint or '
-      '`features.npz`) after a third of that delay (mode `write`); the same '
-      'command then runs to the end. A trial survives when its chain\'s '
-      'results.json (metrics and parameter digests, timings left out) and '
-      'saved TCN are bitwise equal to the reference. "stage": where the kill '
-      'landed, from the log and the workdir. The students stage (smoke '
-      'config) is in [chaos.md](chaos.md).', '',
-      f'**Trials survived: {report["survived"]} / {report["kills"]}** '
-      f'(all chains identical: {report["all_identical"]})', '']
-  for stage, r in report['stages'].items():
-    lines += [f'## {stage}', '',
-              f'Flags: `{" ".join(r["flags"])}`; reference stage '
-              f'{r["reference_stage_seconds"]} s; teacher digest '
-              f'`{r["reference_results"]["digests"]["teacher"][:16]}…`, TCN '
-              f'`{r["reference_results"]["digests"]["tcn"][:16]}…`.', '',
-              '| chain | mode | killed after stage start (s) | stage | '
-              'output being written | next start resumed | survived |',
-              '|---|---|---|---|---|---|---|']
-    for t in r['trials']:
-      lines.append(f'| {t["chain"]} | {t["mode"]} | '
-                   f'{t["kill_after_stage_start_s"]} | {t["stage"]} | '
-                   f'{"yes" if t["during_write"] else "no"} | '
-                   f'{", ".join(t.get("resumed", [])) or "-"} | '
-                   f'{"yes" if t["survived"] else "NO"} |')
-    lines.append('')
-  with open(os.path.join(args.out, 'chaos_stages.md'), 'w') as f:
-    f.write('\n'.join(lines))
+    write_stage_report(args, report, command, commit)   # Partial, so far.
+  write_stage_report(args, report, command, commit)
   print(f'survived {report["survived"]}/{report["kills"]}')
   sys.exit(0 if report['survived'] == report['kills']
            and report['all_identical'] else 1)
 
 
 def comparable(results):
-  return {k: v for k, v in results.items() if k not in TIMING}
+  """results.json without timings (the baselines' own included)."""
+  out = {k: v for k, v in results.items() if k not in TIMING}
+  for k in ('kd', 'kdgan'):
+    if isinstance(out.get(k), dict):
+      out[k] = {f: v for f, v in out[k].items() if f not in TIMING}
+  return out
 
 
 def load_results(workdir):
