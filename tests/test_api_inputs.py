@@ -107,8 +107,9 @@ def test_uint8_is_scaled_as_the_data_loader_scales_it(net):
                                 tcn.teacher_features(teacher, t_vars, scaled))
   # A valid float input is used as it is: the checks change no number.
   t = net[0]
-  direct = assemble.tcn_head(t).apply(t.head_variables, assemble.student_outputs_fn(t)(
-      [g.variables for g in t.groups], scaled))
+  outputs = assemble.student_outputs_fn(t)([g.variables for g in t.groups],
+                                           scaled)
+  direct = assemble.tcn_head(t).apply(t.head_variables, outputs)
   np.testing.assert_array_equal(np.asarray(predict(scaled)),
                                 np.asarray(direct))
 
