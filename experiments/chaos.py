@@ -61,8 +61,7 @@ STAGES = {
            'kd student test accuracy', 'kd'),
     'kdgan': (['--config.kdgan.enabled=True', '--config.kd.epochs=4',
                '--config.kdgan.epochs=4', '--config.kd.arch=C4 MP F D16r'],
-              'kd student test accuracy', 'kdgan student test accuracy',
-              'kdgan'),
+              'TCN test accuracy', 'kdgan student test accuracy', 'kdgan'),
     'pca': (['--config.chunking=pca', '--config.students.epochs=4',
              '--config.head.epochs=4'], 'teacher test accuracy',
             'TCN test accuracy', 'students'),
@@ -220,7 +219,8 @@ def write_stage_report(args, report, command, commit):
       f'(all chains identical: {report["all_identical"]})', '']
   for stage, r in report['stages'].items():
     lines += [f'## {stage}', '',
-              f'Flags: `{" ".join(r["flags"])}`; reference stage '
+              f'Commit {r.get("commit", commit)}, seed {r.get("seed")}; flags '
+              f'`{" ".join(r["flags"])}`; reference stage '
               f'{r["reference_stage_seconds"]} s; teacher digest '
               f'`{r["reference_results"]["digests"]["teacher"][:16]}…`, TCN '
               f'`{r["reference_results"]["digests"]["tcn"][:16]}…`.', '',
@@ -243,6 +243,15 @@ def sweep_stages(args, src, rng, command, commit):
   kill, a chain's later starts left to finish); writes chaos_stages.*."""
   report = {'command': command, 'commit': commit, 'config': CONFIG,
             'flags': TINY + args.overrides, 'seed': args.seed, 'stages': {}}
+  path = os.path.join(args.out, 'chaos_stages.json')
+  if args.append and os.path.exists(path):   # Stages swept before.
+    with open(path) as f:
+      earlier = json.load(f)
+    for entry in earlier['stages'].values():
+      entry.setdefault('commit', earlier['commit'])
+      entry.setdefault('seed', earlier['seed'])
+    report['stages'] = earlier['stages']
+    report['command'] = f"{earlier['command']}; {command}"
   for stage in args.stages.split(','):
     flags = TINY + STAGES[stage][0] + args.overrides
     _, begin, end, _ = STAGES[stage]
@@ -280,7 +289,8 @@ def sweep_stages(args, src, rng, command, commit):
       print(f'{stage} chain {chain}: identical={ok} errors={errors}',
             flush=True)
     report['stages'][stage] = {
-        'flags': STAGES[stage][0], 'reference_stage_seconds': round(window, 2),
+        'flags': STAGES[stage][0], 'commit': commit, 'seed': args.seed,
+        'reference_stage_seconds': round(window, 2),
         'reference_results': expected, 'chains': chains, 'trials': trials}
     write_stage_report(args, report, command, commit)   # Partial, so far.
   write_stage_report(args, report, command, commit)
@@ -326,6 +336,8 @@ def main():
                                                     'results'))
   parser.add_argument('--stages', default='',
                       help='comma-separated STAGES to sweep (tiny runs)')
+  parser.add_argument('--append', action='store_true',
+                      help='--stages: keep the stages of the last report')
   parser.add_argument('overrides', nargs='*',
                       help='extra --config.* flags for every run')
   args = parser.parse_args()
