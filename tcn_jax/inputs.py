@@ -34,6 +34,8 @@ def _array(where, name, x):
     return x
   try:
     return np.asarray(x)
+  except TCNError:   # A stop signal (Interrupted).
+    raise
   except Exception as e:  # pylint: disable=broad-except  (ragged lists, ...)
     raise TCNError(f'{where}: {name} is not an array ({type(e).__name__}: '
                    f'{e})') from None
@@ -129,6 +131,8 @@ def fits(where: str, name: str, x, fn, cache: dict | None = None):
     return
   try:
     jax.eval_shape(fn, jax.ShapeDtypeStruct((1, *key[0]), x.dtype))
+  except TCNError:   # A stop signal (Interrupted) is not a shape error.
+    raise
   except Exception as e:  # pylint: disable=broad-except  (Flax / XLA types)
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
     got = tuple(x.shape)

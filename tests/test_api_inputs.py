@@ -239,3 +239,15 @@ def test_token_ids_for_embedding_networks():
     inputs.batch('f', 'x', np.arange(11).reshape(1, 11), spec='Emb10-4 F')
   with pytest.raises(TCNError, match='must be integer token ids'):
     inputs.batch('f', 'x', ids.astype(np.float32), spec='Emb10-4 F')
+
+
+def test_a_stop_signal_is_not_taken_for_a_shape_error():
+  """SIGTERM while a shape is tried (the handler raises Interrupted) stays
+  the stop it is, not a 'does not fit' error."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from tcn_jax.errors import Interrupted  # pylint: disable=g-import-not-at-top
+
+  def stopped(x):
+    raise Interrupted(signal.SIGTERM)
+  with pytest.raises(Interrupted):
+    inputs.fits('teacher_features', 'x', _images(2), stopped)
