@@ -40,8 +40,12 @@ class StudentGroup:
                           impl)
 
   def describe(self):
-    return {k: v for k, v in dataclasses.asdict(self).items()
-            if k != 'variables'}
+    """JSON data (msgpack too: lists, not tuples) of all but the variables."""
+    out = {k: v for k, v in dataclasses.asdict(self).items()
+           if k != 'variables'}
+    if self.input_shape is not None:
+      out['input_shape'] = list(self.input_shape)
+    return out
 
 
 @dataclasses.dataclass
