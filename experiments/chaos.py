@@ -12,6 +12,14 @@ results.json (metrics and parameter digests) and its saved TCN must equal
 the reference bitwise. All runs use tcn_jax/ and configs/ as committed
 (HEAD) when the check starts. Writes experiments/results/chaos.md and
 chaos.json.
+
+  python -m experiments.chaos --stages teacher,features,kd,kdgan,pca --kills 3
+
+`--stages` sweeps the stages one by one on a seconds-long run (tiny nets,
+300 examples; each stage's extra flags in STAGES): per stage, a reference
+run, then chains whose kill comes after the stage has started (its log
+line), after a seeded random delay or at its next checkpoint (or
+features.npz) write. Writes experiments/results/chaos_stages.md and .json.
 """
 import argparse
 import glob
@@ -36,6 +44,28 @@ ROOT = common.REPO
 
 CONFIG = 'configs/fashion_mnist.py:smoke'
 TIMING = ('wall_seconds_this_run', 'train_seconds')
+# --stages: a seconds-long run (tests/conftest.py's TINY), and per stage its
+# extra flags, the log line after which it runs, and where it writes.
+TINY = ['--config.num_students=2', '--config.data.train_size=300',
+        '--config.data.test_size=200', '--config.teacher.epochs=2',
+        '--config.teacher.body=C8 MP F D64r D32r', '--config.students.epochs=2',
+        '--config.students.arch=C4 MP F D8r', '--config.head.epochs=2']
+# (extra flags, log text when the stage starts, when it ends, its output)
+STAGES = {
+    'teacher': (['--config.teacher.epochs=6'], 'data: ',
+                'teacher test accuracy', 'teacher'),
+    'features': (['--config.data.train_size=6000'], 'teacher test accuracy',
+                 'features.npz', 'features.npz'),
+    'kd': (['--config.kd.enabled=True', '--config.kd.epochs=4',
+            '--config.kd.arch=C4 MP F D16r'], 'TCN test accuracy',
+           'kd student test accuracy', 'kd'),
+    'kdgan': (['--config.kdgan.enabled=True', '--config.kd.epochs=4',
+               '--config.kdgan.epochs=4', '--config.kd.arch=C4 MP F D16r'],
+              'TCN test accuracy', 'kdgan student test accuracy', 'kdgan'),
+    'pca': (['--config.chunking=pca', '--config.students.epochs=4',
+             '--config.head.epochs=4'], 'teacher test accuracy',
+            'TCN test accuracy', 'students'),
+}
 
 
 def snapshot(dest):
@@ -60,7 +90,7 @@ def tmp_dirs(workdir):
                    recursive=True)
 
 
-def stage_of(workdir, log_path):
+def stage_of(workdir, log_path, baselines=()):
   """The stage a killed run was in, from its log and its workdir ('students'
   includes computing the frozen students' outputs before the head)."""
   with open(log_path, errors='replace') as f:
@@ -71,13 +101,211 @@ def stage_of(workdir, log_path):
     return 'teacher'
   if not os.path.exists(os.path.join(workdir, 'features.npz')):
     return 'features'
-  if 'TCN test accuracy' in log:
+  if 'TCN test accuracy' in log:   # Then the enabled baselines, in order.
+    for stage in baselines:
+      if f'{stage} student test accuracy' not in log:
+        return stage
     return 'save'
   return 'head' if os.path.isdir(os.path.join(workdir, 'head')) else 'students'
 
 
+def writes(workdir, output):
+  """Files or checkpoints of `output` (a stage's directory or file) being
+  written: Orbax temporary directories, or `features.npz.tmp`."""
+  path = os.path.join(workdir, output)
+  if not output.endswith('.npz'):
+    path = os.path.join(path, '**', '*orbax-checkpoint-tmp*')
+  else:
+    path += '.tmp'
+  return set(glob.glob(path, recursive=True))
+
+
+def _read(path):
+  with open(path, errors='replace') as f:
+    return f.read()
+
+
+def _reached(workdir, log_path, marker):
+  """Whether a run's log holds `marker` (or, for a file, it exists)."""
+  if marker.endswith('.npz'):
+    return os.path.exists(os.path.join(workdir, marker))
+  return marker in _read(log_path)
+
+
+def stage_chain(src, workdir, flags, stage, kills, rng, window,
+                write_fraction):
+  """Starts the run of `flags` until it finishes; each of its first `kills`
+  starts is killed after the stage's start line, after a seeded random
+  share of `window` (the stage's seconds in the reference run) or at the
+  first write of its output after that. Returns (trials, errors)."""
+  _, begin, _, output = STAGES[stage]
+  trials, errors, starts = [], [], 0
+  while True:
+    log_path = f'{workdir}.{starts}.log'
+    mode = 'none'
+    if len(trials) < kills:
+      mode = 'write' if rng.random() < write_fraction else 'time'
+    delay = float(rng.uniform(0.1, 0.9) * window)
+    killed = in_write = False
+    with open(log_path, 'w') as log:
+      proc = start(src, workdir, flags, log)
+      stale, t_begin = writes(workdir, output), None
+      while proc.poll() is None and mode != 'none':
+        if t_begin is None:
+          if begin in _read(log_path):
+            t_begin = time.time()
+          time.sleep(0.01)
+          continue
+        current = writes(workdir, output)
+        stale &= current
+        due = time.time() - t_begin >= delay
+        if (mode == 'time' and due) or (mode == 'write' and (current - stale)
+                                        and time.time() - t_begin >= delay / 3):
+          in_write = bool(current - stale)
+          proc.send_signal(signal.SIGKILL)
+          killed = True
+          break
+        time.sleep(0.002)
+      rc = proc.wait()
+    log_text = _read(log_path)
+    if trials and 'resumed' not in trials[-1]:
+      trials[-1]['resumed'] = [f'{s} {e}' for s, e in re.findall(
+          r'\[(\S+)\] resuming after epoch (\d+/\d+)', log_text)] + (
+              ['features (cache)'] if 'features: reusing' in log_text else [])
+    if killed:
+      trials.append({'stage_swept': stage, 'start': starts, 'mode': mode,
+                     'kill_after_stage_start_s': round(time.time() - t_begin,
+                                                       3),
+                     'stage': stage_of(workdir, log_path, [
+                         b for b in ('kd', 'kdgan')
+                         if f'--config.{b}.enabled=True' in flags]),
+                     'during_write': in_write})
+      print(f'  {stage} trial: {trials[-1]}', flush=True)
+    error_lines = [l for l in log_text.splitlines()
+                   if l.startswith('error: ') or 'Traceback' in l]
+    if error_lines or (not killed and rc):
+      errors.append(f'start {starts}: exit {rc}: {error_lines[:2]}')
+      return trials, errors
+    if not killed:
+      return trials, errors
+    starts += 1
+
+
+def write_stage_report(args, report, command, commit):
+  """Writes chaos_stages.json / .md for the stages swept so far."""
+  all_trials = [t for s in report['stages'].values() for t in s['trials']]
+  report['kills'] = len(all_trials)
+  report['survived'] = sum(t['survived'] for t in all_trials)
+  report['all_identical'] = all(c['identical'] for s in report['stages']
+                                .values() for c in s['chains'])
+  os.makedirs(args.out, exist_ok=True)
+  checkpoint.write_json(os.path.join(args.out, 'chaos_stages.json'), report)
+  lines = [
+      '# Chaos by stage: SIGKILL inside each stage, resume, compare', '',
+      '```bash', command, '```', '',
+      f'Commit {commit}, config `{CONFIG}` with the seconds-long flags '
+      f'`{" ".join(TINY)}` and per stage the flags below. Per stage: one '
+      'uninterrupted reference run, then chains whose first start is killed '
+      'with SIGKILL after the stage\'s start line appeared in its log, after '
+      'a seeded random share of the stage\'s reference duration (mode '
+      '`time`) or at the first write of its output (checkpoint or '
+      '`features.npz`) after a third of that delay (mode `write`); the same '
+      'command then runs to the end. A trial survives when its chain\'s '
+      'results.json (metrics and parameter digests, timings left out) and '
+      'saved TCN are bitwise equal to the reference. "stage": where the kill '
+      'landed, from the log and the workdir. The students stage (smoke '
+      'config) is in [chaos.md](chaos.md).', '',
+      f'**Trials survived: {report["survived"]} / {report["kills"]}** '
+      f'(all chains identical: {report["all_identical"]})', '']
+  for stage, r in report['stages'].items():
+    lines += [f'## {stage}', '',
+              f'Commit {r.get("commit", commit)}, seed {r.get("seed")}; flags '
+              f'`{" ".join(r["flags"])}`; reference stage '
+              f'{r["reference_stage_seconds"]} s; teacher digest '
+              f'`{r["reference_results"]["digests"]["teacher"][:16]}…`, TCN '
+              f'`{r["reference_results"]["digests"]["tcn"][:16]}…`.', '',
+              '| chain | mode | killed after stage start (s) | stage | '
+              'output being written | next start resumed | survived |',
+              '|---|---|---|---|---|---|---|']
+    for t in r['trials']:
+      lines.append(f'| {t["chain"]} | {t["mode"]} | '
+                   f'{t["kill_after_stage_start_s"]} | {t["stage"]} | '
+                   f'{"yes" if t["during_write"] else "no"} | '
+                   f'{", ".join(t.get("resumed", [])) or "-"} | '
+                   f'{"yes" if t["survived"] else "NO"} |')
+    lines.append('')
+  with open(os.path.join(args.out, 'chaos_stages.md'), 'w') as f:
+    f.write('\n'.join(lines))
+
+
+def sweep_stages(args, src, rng, command, commit):
+  """--stages: per stage a reference run and `--kills` kills (one chain per
+  kill, a chain's later starts left to finish); writes chaos_stages.*."""
+  report = {'command': command, 'commit': commit, 'config': CONFIG,
+            'flags': TINY + args.overrides, 'seed': args.seed, 'stages': {}}
+  path = os.path.join(args.out, 'chaos_stages.json')
+  if args.append and os.path.exists(path):   # Stages swept before.
+    with open(path) as f:
+      earlier = json.load(f)
+    for entry in earlier['stages'].values():
+      entry.setdefault('commit', earlier['commit'])
+      entry.setdefault('seed', earlier['seed'])
+    report['stages'] = earlier['stages']
+    report['command'] = f"{earlier['command']}; {command}"
+  for stage in args.stages.split(','):
+    flags = TINY + STAGES[stage][0] + args.overrides
+    _, begin, end, _ = STAGES[stage]
+    ref = os.path.join(args.workdir, f'{stage}_reference')
+    with open(ref + '.log', 'w') as log:
+      proc = start(src, ref, flags, log)
+      t_begin = t_end = None
+      while proc.poll() is None or t_end is None:
+        if t_begin is None and begin in _read(ref + '.log'):
+          t_begin = time.time()
+        if t_begin is not None and t_end is None and _reached(
+            ref, ref + '.log', end):
+          t_end = time.time()
+        if proc.poll() is not None:
+          t_begin, t_end = t_begin or time.time(), t_end or time.time()
+        time.sleep(0.002)
+    if proc.returncode:
+      sys.exit(f'{stage}: reference run failed; see {ref}.log')
+    window = t_end - t_begin
+    expected = comparable(load_results(ref))
+    print(f'{stage}: reference stage {window:.2f} s', flush=True)
+    trials, chains = [], []
+    for chain in range(args.kills):
+      workdir = os.path.join(args.workdir, f'{stage}_chain{chain}')
+      got, errors = stage_chain(src, workdir, flags, stage, 1, rng, window,
+                                args.write_fraction)
+      ok = (not errors and os.path.exists(os.path.join(workdir, 'results.json'))
+            and comparable(load_results(workdir)) == expected
+            and same_tcn(ref, workdir))
+      for t in got:
+        t.update(chain=chain, survived=ok)
+      trials += got
+      chains.append({'chain': chain, 'identical': ok, 'errors': errors,
+                     'kills': len(got)})
+      print(f'{stage} chain {chain}: identical={ok} errors={errors}',
+            flush=True)
+    report['stages'][stage] = {
+        'flags': STAGES[stage][0], 'commit': commit, 'seed': args.seed,
+        'reference_stage_seconds': round(window, 2),
+        'reference_results': expected, 'chains': chains, 'trials': trials}
+    write_stage_report(args, report, command, commit)   # Partial, so far.
+  write_stage_report(args, report, command, commit)
+  print(f'survived {report["survived"]}/{report["kills"]}')
+  sys.exit(0 if report['survived'] == report['kills']
+           and report['all_identical'] else 1)
+
+
 def comparable(results):
-  return {k: v for k, v in results.items() if k not in TIMING}
+  """results.json without timings (the baselines' own included)."""
+  out = {k: v for k, v in results.items() if k not in TIMING}
+  for k in ('kd', 'kdgan'):
+    if isinstance(out.get(k), dict):
+      out[k] = {f: v for f, v in out[k].items() if f not in TIMING}
+  return out
 
 
 def load_results(workdir):
@@ -106,6 +334,10 @@ def main():
   parser.add_argument('--workdir', default='/tmp/tcn_chaos')
   parser.add_argument('--out', default=os.path.join(ROOT, 'experiments',
                                                     'results'))
+  parser.add_argument('--stages', default='',
+                      help='comma-separated STAGES to sweep (tiny runs)')
+  parser.add_argument('--append', action='store_true',
+                      help='--stages: keep the stages of the last report')
   parser.add_argument('overrides', nargs='*',
                       help='extra --config.* flags for every run')
   args = parser.parse_args()
@@ -117,6 +349,8 @@ def main():
   shutil.rmtree(args.workdir, ignore_errors=True)
   os.makedirs(args.workdir)
   src = snapshot(os.path.join(args.workdir, 'src'))
+  if args.stages:
+    sweep_stages(args, src, rng, command, commit)
 
   ref = os.path.join(args.workdir, 'reference')
   t0 = time.time()

@@ -15,6 +15,7 @@ import numpy as np
 from tcn_jax import checkpoint
 from tcn_jax import chunking
 from tcn_jax import engine
+from tcn_jax import inputs
 from tcn_jax import models
 from tcn_jax.errors import TCNError
 
@@ -37,14 +38,23 @@ class StudentGroup:
   out_relu: bool = False
   init: str = 'normal'
   variables: Any = None   # {'params', ['batch_stats']}; leading axis = member.
+  input_shape: Any = None  # One example's shape (train_students sets it).
+
+  def __post_init__(self):   # From JSON or msgpack: a list.
+    if self.input_shape is not None:
+      self.input_shape = tuple(int(v) for v in self.input_shape)
 
   def model(self, impl='auto'):
     return models.student(self.spec, self.out_dim, self.out_relu, self.init,
                           impl)
 
   def describe(self):
-    return {k: v for k, v in dataclasses.asdict(self).items()
-            if k != 'variables'}
+    """JSON data (msgpack too: lists, not tuples) of all but the variables."""
+    out = {k: v for k, v in dataclasses.asdict(self).items()
+           if k != 'variables'}
+    if self.input_shape is not None:
+      out['input_shape'] = list(self.input_shape)
+    return out
 
 
 @dataclasses.dataclass
@@ -74,6 +84,14 @@ class TCN:
   @property
   def num_students(self):
     return sum(len(g.member_ids) for g in self.groups)
+
+  @property
+  def input_shape(self) -> tuple | None:
+    """One example's shape, when its students recorded it (None: a TCN
+    saved before they did; inputs are then checked against the
+    parameters)."""
+    shapes = [g.input_shape for g in self.groups if g.input_shape is not None]
+    return tuple(shapes[0]) if shapes else None
 
   @property
   def chunker(self) -> chunking.Chunker:
@@ -133,6 +151,10 @@ def student_outputs_fn(tcn: TCN, strategy='auto'):
 def make_predict(tcn: TCN, strategy='auto'):
   """The assembled network as one jitted function, without the teacher.
 
+  `images` follow the API's input contract (`tcn_jax.inputs`): (N, ...)
+  channels last, of the TCN's input shape, float in [0, 1] or uint8 pixels
+  (scaled by 1/255 as the data loader does); anything else is a TCNError.
+
   Args:
     tcn: a `TCN` with trained students and head.
     strategy: how the members of a group run (`engine.STRATEGIES`).
@@ -144,7 +166,16 @@ def make_predict(tcn: TCN, strategy='auto'):
   head = tcn_head(tcn)
   students = [g.variables for g in tcn.groups]
   head_variables = tcn.head_variables
-  return jax.jit(lambda x: head.apply(head_variables, outputs(students, x)))
+  logits = jax.jit(lambda x: head.apply(head_variables, outputs(students, x)))
+  spec, shape, fitting = tcn.groups[0].spec, tcn.input_shape, {}
+
+  def predict(images):
+    images = inputs.batch('predict', 'images', images, spec=spec, shape=shape)
+    if shape is None:
+      inputs.fits('predict', 'images', images, logits, fitting)
+    return logits(images)
+
+  return predict
 
 
 def tcn_head(tcn: TCN) -> models.Head:
@@ -189,7 +220,7 @@ def load_tcn(path: str, strategy='auto'):
     state, meta = ckpt.restore()
   if not isinstance(meta, dict) or meta.get('kind') != 'tcn_jax.TCN':
     raise TCNError(f'load_tcn: {path} is a checkpoint but not of a TCN')
-  groups = [StudentGroup(**g) for g in meta['groups']]
+  groups = [StudentGroup(**g) for g in meta['groups']]   # input_shape: a list
   tcn = TCN(groups, meta['num_classes'], meta['head_dropout'],
             head_bn=meta.get('head_bn', False))
   for i, g in enumerate(groups):

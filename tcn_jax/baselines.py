@@ -132,7 +132,9 @@ def run_stage(run: record.Run, stage: str, teacher: record.Teacher,
                                       c.eval_batch_size),
          'params': models.num_params(variables['params']),
          'temperature': k.temperature, 'alpha': k.alpha,
-         'train_seconds': info['seconds']}
+         'train_seconds': info['seconds'],
+         # Bitwise fingerprint: a resumed run gives the same student.
+         'digest': checkpoint.digest(variables)}
   if stage == 'kdgan':
     out.update(adv_weight=c.kdgan.adv_weight,
                gumbel_temperature=c.kdgan.gumbel_temperature)

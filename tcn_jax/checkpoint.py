@@ -149,13 +149,21 @@ class StageCheckpoint:
   def __init__(self, directory: str, max_to_keep: int = 2,
                read_only: bool = False):
     self.directory = os.path.abspath(directory)
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=not read_only,
-            read_only=read_only, cleanup_tmp_directories=not read_only),
-        item_handlers={'state': ocp.StandardCheckpointHandler(),
-                       'record': ocp.JsonCheckpointHandler()})
+    # Written synchronously (save waits for the write anyway): no Orbax
+    # thread outlives a failed write, waiting minutes for a signal that
+    # never comes and holding the process's exit.
+    try:
+      self.manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=max_to_keep, create=not read_only,
+              enable_async_checkpointing=False, read_only=read_only,
+              cleanup_tmp_directories=not read_only),
+          item_handlers={'state': ocp.StandardCheckpointHandler(),
+                         'record': ocp.JsonCheckpointHandler()})
+    except OSError as e:
+      raise TCNError(f'cannot open checkpoint directory {self.directory} '
+                     f'({_first_line(e)})') from None
 
   def latest_epoch(self) -> int:
     """Number of finished epochs saved (0 = nothing saved)."""

@@ -16,6 +16,7 @@ import numpy as np
 from tcn_jax import checkpoint
 from tcn_jax import data as data_lib
 from tcn_jax import engine
+from tcn_jax import inputs
 from tcn_jax import record
 from tcn_jax import workdir as workdir_lib
 
@@ -27,7 +28,7 @@ def teacher_features(teacher, variables, x,
   Args:
     teacher: a `models.Teacher` (anything with a `features` method).
     variables: its Flax variables ({'params', ['batch_stats']}).
-    x: (N, ...) inputs.
+    x: (N, ...) inputs (the API's contract: `tcn_jax.inputs`).
     batch_size: examples per compiled call.
 
   Returns:
@@ -35,6 +36,9 @@ def teacher_features(teacher, variables, x,
   """
   fn = jax.jit(lambda xb: teacher.apply(variables, xb,
                                         method=teacher.features))
+  x = inputs.batch('teacher_features', 'x', x,
+                   spec=getattr(teacher, 'body', None))
+  inputs.fits('teacher_features', 'x', x, fn)
   return engine.batched(fn, np.asarray(x), batch_size)
 
 

@@ -17,6 +17,7 @@ import optax
 
 from tcn_jax import checkpoint
 from tcn_jax import engine
+from tcn_jax import inputs
 from tcn_jax import metrics
 from tcn_jax import models
 from tcn_jax.errors import TCNError
@@ -88,8 +89,7 @@ def check_inputs(name, epochs, x, targets):
   """TCNError, before any work, unless `epochs` is an integer >= 0 and
   every target has one row per input (the Python API's contract; the
   command line checks its config earlier)."""
-  if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-    raise TCNError(f'{name}: epochs must be an integer >= 0, got {epochs!r}')
+  inputs.epochs(name, epochs)
   if x is None or targets is None:   # A finished stage, only restored.
     return
   for leaf in jax.tree_util.tree_leaves(targets):

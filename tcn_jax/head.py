@@ -13,6 +13,7 @@ from tcn_jax import assemble
 from tcn_jax import checkpoint
 from tcn_jax import engine
 from tcn_jax import fit
+from tcn_jax import inputs
 from tcn_jax import losses
 from tcn_jax import metrics
 from tcn_jax import record
@@ -38,8 +39,14 @@ def finetune_head(tcn, ds, *, epochs, batch_size=128, optimizer='adam',
     (tcn with the new head, info) with info = {'test_acc_before',
     'test_acc_after', 'history', 'seconds'}.
   """
+  inputs.epochs('finetune_head', epochs)
+  ds = inputs.dataset('finetune_head', ds, spec=tcn.groups[0].spec,
+                      num_classes=tcn.num_classes, shape=tcn.input_shape)
   outputs = assemble.student_outputs_fn(tcn, strategy)
   students = [g.variables for g in tcn.groups]
+  if tcn.input_shape is None:   # A TCN saved before students recorded it.
+    inputs.fits('finetune_head', 'ds.train.x', ds.train.x,
+                lambda xb: outputs(students, xb))
   stage_dir = workdir and os.path.join(workdir, 'head')
   # A finished head (resume) needs only the test outputs.
   splits = ('train', 'val', 'test')

@@ -107,5 +107,22 @@ def main(argv):
     _fail(e)
 
 
+def exit_promptly(code: int):
+  """Ends a failed run now: its error line is printed and its checkpoints
+  are closed, so no thread a library left behind (e.g. one waiting on a write
+  that failed) may hold the exit, and a stop signal while exiting is silent."""
+  for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, signal.SIG_DFL)
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  try:
+    app.run(main, flags_parser=parse_flags)
+  except SystemExit as e:
+    if e.code:   # An `error:` line or a stop: nothing more to wait for.
+      exit_promptly(e.code if isinstance(e.code, int) else 2)
+    raise

@@ -8,6 +8,7 @@ import numpy as np
 
 from tcn_jax import engine
 from tcn_jax.errors import TCNError
+from tcn_jax import inputs
 
 
 def accuracy(logits, labels) -> float:
@@ -24,12 +25,14 @@ def evaluate(predict, x, y, batch_size: int = 1000) -> float:
 
   Args:
     predict: images -> logits (e.g. `make_predict(tcn)`).
-    x, y: inputs and integer labels.
+    x, y: inputs (the API's contract: `tcn_jax.inputs`) and integer labels.
     batch_size: examples per call.
 
   Returns:
     The fraction of `x` classified as `y`, in [0, 1].
   """
+  x = inputs.batch('evaluate', 'x', x)
+  y = inputs.labels('evaluate', 'y', y, len(x), None)
   return accuracy(engine.batched(predict, x, batch_size), y)
 
 

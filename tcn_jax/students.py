@@ -19,6 +19,7 @@ from tcn_jax import distributed
 from tcn_jax import engine
 from tcn_jax import fit
 from tcn_jax import gan as gan_lib
+from tcn_jax import inputs
 from tcn_jax import losses
 from tcn_jax import metrics
 from tcn_jax import models
@@ -74,10 +75,20 @@ def train_students(specs, x, features, num_students, *, epochs,
   if len(specs) != num_students:
     raise TCNError(f'{len(specs)} student architectures given for '
                    f'num_students={num_students}')
-  features = np.asarray(features)
+  where = 'train_students'
+  inputs.epochs(where, epochs)
+  x = inputs.batch(where, 'x', x, spec=specs[0])
+  features = np.asarray(inputs.features(where, 'features', features, len(x)))
+  if val is not None:
+    val_x = inputs.batch(where, 'val[0]', val[0], spec=specs[0],
+                         shape=x.shape[1:])
+    val = (val_x, inputs.features(where, 'val[1]', val[1], len(val_x),
+                                  features.shape[1]))
   sizes = chunking.chunk_sizes(features.shape[1], num_students)
   bounds = chunking.chunk_bounds(features.shape[1], num_students)
   groups = assemble.group_students(specs, sizes, out_relu, init)
+  for g in groups:
+    g.input_shape = tuple(x.shape[1:])
   chunks = chunking.chunk(features, num_students)
   val_x, val_chunks = x[:1], [c[:1] for c in chunks]
   if val is not None:

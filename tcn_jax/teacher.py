@@ -12,6 +12,7 @@ import optax
 from tcn_jax import checkpoint
 from tcn_jax import engine
 from tcn_jax import fit
+from tcn_jax import inputs
 from tcn_jax import losses
 from tcn_jax import metrics
 from tcn_jax import models
@@ -39,6 +40,9 @@ def train_teacher(teacher, ds, *, epochs, batch_size=256, optimizer='adam',
     (variables, info): Flax variables {'params', ['batch_stats']};
     info = {'history', 'seconds'}.
   """
+  inputs.epochs('train_teacher', epochs)
+  ds = inputs.dataset('train_teacher', ds, spec=teacher.body,
+                      num_classes=teacher.num_classes, splits=('train', 'val'))
   seed = fit.stage_seed(seed, 'teacher')
   lr = learning_rate
   if lr_step_epochs:

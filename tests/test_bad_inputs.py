@@ -7,6 +7,7 @@ parsing errors (absl) run the real command line. An error that the config
 and the data alone show (found before the workdir is opened) leaves the
 workdir byte for byte as it was, with no file added.
 """
+import contextlib
 import fcntl
 import glob
 import hashlib
@@ -17,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import types
 from unittest import mock
 
@@ -74,16 +76,18 @@ def run_main(monkeypatch, capsys):
 
 
 def _data_dir(path, shape=(28, 28), label_max=9, images_magic=0x803,
-              cut=0, labels=None, splits=('train', 'test')):
+              cut=0, labels=None, splits=('train', 'test'), test_n=200,
+              test_shape=None):
   """IDX files of random images; optionally with a defect."""
   os.makedirs(path)
-  for split, n in (('train', 500), ('test', 200)):
+  for split, n in (('train', 500), ('test', test_n)):
     if split not in splits:
       continue
     x, y = _synthetic(n, seed=len(split))
-    x = np.resize(x, (n, *shape))
+    x = np.resize(x, (n, *(test_shape if split == 'test' and test_shape
+                           else shape)))
     y = np.minimum(y, label_max) if labels is None else y[:labels]
-    y[0] = label_max
+    y[:1] = label_max
     _write_split(path, split, x, y, style='raw')
   if images_magic != 0x803 or cut:
     name = os.path.join(path, 'train-images-idx3-ubyte')
@@ -240,6 +244,12 @@ CASES = [
      lambda tmp, wd: {'data__dir': _data_dir(tmp, labels=499)}),
     ('missing IDX file', {}, 'no IDX file t10k-images',
      lambda tmp, wd: {'data__dir': _data_dir(tmp, splits=('train',))}),
+    ('empty test split', {}, 'the test split of fashion_mnist is empty',
+     lambda tmp, wd: {'data__dir': _data_dir(tmp, test_n=0)}),
+    ('test images of another size than train', {},
+     'test inputs of fashion_mnist have shape (32, 32, 1), train inputs '
+     '(28, 28, 1)',
+     lambda tmp, wd: {'data__dir': _data_dir(tmp, test_shape=(32, 32))}),
     # Shapes.
     ('more pooling than the image allows',
      {'teacher__body': 'C8 MP MP MP MP MP F D32r'},
@@ -337,6 +347,87 @@ def test_disk_full(finished, tmp_path, run_main):
   assert 'teacher/3' in errors[0] and 'File too large' in errors[0], errors
   after = _snapshot(workdir)
   assert {k: after.get(k) for k in before} == before
+
+
+@contextlib.contextmanager
+def _read_only_dir(path):
+  """`path` as a directory that refuses writes: a read-only tmpfs mounted
+  on it for root (whom file modes do not stop), mode 0o555 for others."""
+  os.makedirs(path, exist_ok=True)
+  if os.geteuid():
+    os.chmod(path, 0o555)
+    try:
+      yield path
+    finally:
+      os.chmod(path, 0o755)
+    return
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'ro', 'tmpfs', path],
+                    capture_output=True).returncode:
+    pytest.skip('root without mount rights: no directory refuses writes')
+  try:
+    yield path
+  finally:
+    subprocess.run(['umount', path], check=True)
+
+
+def test_failed_checkpoint_write_leaves_no_thread(tmp_path):
+  """A checkpoint that cannot be written is one TCNError, and no thread
+  outlives it (Orbax's asynchronous writes once left threads waiting five
+  minutes for a signal, holding the process's exit)."""
+  before = set(threading.enumerate())
+  with _read_only_dir(str(tmp_path / 'stage')) as stage:
+    with pytest.raises(TCNError, match=f'cannot write checkpoint {stage}/1'):
+      with checkpoint.StageCheckpoint(stage) as ckpt:
+        ckpt.save(1, {'w': np.zeros(8, np.float32)}, {'epoch': 1})
+  assert [t.name for t in set(threading.enumerate()) - before
+          if t.is_alive() and not t.daemon] == []
+
+
+def test_unwritable_stage_directory_exits_promptly(finished, tmp_path):
+  """The command line on a workdir whose teacher/ refuses writes (an empty
+  read-only directory mounted over it): one error line, exit 2, no
+  warnings, and an exit within the timeout (it once hung five minutes);
+  every file is unchanged."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(finished, workdir)
+  before = _snapshot(workdir)
+  with _read_only_dir(os.path.join(workdir, 'teacher')):
+    proc = subprocess.run(
+        [sys.executable, '-m', 'tcn_jax.main', '--config', SMOKE,
+         '--workdir', workdir, *TINY_FLAGS], cwd=ROOT, capture_output=True,
+        text=True, timeout=150)
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert (len(errors) == 1 and 'cannot write checkpoint' in errors[0]
+          and 'teacher/1' in errors[0]), proc.stderr[-2000:]
+  for noise in ('Traceback', 'never awaited', 'Exception ignored'):
+    assert noise not in proc.stderr, proc.stderr[-2000:]
+  assert _snapshot(workdir) == before
+
+
+LINGERING_THREAD_SCRIPT = """
+import runpy, sys, threading, time
+threading.Thread(target=time.sleep, args=(600,), name='lingering').start()
+sys.argv = ['tcn_jax.main'] + sys.argv[1:]
+runpy.run_module('tcn_jax.main', run_name='__main__', alter_sys=True)
+"""
+
+
+def test_failed_run_exits_despite_a_lingering_thread(tmp_path):
+  """A failed command line run ends at once even when a library left a
+  non-daemon thread running (a normal exit would wait for it): one error
+  line, exit 2, no traceback."""
+  workdir = str(tmp_path / 'run')
+  proc = subprocess.run(
+      [sys.executable, '-c', LINGERING_THREAD_SCRIPT, '--config', SMOKE,
+       '--workdir', workdir, *TINY_FLAGS, '--config.num_students=0'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert (len(errors) == 1 and 'num_students must be a positive'
+          in errors[0]), proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
+  assert not os.path.exists(workdir)
 
 
 def test_tensorstore_write_error_names_the_os_cause():

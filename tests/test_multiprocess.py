@@ -36,7 +36,7 @@ def _data():
   rng = np.random.default_rng(0)
   x = rng.random((200, 12, 12, 1), np.float32)
   feats = np.maximum(rng.standard_normal((200, D)), 0).astype(np.float32)
-  x_val, f_val = x[:40] + 0.1, feats[:40]
+  x_val, f_val = np.minimum(x[:40] + 0.1, 1), feats[:40]   # In [0, 1].
   x_test = rng.random((24, 12, 12, 1), np.float32)
   return x, feats, (x_val, f_val), x_test
 
