@@ -18,6 +18,7 @@ from tcn_jax import chunking
 from tcn_jax import data as data_lib
 from tcn_jax import distributed
 from tcn_jax import engine
+from tcn_jax.export import parse_formats
 from tcn_jax import fit
 from tcn_jax import gan as gan_lib
 from tcn_jax import layers
@@ -128,6 +129,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.kdgan = ml_collections.ConfigDict(dict(
       enabled=False, epochs=10, adv_weight=0.1, gumbel_temperature=1.0,
       disc='256 128', d_optimizer='adam', d_learning_rate=2e-4))
+  # Artifacts of the assembled TCN and of each student written into
+  # workdir/export/ at the end of a run (tcn_jax/export.py): formats
+  # 'stablehlo', 'onnx' comma-separated ('' = none); batch_size 0 = any.
+  c.export = ml_collections.ConfigDict(dict(formats='', batch_size=0))
   # Students split over processes (docs/distributed.md).
   c.distributed = ml_collections.ConfigDict(dict(
       num_processes=1, process_id=0, coordinator=''))
@@ -174,6 +179,8 @@ def resolve(user: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.students.loss = 'logit_matching' if c.students.logit_weight else 'mse'
   if 'init_from' not in c.teacher:   # A config made before the field.
     c.teacher.init_from = ''
+  if 'export' not in c:   # A config made before the section.
+    c.export = base_config().export
   _validate(c)
   return c
 
@@ -282,6 +289,8 @@ def _validate(c):
   check_number('data.train_size', c.data.train_size, int, 0)
   check_number('data.test_size', c.data.test_size, int, 0)
   check_number('eval_batch_size', c.eval_batch_size, int, 1)
+  parse_formats(c.export.formats)
+  check_number('export.batch_size', c.export.batch_size, int, 0)
   chunking.CHUNKINGS.check(c.chunking)
   chunking.PCA_ASSIGNMENTS.check(c.pca_assignment)
   if c.kd.enabled or c.kdgan.enabled:

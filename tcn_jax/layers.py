@@ -86,7 +86,10 @@ def max_pool(x, window: int = 2, padding: str = 'VALID', impl: str = 'auto'):
   """Non-overlapping max pooling (window == stride) over all spatial axes."""
   nd = x.ndim - 2
   if resolve_impl(impl) == 'xla':
-    return nn.max_pool(x, (window,) * nd, (window,) * nd, padding)
+    # Keyword arguments: jax2onnx's ONNX export replaces nn.max_pool with a
+    # function that takes only these (same values, same results).
+    return nn.max_pool(x, window_shape=(window,) * nd,
+                       strides=(window,) * nd, padding=padding)
   x = _pad(x, (window,) * nd, (window,) * nd, padding, value=-jnp.inf)
   x = x[(slice(None), *(slice(0, s // window * window) for s in x.shape[1:-1]))]
   shape = [x.shape[0]]

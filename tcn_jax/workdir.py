@@ -25,9 +25,9 @@ OUTPUTS = {'teacher': 'teacher', 'features': 'features.npz',
            'kdgan': 'kdgan'}
 KEYS_FILE = 'stage_keys.json'
 # Outputs of the whole run, recomputed from the stages at its end.
-RUN_OUTPUTS = ('results.json', 'tcn')
+RUN_OUTPUTS = ('results.json', 'tcn', 'export')
 # Fields that may change between reruns without being a change of config.
-IGNORED = ('allow_config_change', 'distributed')
+IGNORED = ('allow_config_change', 'distributed', 'export')
 
 
 def stage_key(**inputs) -> str:
