@@ -15,6 +15,7 @@ import numpy as np
 from tcn_jax import checkpoint
 from tcn_jax import chunking
 from tcn_jax import engine
+from tcn_jax import layers
 from tcn_jax import models
 from tcn_jax.errors import TCNError
 
@@ -29,9 +30,9 @@ class StudentGroup:
   init: str = 'normal'
   variables: Any = None   # {'params', ['batch_stats']}; leading axis = member.
 
-  def model(self, impl='auto'):
+  def model(self, impl='auto', dtype=None):
     return models.student(self.spec, self.out_dim, self.out_relu, self.init,
-                          impl)
+                          impl, dtype)
 
   def describe(self):
     return {k: v for k, v in dataclasses.asdict(self).items()
@@ -101,8 +102,17 @@ def student_outputs_fn(tcn: TCN, strategy='auto'):
   return jax.jit(outputs)
 
 
-def make_predict(tcn: TCN, strategy='auto'):
-  """Jitted `predict(images) -> logits` of the assembled network."""
+def make_predict(tcn: TCN, strategy='auto', impl: str | None = None):
+  """Jitted `predict(images) -> logits` of the assembled network.
+
+  Args:
+    tcn: the assembled network.
+    strategy: how the students of a group run (`engine.STRATEGIES`).
+    impl: the convolution path; None: `layers.forward_impl(tcn.impl)`, XLA's
+      own convolution unless the TCN asks for 'im2col' (forward-only, it is
+      the faster one on the CPU too).
+  """
+  tcn = dataclasses.replace(tcn, impl=impl or layers.forward_impl(tcn.impl))
   outputs = student_outputs_fn(tcn, strategy)
   head = tcn_head(tcn)
   students = [g.variables for g in tcn.groups]

@@ -52,6 +52,7 @@ def _registry(what, field, names):
 DATASETS = _registry('dataset', 'data.name', data_lib.DATASETS)
 LAYERS_IMPLS = _registry('layers_impl', 'layers_impl', layers.IMPLS)
 INITS = _registry('initializer', 'students.init', models.INITS)
+DTYPES = _registry('compute dtype', 'dtype', models.COMPUTE_DTYPES)
 GAN_MSE_TARGETS = _registry('GAN MSE target', 'gan.mse_target',
                             gan_lib.MSE_TARGETS)
 
@@ -73,6 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_students = 4
   c.method = 'ff'
   c.layers_impl = 'auto'          # 'auto' | 'im2col' | 'xla'.
+  # Compute dtype of the teacher, the students and the KD students
+  # (parameters and optimizer state stay float32): 'float32' | 'bfloat16'.
+  c.dtype = 'float32'
   c.eval_batch_size = 1000
   c.allow_config_change = False
   # 'contiguous' (the paper) or 'pca': students regress chunks of principal-
@@ -179,6 +183,8 @@ def resolve(user: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.students.loss = 'logit_matching' if c.students.logit_weight else 'mse'
   if 'init_from' not in c.teacher:   # A config made before the field.
     c.teacher.init_from = ''
+  if 'dtype' not in c:   # A config made before the field.
+    c.dtype = 'float32'
   if 'export' not in c:   # A config made before the section.
     c.export = base_config().export
   _validate(c)
@@ -258,6 +264,7 @@ def _validate(c):
   engine.resolve_strategy(c.students.strategy)
   distributed.validate(c.get('distributed'), n)
   LAYERS_IMPLS.check(c.layers_impl)
+  DTYPES.check(c.dtype)
   INITS.check(c.students.init)
   for spec in student_specs(c):
     parse_arch('students.arch', spec)

@@ -33,6 +33,7 @@ import numpy as np
 from tcn_jax import assemble
 from tcn_jax import checkpoint
 from tcn_jax import engine
+from tcn_jax import layers
 from tcn_jax.errors import TCNError
 from tcn_jax.registry import Registry
 
@@ -97,10 +98,10 @@ def forward(net: assemble.TCN, student: int | None = None,
   Args:
     net: an assembled TCN.
     student: None for the whole TCN, else a student's index in [0, n).
-    impl: the convolution path (`layers.IMPLS`); None: the TCN's own.
+    impl: the convolution path (`layers.IMPLS`); None: as `make_predict`
+      (`layers.forward_impl`).
   """
-  if impl is not None:
-    net = dataclasses.replace(net, impl=impl)
+  net = dataclasses.replace(net, impl=impl or layers.forward_impl(net.impl))
   if student is None:
     return assemble.make_predict(net, 'unrolled')
   for g in net.groups:
@@ -129,7 +130,7 @@ def export(net: assemble.TCN, path: str, format: str = 'stablehlo', *,  # pylint
     batch_size: a fixed batch size, or None for any batch size.
     student: None for the whole TCN, else one student's index.
     input_dtype: the inputs' dtype (int32 for token ids).
-    impl: the convolution path in the artifact; None: the TCN's own.
+    impl: the convolution path in the artifact; None: as `make_predict`.
     platforms: stablehlo only: jax platforms to lower for ('cpu', 'cuda',
       'tpu'); None: this process's backend.
 

@@ -99,14 +99,14 @@ def key(run: record.Run, loaded_digest: str = '') -> str:
   return workdir_lib.stage_key(
       stage='teacher', teacher=section, loaded=loaded_digest,
       layers_impl=c.layers_impl, seed=c.seed, data=run.data_key,
-      num_classes=run.ds.num_classes)
+      num_classes=run.ds.num_classes, **workdir_lib.dtype_key(c))
 
 
 def model(run: record.Run) -> models.Teacher:
   c = run.config
   return models.Teacher(c.teacher.body, run.ds.num_classes,
                         c.teacher.head_dropout, c.layers_impl,
-                        c.teacher.head_bn)
+                        c.teacher.head_bn, models.compute_dtype(c))
 
 
 def run_stage(run: record.Run, key: str, loaded=None) -> record.Teacher:
