@@ -74,6 +74,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_students = 4
   c.method = 'ff'
   c.layers_impl = 'auto'          # 'auto' | 'im2col' | 'xla'.
+  # Forward-only work of the stages (teacher features and evaluation, the
+  # frozen students of head fine-tuning): '' = layers_impl (as training),
+  # 'auto' = 'xla' (XLA's own convolution: faster without a backward pass on
+  # the CPU; changes the features' last bits, hence the digests), 'im2col'.
+  c.forward_impl = ''
   # Compute dtype of the teacher, the students and the KD students
   # (parameters and optimizer state stay float32): 'float32' | 'bfloat16'.
   c.dtype = 'float32'
@@ -183,6 +188,8 @@ def resolve(user: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.students.loss = 'logit_matching' if c.students.logit_weight else 'mse'
   if 'init_from' not in c.teacher:   # A config made before the field.
     c.teacher.init_from = ''
+  if 'forward_impl' not in c:   # A config made before the field.
+    c.forward_impl = ''
   if 'dtype' not in c:   # A config made before the field.
     c.dtype = 'float32'
   if 'export' not in c:   # A config made before the section.
@@ -264,6 +271,8 @@ def _validate(c):
   engine.resolve_strategy(c.students.strategy)
   distributed.validate(c.get('distributed'), n)
   LAYERS_IMPLS.check(c.layers_impl)
+  if c.forward_impl:
+    LAYERS_IMPLS.check(c.forward_impl, 'forward_impl')
   DTYPES.check(c.dtype)
   INITS.check(c.students.init)
   for spec in student_specs(c):

@@ -37,6 +37,13 @@ def forward_impl(impl: str) -> str:
   return 'xla' if impl == 'auto' else impl
 
 
+def stage_impl(layers_impl: str, forward: str = '') -> str:
+  """The path of a pipeline stage's forward-only work (teacher features,
+  frozen students, evaluation): `forward` ('auto' -> 'xla'), or with ''
+  `layers_impl` as in training (the behaviour before the choice)."""
+  return forward_impl(forward) if forward else layers_impl
+
+
 def _pad(x, kernel_size, strides, padding, value=0.0):
   """Applies 'SAME' padding explicitly (as XLA does) so im2col can be 'VALID'."""
   if padding == 'VALID':

@@ -12,6 +12,7 @@ import optax
 from tcn_jax import checkpoint
 from tcn_jax import engine
 from tcn_jax import fit
+from tcn_jax import layers
 from tcn_jax import losses
 from tcn_jax import metrics
 from tcn_jax import models
@@ -123,7 +124,9 @@ def run_stage(run: record.Run, key: str, loaded=None) -> record.Teacher:
         lr_step_factor=c.lr_step_factor, seed=run.config.seed,
         workdir=run.workdir or None, writer=run.writer)
     seconds = info['seconds']
-  predict = jax.jit(lambda xb: teacher.apply(variables, xb))
+  evaluated = teacher.clone(impl=layers.stage_impl(run.config.layers_impl,
+                                                   run.config.forward_impl))
+  predict = jax.jit(lambda xb: evaluated.apply(variables, xb))
   acc = metrics.evaluate(predict, ds.test.x, ds.test.y,
                          run.config.eval_batch_size)
   return record.Teacher(teacher, variables, acc, seconds, key)

@@ -46,6 +46,12 @@ def dtype_key(config) -> dict:
   return {} if dtype == 'float32' else {'dtype': dtype}
 
 
+def forward_key(config) -> dict:
+  """A stage key's `forward_impl` entry: none when unset (as above)."""
+  forward = config.get('forward_impl', '')
+  return {'forward_impl': forward} if forward else {}
+
+
 def _read_json(path):
   """A workdir JSON file, or TCNError naming it when damaged."""
   try:
