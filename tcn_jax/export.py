@@ -101,11 +101,14 @@ def forward(net: assemble.TCN, student: int | None = None,
     impl: the convolution path (`layers.IMPLS`); None: as `make_predict`
       (`layers.forward_impl`).
   """
+  if impl is not None and impl not in layers.IMPLS:
+    raise TCNError(f'export: impl must be one of {layers.IMPLS}, got '
+                   f'{impl!r}')
   net = dataclasses.replace(net, impl=impl or layers.forward_impl(net.impl))
   if student is None:
     return assemble.make_predict(net, 'unrolled')
   for g in net.groups:
-    if student in g.member_ids:
+    if type(student) is int and student in g.member_ids:  # pylint: disable=unidiomatic-typecheck
       model = g.model(net.impl)
       m = g.member_ids.index(student)
       variables = engine.unstack(g.variables, len(g.member_ids))[m]

@@ -95,13 +95,15 @@ def test_api_fixed_batch_and_command_line(exported_run, tmp_path, capsys):
     (dict(path='.'), 'is a directory'),
     (dict(student=2), 'no student 2'),
     (dict(batch_size=0), 'batch_size must be'),
+    (dict(impl='fast'), 'impl must be one of'),
+    (dict(input_shape=(5, 5, 1)), 'stablehlo export of the TCN failed'),
 ])
 def test_bad_export_arguments(exported_run, tmp_path, kwargs, message):
   _, _, _, net, x = exported_run
-  kwargs = {'path': 'tcn.stablehlo', **kwargs}
+  kwargs = {'path': 'tcn.stablehlo', 'input_shape': x.shape[1:], **kwargs}
   kwargs['path'] = str(tmp_path / kwargs['path'])
   with pytest.raises(TCNError, match=message):
-    tcn.export(net, input_shape=x.shape[1:], **kwargs)
+    tcn.export(net, **kwargs)
   assert os.listdir(tmp_path) == []
 
 
