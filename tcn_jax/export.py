@@ -13,9 +13,9 @@ images to that student's output (its chunk of the feature, or of the PCA
 coefficients), so students can be served on separate devices as the paper
 proposes; the TCN's maps images to logits, like `assemble.make_predict`.
 
-  python -m tcn_jax.export --workdir runs/fmnist --formats stablehlo,onnx
+  python -m tcn_jax.export_cli --workdir runs/fmnist --formats stablehlo,onnx
 
-exports a trained workdir's `tcn/` into `<workdir>/export/`;
+exports a trained workdir's `tcn/` into `<workdir>/export/` (`export_workdir`);
 `--config.export.formats=...` makes a run do the same at its end.
 """
 import dataclasses
@@ -23,7 +23,6 @@ import importlib
 import json
 import logging as py_logging
 import os
-import sys
 from typing import Callable, Sequence
 
 import jax
@@ -79,15 +78,23 @@ def _onnx(fn, shape, dtype, platforms=None) -> bytes:
   return model.SerializeToString()
 
 
-def parse_formats(text: str, field: str = 'export.formats') -> list[str]:
+def check_format(name, where: str = 'config.export.formats') -> str:
+  """`name` if it is a format in `FORMATS`, else one TCNError naming
+  `where` (a config field, an argument or a flag)."""
+  if name not in FORMATS:
+    raise TCNError(f'unknown export format {name!r} ({where}); choose one '
+                   f'of {", ".join(map(repr, FORMATS.names()))}')
+  return name
+
+
+def parse_formats(text: str, where: str = 'config.export.formats'
+                  ) -> list[str]:
   """'stablehlo,onnx' -> ['stablehlo', 'onnx'] (each checked; '' -> [])."""
   if not isinstance(text, str):
-    raise TCNError(f'config.{field} must be comma-separated export formats '
+    raise TCNError(f'{where} must be comma-separated export formats '
                    f'({", ".join(FORMATS.names())}), got {text!r}')
   names = [s.strip() for s in text.split(',') if s.strip()]
-  for name in names:
-    FORMATS.check(name, field)
-  return list(dict.fromkeys(names))
+  return list(dict.fromkeys(check_format(n, where) for n in names))
 
 
 def forward(net: assemble.TCN, student: int | None = None,
@@ -140,7 +147,7 @@ def export(net: assemble.TCN, path: str, format: str = 'stablehlo', *,  # pylint
   Returns:
     `path`.
   """
-  write = FORMATS.get(format, 'export format')
+  write = FORMATS.get(check_format(format, 'export: format'))
   if batch_size is not None and (not isinstance(batch_size, int) or
                                  isinstance(batch_size, bool) or
                                  batch_size < 1):
@@ -173,7 +180,7 @@ def export_all(net: assemble.TCN, directory: str, formats: Sequence[str], *,
   """Writes `tcn.<ext>` and `student<i>.<ext>` for every format into
   `directory` (created); returns the paths written."""
   for name in formats:
-    FORMATS.check(name, 'export format')
+    check_format(name, 'export_all: formats')
   os.makedirs(directory, exist_ok=True)
   paths = []
   for name in formats:
@@ -229,43 +236,3 @@ def export_workdir(workdir: str, formats: Sequence[str],
   return export_all(net, os.path.join(workdir, 'export'), formats,
                     input_shape=input_shape, batch_size=batch_size,
                     input_dtype=dtype)
-
-
-def main(argv=None):
-  """`python -m tcn_jax.export --workdir DIR --formats stablehlo,onnx
-  [--batch_size N] [--input_shape 28,28,1]`: one `error:` line and exit 2
-  on bad input."""
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(
-      prog='python -m tcn_jax.export',
-      description="Exports a trained workdir's TCN and each student.")
-  parser.add_argument('--workdir', required=True)
-  parser.add_argument('--formats', default='stablehlo,onnx',
-                      help=f'comma-separated: {", ".join(FORMATS.names())}')
-  parser.add_argument('--batch_size', type=int, default=0,
-                      help='a fixed batch size; 0: any')
-  parser.add_argument('--input_shape', default='',
-                      help="e.g. 28,28,1; default: the workdir's data")
-  args = parser.parse_args(argv)
-  try:
-    shape = None
-    if args.input_shape:
-      try:
-        shape = tuple(int(d) for d in args.input_shape.split(','))
-      except ValueError:
-        raise TCNError('--input_shape must be integers like 28,28,1, got '
-                       f'{args.input_shape!r}') from None
-    if args.batch_size < 0:
-      raise TCNError(f'--batch_size must be >= 0, got {args.batch_size}')
-    paths = export_workdir(args.workdir,
-                           parse_formats(args.formats, 'export format'),
-                           args.batch_size or None, shape)
-  except TCNError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  for p in paths:
-    print(p)
-
-
-if __name__ == '__main__':
-  main()

@@ -11,7 +11,7 @@ from conftest import needs_fmnist
 from conftest import tiny_config
 from tcn_jax import engine
 from tcn_jax.export import load
-from tcn_jax.export import main as export_main
+from tcn_jax.export_cli import main as export_main
 from tcn_jax.errors import TCNError
 
 
@@ -108,7 +108,8 @@ def test_bad_export_arguments(exported_run, tmp_path, kwargs, message):
 
 
 def test_bad_export_config_and_command_line(tmp_path, capsys):
-  with pytest.raises(TCNError, match=r"export format 'pdf' \(config.export"):
+  with pytest.raises(TCNError,
+                     match=r"format 'pdf' \(config\.export\.formats\)"):
     tcn.resolve_config(tiny_config(export__formats='onnx,pdf'))
   with pytest.raises(TCNError, match='config.export.batch_size'):
     tcn.resolve_config(tiny_config(export__batch_size=-1))
