@@ -13,6 +13,7 @@ Functional API, one call per stage of the paper's pipeline:
                 head_variables=tcn.teacher_head(t_vars))
   net, info = tcn.finetune_head(net, ds, epochs=20)
   predict = tcn.make_predict(net)          # images -> logits, no teacher
+  tcn.export(net, 'tcn.stablehlo', 'stablehlo', input_shape=(28, 28, 1))
 """
 from tcn_jax.assemble import load_tcn
 from tcn_jax.assemble import make_predict
@@ -22,6 +23,7 @@ from tcn_jax.assemble import teacher_head
 from tcn_jax.assemble import TCN
 from tcn_jax.data import Dataset
 from tcn_jax.errors import TCNError
+from tcn_jax.export import export
 from tcn_jax.chunking import chunk
 from tcn_jax.chunking import chunk_sizes
 from tcn_jax.chunking import Chunker

@@ -16,6 +16,7 @@ from tcn_jax import checkpoint
 from tcn_jax import chunking
 from tcn_jax import engine
 from tcn_jax import inputs
+from tcn_jax import layers
 from tcn_jax import models
 from tcn_jax.errors import TCNError
 
@@ -44,9 +45,9 @@ class StudentGroup:
     if self.input_shape is not None:
       self.input_shape = tuple(int(v) for v in self.input_shape)
 
-  def model(self, impl='auto'):
+  def model(self, impl='auto', dtype=None):
     return models.student(self.spec, self.out_dim, self.out_relu, self.init,
-                          impl)
+                          impl, dtype)
 
   def describe(self):
     """JSON data (msgpack too: lists, not tuples) of all but the variables."""
@@ -148,7 +149,7 @@ def student_outputs_fn(tcn: TCN, strategy='auto'):
   return jax.jit(outputs)
 
 
-def make_predict(tcn: TCN, strategy='auto'):
+def make_predict(tcn: TCN, strategy='auto', impl: str | None = None):
   """The assembled network as one jitted function, without the teacher.
 
   `images` follow the API's input contract (`tcn_jax.inputs`): (N, ...)
@@ -158,10 +159,14 @@ def make_predict(tcn: TCN, strategy='auto'):
   Args:
     tcn: a `TCN` with trained students and head.
     strategy: how the members of a group run (`engine.STRATEGIES`).
+    impl: the convolution path; None: `layers.forward_impl(tcn.impl)`, XLA's
+      own convolution unless the TCN asks for 'im2col' (forward-only, it is
+      the faster one on the CPU too).
 
   Returns:
-    Jitted `predict(images) -> logits` (inference mode).
+    `predict(images) -> logits` (jitted, inference mode).
   """
+  tcn = dataclasses.replace(tcn, impl=impl or layers.forward_impl(tcn.impl))
   outputs = student_outputs_fn(tcn, strategy)
   head = tcn_head(tcn)
   students = [g.variables for g in tcn.groups]

@@ -21,13 +21,13 @@ def train_kd_student(spec, teacher_logits, ds, *, epochs, temperature=4.0,
                      alpha=0.9, batch_size=128, optimizer='adam',
                      learning_rate=1e-3, init='glorot_uniform',
                      weight_decay=0.0, seed=0, impl='auto', workdir=None,
-                     writer=None):
+                     writer=None, dtype=None):
   """One classifier student (`spec` + Dense(classes)) trained on the
   teacher's softened logits plus labels (`losses.kd`). `teacher_logits` may
   be None when the stage is finished (resume): it is then only restored.
 
   Returns (model, variables, info = {'history', 'seconds'})."""
-  model = models.Net(f'{spec} D{ds.num_classes}', init, impl)
+  model = models.Net(f'{spec} D{ds.num_classes}', init, impl, dtype)
   seed = fit.stage_seed(seed, 'kd')
   targets = None if teacher_logits is None else {
       'logits': np.asarray(teacher_logits, np.float32)[None],
@@ -52,11 +52,11 @@ def train_kdgan_student(spec, teacher_logits, teacher_feats, ds, *, epochs,
                         batch_size=128, optimizer='adam', learning_rate=1e-3,
                         d_optimizer='adam', d_learning_rate=2e-4,
                         init='glorot_uniform', seed=0, impl='auto',
-                        workdir=None, writer=None):
+                        workdir=None, writer=None, dtype=None):
   """The KD student plus KDGAN's adversarial label game (`tcn_jax.kdgan`).
   `teacher_logits` may be None when the stage is finished, as in
   `train_kd_student`. Returns (model, variables, info)."""
-  model = models.Net(f'{spec} D{ds.num_classes}', init, impl)
+  model = models.Net(f'{spec} D{ds.num_classes}', init, impl, dtype)
   disc = kdgan_lib.LabelDiscriminator(tuple(disc_widths))
   seed = fit.stage_seed(seed, 'kdgan')
   c_tx = fit.make_optimizer(optimizer, learning_rate, 'config.kd.optimizer')
@@ -95,7 +95,7 @@ def key(run: record.Run, stage: str, teacher_key: str,
       features=features_key if stage == 'kdgan' else None,
       kd=c.kd.to_dict(), kdgan=c.kdgan.to_dict() if stage == 'kdgan' else None,
       layers_impl=c.layers_impl, eval_batch_size=c.eval_batch_size,
-      seed=c.seed, data=run.data_key)
+      seed=c.seed, data=run.data_key, **workdir_lib.dtype_key(c))
 
 
 def run_stage(run: record.Run, stage: str, teacher: record.Teacher,
@@ -115,7 +115,7 @@ def run_stage(run: record.Run, stage: str, teacher: record.Teacher,
                 alpha=k.alpha, batch_size=k.batch_size, optimizer=k.optimizer,
                 learning_rate=k.learning_rate, seed=c.seed,
                 impl=c.layers_impl, workdir=run.workdir or None,
-                writer=run.writer)
+                writer=run.writer, dtype=models.compute_dtype(c))
   if stage == 'kd':
     model, variables, info = train_kd_student(
         k.arch, logits, ds, weight_decay=k.weight_decay, **common)

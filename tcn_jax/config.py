@@ -18,6 +18,7 @@ from tcn_jax import chunking
 from tcn_jax import data as data_lib
 from tcn_jax import distributed
 from tcn_jax import engine
+from tcn_jax.export import parse_formats
 from tcn_jax import fit
 from tcn_jax import gan as gan_lib
 from tcn_jax import layers
@@ -51,6 +52,7 @@ def _registry(what, field, names):
 DATASETS = _registry('dataset', 'data.name', data_lib.DATASETS)
 LAYERS_IMPLS = _registry('layers_impl', 'layers_impl', layers.IMPLS)
 INITS = _registry('initializer', 'students.init', models.INITS)
+DTYPES = _registry('compute dtype', 'dtype', models.COMPUTE_DTYPES)
 GAN_MSE_TARGETS = _registry('GAN MSE target', 'gan.mse_target',
                             gan_lib.MSE_TARGETS)
 
@@ -72,6 +74,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_students = 4
   c.method = 'ff'
   c.layers_impl = 'auto'          # 'auto' | 'im2col' | 'xla'.
+  # Forward-only work of the stages (teacher features and evaluation, the
+  # frozen students of head fine-tuning): '' = layers_impl (as training),
+  # 'auto' = 'xla' (XLA's own convolution: faster without a backward pass on
+  # the CPU; changes the features' last bits, hence the digests), 'im2col'.
+  c.forward_impl = ''
+  # Compute dtype of the teacher, the students and the KD students
+  # (parameters and optimizer state stay float32): 'float32' | 'bfloat16'.
+  c.dtype = 'float32'
   c.eval_batch_size = 1000
   c.allow_config_change = False
   # 'contiguous' (the paper) or 'pca': students regress chunks of principal-
@@ -128,6 +138,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.kdgan = ml_collections.ConfigDict(dict(
       enabled=False, epochs=10, adv_weight=0.1, gumbel_temperature=1.0,
       disc='256 128', d_optimizer='adam', d_learning_rate=2e-4))
+  # Artifacts of the assembled TCN and of each student written into
+  # workdir/export/ at the end of a run (tcn_jax/export.py): formats
+  # 'stablehlo', 'onnx' comma-separated ('' = none); batch_size 0 = any.
+  c.export = ml_collections.ConfigDict(dict(formats='', batch_size=0))
   # Students split over processes (docs/distributed.md).
   c.distributed = ml_collections.ConfigDict(dict(
       num_processes=1, process_id=0, coordinator=''))
@@ -183,6 +197,12 @@ def resolve(user: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.students.loss = 'logit_matching' if c.students.logit_weight else 'mse'
   if 'init_from' not in c.teacher:   # A config made before the field.
     c.teacher.init_from = ''
+  if 'forward_impl' not in c:   # A config made before the field.
+    c.forward_impl = ''
+  if 'dtype' not in c:   # A config made before the field.
+    c.dtype = 'float32'
+  if 'export' not in c:   # A config made before the section.
+    c.export = base_config().export
   _validate(c)
   return c
 
@@ -260,6 +280,9 @@ def _validate(c):
   engine.resolve_strategy(c.students.strategy)
   distributed.validate(c.get('distributed'), n)
   LAYERS_IMPLS.check(c.layers_impl)
+  if c.forward_impl:
+    LAYERS_IMPLS.check(c.forward_impl, 'forward_impl')
+  DTYPES.check(c.dtype)
   INITS.check(c.students.init)
   for spec in student_specs(c):
     parse_arch('students.arch', spec)
@@ -291,6 +314,8 @@ def _validate(c):
   check_number('data.train_size', c.data.train_size, int, 0)
   check_number('data.test_size', c.data.test_size, int, 0)
   check_number('eval_batch_size', c.eval_batch_size, int, 1)
+  parse_formats(c.export.formats)
+  check_number('export.batch_size', c.export.batch_size, int, 0)
   chunking.CHUNKINGS.check(c.chunking)
   chunking.PCA_ASSIGNMENTS.check(c.pca_assignment)
   if c.kd.enabled or c.kdgan.enabled:

@@ -17,6 +17,7 @@ from tcn_jax import checkpoint
 from tcn_jax import data as data_lib
 from tcn_jax import engine
 from tcn_jax import inputs
+from tcn_jax import layers
 from tcn_jax import record
 from tcn_jax import workdir as workdir_lib
 
@@ -47,7 +48,8 @@ def key(run: record.Run, teacher_key: str) -> str:
   c = run.config
   return workdir_lib.stage_key(
       stage='features', teacher=teacher_key, augment=c.students.augment,
-      eval_batch_size=c.eval_batch_size, data=run.data_key)
+      eval_batch_size=c.eval_batch_size, data=run.data_key,
+      **workdir_lib.forward_key(c))
 
 
 def run_stage(run: record.Run, teacher: record.Teacher,
@@ -69,7 +71,9 @@ def run_stage(run: record.Run, teacher: record.Teacher,
   except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
     pass   # Missing, from another version, or damaged: compute again.
   if feats is None:
-    feats = {s: teacher_features(teacher.model, teacher.variables, x,
+    model = teacher.model.clone(
+        impl=layers.stage_impl(c.layers_impl, c.forward_impl))
+    feats = {s: teacher_features(model, teacher.variables, x,
                                  c.eval_batch_size)
              for s, x in images.items()}
     if path:

@@ -14,6 +14,7 @@ from tcn_jax import checkpoint
 from tcn_jax import engine
 from tcn_jax import fit
 from tcn_jax import inputs
+from tcn_jax import layers
 from tcn_jax import losses
 from tcn_jax import metrics
 from tcn_jax import record
@@ -82,7 +83,7 @@ def key(run: record.Run, students_key: str) -> str:
   return workdir_lib.stage_key(
       stage='head', students=students_key, head=c.head.to_dict(),
       head_bn=c.teacher.head_bn, eval_batch_size=c.eval_batch_size,
-      seed=c.seed, data=run.data_key)
+      seed=c.seed, data=run.data_key, **workdir_lib.forward_key(c))
 
 
 def run_stage(run: record.Run, teacher: record.Teacher,
@@ -93,7 +94,8 @@ def run_stage(run: record.Run, teacher: record.Teacher,
   head_bn = c.teacher.head_bn and h.keep_teacher_bn
   tcn = assemble.TCN(students.groups, run.ds.num_classes, float(h.dropout),
                      assemble.teacher_head(teacher.variables, head_bn),
-                     c.layers_impl, students.chunker.basis, head_bn)
+                     layers.stage_impl(c.layers_impl, c.forward_impl),
+                     students.chunker.basis, head_bn)
   tcn, info = finetune_head(
       tcn, run.ds, epochs=h.epochs, batch_size=h.batch_size,
       optimizer=h.optimizer, learning_rate=h.learning_rate, seed=c.seed,

@@ -5,10 +5,13 @@ The parameters are the same as `flax.linen.Conv` (`kernel` of shape
 On XLA:CPU, convolution backward passes and `max_pool` backward are slow; an
 explicit im2col convolution (shifted slices concatenated, one matmul) and
 reshape-then-max pooling are several times faster there. GPU/TPU keep the
-reference `lax.conv_general_dilated` / `nn.max_pool` path.
+reference `lax.conv_general_dilated` / `nn.max_pool` path. Forward-only work
+(predict, export) takes XLA's own path everywhere (`forward_impl`): without
+a backward pass it is the faster one on the CPU too
+(experiments/results/bench_serving_cpu.md).
 """
 import itertools
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -24,6 +27,21 @@ def resolve_impl(impl: str) -> str:
   if impl == 'auto':
     return 'im2col' if jax.default_backend() == 'cpu' else 'xla'
   return impl
+
+
+def forward_impl(impl: str) -> str:
+  """The path for forward-only work: 'auto' -> 'xla' on every backend; an
+  explicit 'im2col' or 'xla' is kept."""
+  if impl not in IMPLS:
+    raise ValueError(f'layers.impl must be one of {IMPLS}, got {impl!r}')
+  return 'xla' if impl == 'auto' else impl
+
+
+def stage_impl(layers_impl: str, forward: str = '') -> str:
+  """The path of a pipeline stage's forward-only work (teacher features,
+  frozen students, evaluation): `forward` ('auto' -> 'xla'), or with ''
+  `layers_impl` as in training (the behaviour before the choice)."""
+  return forward_impl(forward) if forward else layers_impl
 
 
 def _pad(x, kernel_size, strides, padding, value=0.0):
@@ -63,6 +81,7 @@ class Conv(nn.Module):
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
   bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
   impl: str = 'auto'
+  dtype: Any = None   # Compute dtype (e.g. bfloat16); None: the inputs'.
 
   @nn.compact
   def __call__(self, x):
@@ -71,6 +90,8 @@ class Conv(nn.Module):
     kernel = self.param('kernel', self.kernel_init,
                         (*ksize, x.shape[-1], self.features), jnp.float32)
     bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
+    if self.dtype is not None:   # Parameters stay float32; compute casts.
+      x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
     if resolve_impl(self.impl) == 'im2col':
       y = conv_im2col(_pad(x, ksize, strides, self.padding), kernel, strides)
     else:
@@ -86,7 +107,10 @@ def max_pool(x, window: int = 2, padding: str = 'VALID', impl: str = 'auto'):
   """Non-overlapping max pooling (window == stride) over all spatial axes."""
   nd = x.ndim - 2
   if resolve_impl(impl) == 'xla':
-    return nn.max_pool(x, (window,) * nd, (window,) * nd, padding)
+    # Keyword arguments: jax2onnx's ONNX export replaces nn.max_pool with a
+    # function that takes only these (same values, same results).
+    return nn.max_pool(x, window_shape=(window,) * nd,
+                       strides=(window,) * nd, padding=padding)
   x = _pad(x, (window,) * nd, (window,) * nd, padding, value=-jnp.inf)
   x = x[(slice(None), *(slice(0, s // window * window) for s in x.shape[1:-1]))]
   shape = [x.shape[0]]

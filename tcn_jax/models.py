@@ -14,7 +14,9 @@ Architectures are data (config strings in the reference notation), not code:
   BB64      ResNet bottleneck block (1x1, 3x3, 1x1 to 4x64 filters)
   GAP       global average pooling over all spatial axes
 
-Convolutions work on images (NHWC) and sequences (NLC) alike. Models with BN
+Convolutions work on images (NHWC) and sequences (NLC) alike. `dtype` is the
+compute dtype (mixed precision, e.g. bfloat16): parameters stay float32, each
+layer computes in `dtype`, and a Net returns float32. Models with BN
 layers carry a 'batch_stats' collection besides 'params'; the library passes
 whole Flax variable dicts around for that reason.
 """
@@ -90,10 +92,11 @@ def parse(spec: str) -> list[dict[str, Any]]:
   return out
 
 
-def batch_norm(x, train):
-  """BatchNorm with Keras' defaults (momentum 0.99, epsilon 1e-3)."""
+def batch_norm(x, train, dtype=None):
+  """BatchNorm with Keras' defaults (momentum 0.99, epsilon 1e-3);
+  statistics in float32 whatever `dtype`."""
   return nn.BatchNorm(use_running_average=not train, momentum=0.99,
-                      epsilon=1e-3)(x)
+                      epsilon=1e-3, dtype=dtype)(x)
 
 
 class ResidualBlock(nn.Module):
@@ -105,6 +108,7 @@ class ResidualBlock(nn.Module):
   bottleneck: bool = False
   kernel_init: Any = nn.initializers.he_uniform()
   impl: str = 'auto'
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -112,7 +116,8 @@ class ResidualBlock(nn.Module):
 
     def conv(y, features, k, stride=1):
       return layers.Conv(features, (k,) * nd, (stride,) * nd, 'SAME',
-                         kernel_init=self.kernel_init, impl=self.impl)(y)
+                         kernel_init=self.kernel_init, impl=self.impl,
+                         dtype=self.dtype)(y)
 
     if self.bottleneck:
       plan = [(self.features, 1, 1), (self.features, 3, self.stride),
@@ -121,10 +126,10 @@ class ResidualBlock(nn.Module):
       plan = [(self.features, 3, self.stride), (self.features, 3, 1)]
     y = x
     for i, (features, k, stride) in enumerate(plan):
-      y = batch_norm(conv(y, features, k, stride), train)
+      y = batch_norm(conv(y, features, k, stride), train, self.dtype)
       y = nn.relu(y) if i < len(plan) - 1 else y
     if x.shape != y.shape:
-      x = batch_norm(conv(x, plan[-1][0], 1, self.stride), train)
+      x = batch_norm(conv(x, plan[-1][0], 1, self.stride), train, self.dtype)
     return nn.relu(x + y)
 
 
@@ -140,17 +145,21 @@ class Net(nn.Module):
   spec: str
   initializer: str = 'glorot_uniform'
   impl: str = 'auto'
+  dtype: Any = None   # Compute dtype; None: float32 throughout.
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     kinit = INITS[self.initializer]
+    dt = self.dtype
+    if dt is not None and jnp.issubdtype(x.dtype, jnp.floating):
+      x = x.astype(dt)
     for layer in parse(self.spec):
       kind = layer['kind']
       if kind == 'conv':
         nd = x.ndim - 2
         x = layers.Conv(layer['features'], (layer['kernel'],) * nd,
                         (layer['stride'],) * nd, layer['padding'],
-                        kernel_init=kinit, impl=self.impl)(x)
+                        kernel_init=kinit, impl=self.impl, dtype=dt)(x)
         x = nn.relu(x) if layer['relu'] else x
       elif kind == 'pool':
         x = layers.max_pool(x, 2, layer['padding'], self.impl)
@@ -159,10 +168,10 @@ class Net(nn.Module):
       elif kind == 'flatten':
         x = x.reshape(x.shape[0], -1)
       elif kind == 'dense':
-        x = nn.Dense(layer['features'], kernel_init=kinit)(x)
+        x = nn.Dense(layer['features'], kernel_init=kinit, dtype=dt)(x)
         x = nn.relu(x) if layer['relu'] else x
       elif kind == 'bn':
-        x = batch_norm(x, train)
+        x = batch_norm(x, train, dt)
       elif kind == 'relu':
         x = nn.relu(x)
       elif kind == 'elu':
@@ -171,11 +180,11 @@ class Net(nn.Module):
         x = x.mean(axis=tuple(range(1, x.ndim - 1)))
       elif kind in ('basic', 'bottleneck'):
         x = ResidualBlock(layer['features'], layer['stride'],
-                          kind == 'bottleneck', kinit, self.impl)(x, train)
+                          kind == 'bottleneck', kinit, self.impl, dt)(x, train)
       elif kind == 'embed':
-        x = nn.Embed(layer['vocab'], layer['features'],
+        x = nn.Embed(layer['vocab'], layer['features'], dtype=dt,
                      embedding_init=_keras_embedding_init)(x)
-    return x
+    return x if dt is None else x.astype(jnp.float32)
 
 
 class Head(nn.Module):
@@ -196,15 +205,17 @@ class Head(nn.Module):
   dropout: float = 0.5
   initializer: str = 'glorot_uniform'
   bn: bool = False
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, feature, train: bool = False):
-    x = nn.relu(feature)
+    x = nn.relu(feature if self.dtype is None else feature.astype(self.dtype))
     if self.bn:
-      x = batch_norm(x, train)
+      x = batch_norm(x, train, self.dtype)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, kernel_init=INITS[self.initializer],
-                    name='out')(x)
+    x = nn.Dense(self.num_classes, kernel_init=INITS[self.initializer],
+                 name='out', dtype=self.dtype)(x)
+    return x if self.dtype is None else x.astype(jnp.float32)
 
 
 class Teacher(nn.Module):
@@ -223,10 +234,12 @@ class Teacher(nn.Module):
   head_dropout: float = 0.5
   impl: str = 'auto'
   head_bn: bool = False
+  dtype: Any = None
 
   def setup(self):
-    self.trunk = Net(self.body, 'glorot_uniform', self.impl)
-    self.head = Head(self.num_classes, self.head_dropout, bn=self.head_bn)
+    self.trunk = Net(self.body, 'glorot_uniform', self.impl, self.dtype)
+    self.head = Head(self.num_classes, self.head_dropout, bn=self.head_bn,
+                     dtype=self.dtype)
 
   def __call__(self, x, train: bool = False):
     return self.head(self.trunk(x, train), train)
@@ -234,6 +247,15 @@ class Teacher(nn.Module):
   def features(self, x):
     """The dense feature the students regress (inference mode)."""
     return self.trunk(x, False)
+
+
+# Compute dtypes by config name (`config.dtype`); None: float32 throughout.
+COMPUTE_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(config):
+  """The compute dtype a resolved config asks for (None: float32)."""
+  return COMPUTE_DTYPES[config.get('dtype', 'float32')]
 
 
 def submodule_variables(variables, name: str):
@@ -251,7 +273,7 @@ def l2_penalty(params) -> jax.Array:
 
 
 def student(spec: str, out_dim: int, out_relu: bool = False,
-            init: str = 'normal', impl: str = 'auto') -> Net:
+            init: str = 'normal', impl: str = 'auto', dtype=None) -> Net:
   """A student: the trunk `spec` plus an output Dense of its chunk's width.
 
   Args:
@@ -260,11 +282,12 @@ def student(spec: str, out_dim: int, out_relu: bool = False,
     out_relu: a ReLU after the output Dense.
     init: the kernels' initializer's name (`INITS`).
     impl: convolutions as 'im2col' matmuls, 'xla' convolutions, or 'auto'.
+    dtype: the compute dtype (None: float32; `COMPUTE_DTYPES`).
 
   Returns:
     The `Net` module.
   """
-  return Net(f'{spec} D{out_dim}{"r" if out_relu else ""}', init, impl)
+  return Net(f'{spec} D{out_dim}{"r" if out_relu else ""}', init, impl, dtype)
 
 
 def output_shape(spec: str, input_shape, impl: str = 'auto',

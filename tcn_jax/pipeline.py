@@ -22,6 +22,8 @@ from tcn_jax import chunking
 from tcn_jax import config as config_lib
 from tcn_jax import data as data_lib
 from tcn_jax import distributed
+from tcn_jax.export import export_all
+from tcn_jax.export import parse_formats
 from tcn_jax import features as features_lib
 from tcn_jax import head as head_lib
 from tcn_jax import metrics
@@ -186,10 +188,30 @@ def _stages(run, keys, loaded, wall):
       logging.info('%s student test accuracy %.4f', stage,
                    results_of[stage]['test_acc'])
   assemble.save_tcn(os.path.join(run.workdir, 'tcn'), head.tcn)
+  exported = (_timed(wall, 'export', _export, run, head.tcn)
+              if c.export.formats else [])
   results = _results(run, teacher, students, head, results_of, wall)
+  if exported:
+    results['export'] = exported
   checkpoint.write_json(os.path.join(run.workdir, 'results.json'), results)
   logging.info('%s', summary_line(results))
   return results
+
+
+def _export(run, tcn):
+  """The artifacts of `config.export` in workdir/export/ (paths relative
+  to the workdir; [] when no format is asked for)."""
+  c, x = run.config.export, run.ds.train.x
+  formats = parse_formats(c.formats)
+  if not formats:
+    return []
+  paths = export_all(
+      tcn, os.path.join(run.workdir, 'export'), formats,
+      input_shape=x.shape[1:], batch_size=c.batch_size or None,
+      input_dtype=x.dtype)
+  logging.info('exported %d artifacts to %s', len(paths),
+               os.path.join(run.workdir, 'export'))
+  return [os.path.relpath(p, run.workdir) for p in paths]
 
 
 def summary_line(results: dict) -> str:

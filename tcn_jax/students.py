@@ -44,7 +44,8 @@ def train_students(specs, x, features, num_students, *, epochs,
                    out_relu=False, init='normal', weight_decay=0.0, seed=0,
                    strategy='auto', impl='auto', val=None, gan=None,
                    loss='mse', loss_context=None, lr_schedule='constant',
-                   workdir=None, writer=None, members=None, dir_suffix=''):
+                   workdir=None, writer=None, members=None, dir_suffix='',
+                   dtype=None):
   """Trains n students on the n contiguous chunks of `features`.
 
   Args:
@@ -65,6 +66,8 @@ def train_students(specs, x, features, num_students, *, epochs,
     writer: optional TensorBoard writer.
     members: train only these member ids (a process's share); the groups
       returned hold only them. dir_suffix: appended to group directories.
+    dtype: the compute dtype (e.g. jnp.bfloat16; parameters stay float32);
+      None: float32.
 
   Returns:
     (groups, info): `assemble.StudentGroup`s with trained variables; info =
@@ -105,7 +108,7 @@ def train_students(specs, x, features, num_students, *, epochs,
       group.member_ids = [m for m in group.member_ids if m in members]
       if not group.member_ids:
         continue
-    model = group.model(impl)
+    model = group.model(impl, dtype)
     regression = losses.STUDENT_LOSSES.get(loss)(group.out_dim,
                                                  **(loss_context or {}))
     common = dict(
@@ -192,7 +195,8 @@ def key(run: record.Run, features_key: str) -> str:
       method=c.method, chunking=c.chunking, pca_assignment=c.pca_assignment,
       students=c.students.to_dict(),
       gan=c.gan.to_dict() if c.method == 'gan' else None,
-      layers_impl=c.layers_impl, seed=c.seed, data=run.data_key)
+      layers_impl=c.layers_impl, seed=c.seed, data=run.data_key,
+      **workdir_lib.dtype_key(c))
 
 
 def shared_inputs(run: record.Run, teacher: record.Teacher,
@@ -235,7 +239,8 @@ def run_stage(run: record.Run, shared: dict,
       batch_size=s.batch_size, optimizer=s.optimizer,
       learning_rate=s.learning_rate, out_relu=s.out_relu, init=s.init,
       weight_decay=s.weight_decay, seed=c.seed, strategy=s.strategy,
-      impl=c.layers_impl, val=(ds.val.x, shared['val']),
+      impl=c.layers_impl, dtype=models.compute_dtype(c),
+      val=(ds.val.x, shared['val']),
       gan=gan_settings(c), loss=s.loss, loss_context=context,
       lr_schedule=s.lr_schedule, workdir=run.workdir or None,
       writer=run.writer)

@@ -13,6 +13,7 @@ from tcn_jax import checkpoint
 from tcn_jax import engine
 from tcn_jax import fit
 from tcn_jax import inputs
+from tcn_jax import layers
 from tcn_jax import losses
 from tcn_jax import metrics
 from tcn_jax import models
@@ -110,14 +111,14 @@ def key(run: record.Run, loaded_digest: str = '') -> str:
   return workdir_lib.stage_key(
       stage='teacher', teacher=section, loaded=loaded_digest,
       layers_impl=c.layers_impl, seed=c.seed, data=run.data_key,
-      num_classes=run.ds.num_classes)
+      num_classes=run.ds.num_classes, **workdir_lib.dtype_key(c))
 
 
 def model(run: record.Run) -> models.Teacher:
   c = run.config
   return models.Teacher(c.teacher.body, run.ds.num_classes,
                         c.teacher.head_dropout, c.layers_impl,
-                        c.teacher.head_bn)
+                        c.teacher.head_bn, models.compute_dtype(c))
 
 
 def run_stage(run: record.Run, key: str, loaded=None) -> record.Teacher:
@@ -134,7 +135,9 @@ def run_stage(run: record.Run, key: str, loaded=None) -> record.Teacher:
         lr_step_factor=c.lr_step_factor, seed=run.config.seed,
         workdir=run.workdir or None, writer=run.writer)
     seconds = info['seconds']
-  predict = jax.jit(lambda xb: teacher.apply(variables, xb))
+  evaluated = teacher.clone(impl=layers.stage_impl(run.config.layers_impl,
+                                                   run.config.forward_impl))
+  predict = jax.jit(lambda xb: evaluated.apply(variables, xb))
   acc = metrics.evaluate(predict, ds.test.x, ds.test.y,
                          run.config.eval_batch_size)
   return record.Teacher(teacher, variables, acc, seconds, key)

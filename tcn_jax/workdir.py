@@ -25,9 +25,11 @@ OUTPUTS = {'teacher': 'teacher', 'features': 'features.npz',
            'kdgan': 'kdgan'}
 KEYS_FILE = 'stage_keys.json'
 # Outputs of the whole run, recomputed from the stages at its end.
-RUN_OUTPUTS = ('results.json', 'tcn')
+RUN_OUTPUTS = ('results.json', 'tcn', 'export')
 # Fields that may change between reruns without being a change of config.
-IGNORED = ('allow_config_change', 'distributed')
+IGNORED = ('allow_config_change', 'distributed', 'export')
+# Fields added since earlier runs, with the value that is their behaviour.
+ADDED = {'dtype': 'float32'}
 
 
 def stage_key(**inputs) -> str:
@@ -35,6 +37,19 @@ def stage_key(**inputs) -> str:
   upstream keys, the data's digest, the seed)."""
   text = json.dumps(inputs, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()
+
+
+def dtype_key(config) -> dict:
+  """A stage key's compute dtype entry: none for float32 (the keys of
+  runs made before the field stay the same)."""
+  dtype = config.get('dtype', 'float32')
+  return {} if dtype == 'float32' else {'dtype': dtype}
+
+
+def forward_key(config) -> dict:
+  """A stage key's `forward_impl` entry: none when unset (as above)."""
+  forward = config.get('forward_impl', '')
+  return {'forward_impl': forward} if forward else {}
 
 
 def _read_json(path):
@@ -60,7 +75,8 @@ def diff(old: dict, new: dict, prefix: str = '') -> list[str]:
     a, b = old.get(k, '<unset>'), new.get(k, '<unset>')
     if k in IGNORED:
       continue
-    if k not in old and not isinstance(b, dict) and not b:
+    if k not in old and not isinstance(b, dict) and (
+        not b or ADDED.get(prefix + k) == b):
       continue
     if isinstance(a, dict) and isinstance(b, dict):
       out += diff(a, b, f'{prefix}{k}.')
