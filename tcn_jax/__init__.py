@@ -29,6 +29,7 @@ from tcn_jax.chunking import unchunk
 from tcn_jax.config import resolve as resolve_config
 from tcn_jax.features import teacher_features
 from tcn_jax.head import finetune_head
+from tcn_jax.keras_convert import from_keras
 from tcn_jax.models import Head
 from tcn_jax.models import Net
 from tcn_jax.models import student
