@@ -28,6 +28,10 @@ from tcn_jax.chunking import Chunker
 from tcn_jax.chunking import unchunk
 from tcn_jax.config import resolve as resolve_config
 from tcn_jax.features import teacher_features
+from tcn_jax.function_teacher import function_teacher
+from tcn_jax.function_teacher import FunctionTeacher
+from tcn_jax.function_teacher import teacher_from_flax
+from tcn_jax.function_teacher import teacher_from_keras
 from tcn_jax.head import finetune_head
 from tcn_jax.keras_convert import from_keras
 from tcn_jax.models import Head
