@@ -21,6 +21,7 @@ from tcn_jax.assemble import StudentGroup
 from tcn_jax.assemble import teacher_head
 from tcn_jax.assemble import TCN
 from tcn_jax.data import Dataset
+from tcn_jax.data import Split
 from tcn_jax.errors import TCNError
 from tcn_jax.chunking import chunk
 from tcn_jax.chunking import chunk_sizes

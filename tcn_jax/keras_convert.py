@@ -258,7 +258,7 @@ def check_outputs(model, teacher, variables, x_example, what: str):
   with warnings.catch_warnings():   # Keras warns about input names.
     warnings.simplefilter('ignore')
     ref = np.asarray(model(x, training=False), np.float32)
-  logits = np.asarray(teacher.apply(variables, x), np.float32)
+  logits = np.asarray(jax.jit(teacher.apply)(variables, x), np.float32)
   scale = max(1.0, float(np.abs(ref).max()))
   diffs = []
   for ours in (logits, np.asarray(jax.nn.softmax(logits))):

@@ -136,7 +136,8 @@ def test_keras_resnet50_onto_imagenet_config(tmp_path):
   x = np.random.RandomState(0).rand(2, 64, 64, 3).astype(np.float32)
   teacher = tcn.Teacher(imagenet.get_config().teacher.body, 10,
                         head_dropout=0.0, impl='xla')
-  variables = tcn.load_teacher(path, teacher, x)   # Also checks outputs.
+  # The conversion's own output check is this test's assertion.
+  variables = tcn.from_keras(path, teacher, x, check=False)
   assert models.num_params(variables['params']) == model.count_params() \
       - sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)
   np.testing.assert_allclose(jax.jit(teacher.apply)(variables, x),
@@ -154,7 +155,8 @@ def test_pipeline_with_keras_teacher_skips_training(tmp_path):
       L.Dense(32, activation='relu'), L.Dense(10, activation='softmax')])
   path = str(tmp_path / 'teacher.keras')
   model.save(path)
-  config = tiny_config(teacher__init_from=path)
+  config = tiny_config(teacher__init_from=path, students__epochs=1,
+                       head__epochs=1)
   results = pipeline.run(config, str(tmp_path / 'run'))
   assert results['train_seconds']['teacher'] == 0.0
   assert not os.path.exists(tmp_path / 'run' / 'teacher')
