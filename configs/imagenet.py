@@ -7,14 +7,21 @@ layer in a ResNet); students regress 2048/n-wide chunks. Images are resized
 whole splits in memory, so full ImageNet does not fit: use data.train_size
 subsets, or feed your own arrays through the functional API. TFDS needs the
 manual download (see the error message). Presets: ':smoke', ':gan'.
+
+The teacher is keras.applications.ResNet50 layer for layer (its stem, the
+stride in each block's first 1x1 convolution, BatchNorm epsilon 1.001e-5), so
+pretrained weights load: save `ResNet50(weights='imagenet')` as a `.keras`
+or `.weights.h5` file on a machine with internet and pass it as
+`--config.teacher.init_from`. The students keep the smaller stem.
 """
 from tcn_jax import config as config_lib
 from tcn_jax import presets
 
 _STEM = 'C7-64s2samelin BN R MPsame'
-# keras.applications.ResNet50's stem: zero padding 3, 7x7/2 'valid', BN, ReLU,
-# zero padding 1, 3x3/2 max pooling.
-_KERAS_STEM = 'ZP3 C7-64s2lin BN1.001e-5 R ZP1 MP3s2'
+# keras.applications.ResNet50's input preprocessing (caffe: 0-255 BGR, mean
+# subtracted) and stem: zero padding 3, 7x7/2 'valid', BN, ReLU, zero padding
+# 1, 3x3/2 max pooling.
+_KERAS_STEM = 'CAFFE ZP3 C7-64s2lin BN1.001e-5 R ZP1 MP3s2'
 
 
 def resnet(blocks, widths, kind, keras=False):

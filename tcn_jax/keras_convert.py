@@ -251,13 +251,28 @@ def to_variables(units, teacher: models.Teacher, x_example, what: str):
   return jax.tree_util.tree_map(np.asarray, variables)
 
 
+def keras_input(teacher: models.Teacher, x):
+  """The Keras model's input for teacher input `x`: the body's leading
+  preprocessing tokens (CAFFE) applied, as keras.applications leave
+  `preprocess_input` outside the model."""
+  tokens = teacher.body.split()
+  k = 0
+  while k < len(tokens) and models.parse(tokens[k])[0]['kind'] == 'caffe':
+    k += 1
+  if not k:
+    return np.asarray(x)
+  return np.asarray(models.Net(' '.join(tokens[:k])).apply({}, x))
+
+
 def check_outputs(model, teacher, variables, x_example, what: str):
-  """Raises TCNError unless the Keras model's output on `x_example` is the
-  teacher's logits or their softmax (float32 tolerance)."""
+  """Raises TCNError unless the Keras model's output on `x_example` (after
+  the body's preprocessing tokens) is the teacher's logits or their softmax
+  (float32 tolerance)."""
   x = np.asarray(x_example)
   with warnings.catch_warnings():   # Keras warns about input names.
     warnings.simplefilter('ignore')
-    ref = np.asarray(model(x, training=False), np.float32)
+    ref = np.asarray(model(keras_input(teacher, x), training=False),
+                     np.float32)
   logits = np.asarray(jax.jit(teacher.apply)(variables, x), np.float32)
   scale = max(1.0, float(np.abs(ref).max()))
   diffs = []

@@ -18,6 +18,8 @@ Architectures are data (config strings in the reference notation), not code:
   BB64s2k   ... as keras.applications' ResNet: the stride in the first 1x1,
             BatchNorm epsilon 1.001e-5 (RB64k: that epsilon)
   GAP       global average pooling over all spatial axes
+  CAFFE     [0, 1] RGB images to keras.applications' ResNet input ('caffe'
+            preprocess_input: 0-255, BGR, ImageNet mean subtracted)
 
 Convolutions work on images (NHWC) and sequences (NLC) alike. Models with BN
 layers carry a 'batch_stats' collection besides 'params'; the library passes
@@ -53,7 +55,7 @@ _TOKEN = re.compile(
     r'|(?:D|Out)(?P<d>\d+)(?P<dr>r)?|(?P<bn>BN)(?P<bneps>\d[\d.]*e-?\d+)?'
     r'|(?P<r>R)|(?P<elu>ELU)'
     r'|(?P<gap>GAP)|(?P<block>RB|BB)(?P<bf>\d+)(?:s(?P<bs>\d+))?(?P<bk>k)?'
-    r'|Emb(?P<ev>\d+)-(?P<ed>\d+))$')
+    r'|Emb(?P<ev>\d+)-(?P<ed>\d+)|(?P<caffe>CAFFE))$')
 
 
 def parse(spec: str) -> list[dict[str, Any]]:
@@ -97,6 +99,8 @@ def parse(spec: str) -> list[dict[str, Any]]:
       out.append(dict(kind='bottleneck' if g['block'] == 'BB' else 'basic',
                       features=int(g['bf']), stride=int(g['bs'] or 1),
                       keras=bool(g['bk'])))
+    elif g['caffe']:
+      out.append(dict(kind='caffe'))
     else:
       out.append(dict(kind='embed', vocab=int(g['ev']), features=int(g['ed'])))
   return out
@@ -110,6 +114,8 @@ def batch_norm(x, train, epsilon=1e-3):
 
 # keras.applications' ResNets use this BatchNorm epsilon.
 KERAS_RESNET_EPSILON = 1.001e-5
+# keras.applications.imagenet_utils 'caffe' mode: BGR means on 0-255 pixels.
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
 class ResidualBlock(nn.Module):
@@ -193,6 +199,8 @@ class Net(nn.Module):
         x = ResidualBlock(layer['features'], layer['stride'],
                           kind == 'bottleneck', kinit, self.impl,
                           layer['keras'])(x, train)
+      elif kind == 'caffe':
+        x = x[..., ::-1] * 255.0 - jnp.asarray(CAFFE_MEAN_BGR, x.dtype)
       elif kind == 'embed':
         x = nn.Embed(layer['vocab'], layer['features'],
                      embedding_init=_keras_embedding_init)(x)

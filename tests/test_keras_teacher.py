@@ -13,6 +13,7 @@ import pytest
 from conftest import needs_fmnist, tiny_config
 import tcn_jax as tcn
 from tcn_jax import data as data_lib
+from tcn_jax import keras_convert
 from tcn_jax import models
 from tcn_jax import pipeline
 
@@ -124,8 +125,9 @@ def test_keras_file_errors(tmp_path, x28):
 
 def test_keras_resnet50_onto_imagenet_config(tmp_path):
   """keras.applications.ResNet50 (random weights, random BatchNorm
-  statistics) gives configs/imagenet.py's ResNet-50 Keras' logits at 64x64:
-  stem padding and pooling, strides and epsilon match layer for layer."""
+  statistics) gives configs/imagenet.py's ResNet-50 Keras' logits at 64x64
+  (on Keras' preprocess_input of the same images): stem padding and
+  pooling, strides and epsilon match layer for layer."""
   import imagenet  # pylint: disable=g-import-not-at-top
   keras.utils.set_random_seed(0)
   model = keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3),
@@ -140,8 +142,11 @@ def test_keras_resnet50_onto_imagenet_config(tmp_path):
   variables = tcn.from_keras(path, teacher, x, check=False)
   assert models.num_params(variables['params']) == model.count_params() \
       - sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)
+  keras_x = keras.applications.resnet50.preprocess_input(x * 255.0)
+  np.testing.assert_allclose(keras_convert.keras_input(teacher, x),
+                             keras_x, atol=1e-4, rtol=0)
   np.testing.assert_allclose(jax.jit(teacher.apply)(variables, x),
-                             np.asarray(model(x)), atol=1e-4, rtol=0)
+                             np.asarray(model(keras_x)), atol=1e-4, rtol=0)
 
 
 @needs_fmnist

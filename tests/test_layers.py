@@ -185,7 +185,7 @@ def test_parse_tokens():
   """Each notation maps to the layer it describes."""
   got = models.parse('C5-32s2same MPsame Do.25 F D16r D8 BN R Emb100-4 '
                      'C8samelin ELU RB16s2 BB4 GAP ZP3 MP3s2 BN1.001e-5 '
-                     'BB64s2k')
+                     'BB64s2k CAFFE')
   assert got == [
       dict(kind='conv', features=32, kernel=5, stride=2, padding='SAME',
            relu=True),
@@ -207,6 +207,7 @@ def test_parse_tokens():
       dict(kind='pool', padding='VALID', window=3, stride=2),
       dict(kind='bn', epsilon=1.001e-5),
       dict(kind='bottleneck', features=64, stride=2, keras=True),
+      dict(kind='caffe'),
   ]
 
 
