@@ -13,6 +13,11 @@ Functional API, one call per stage of the paper's pipeline:
                 head_variables=tcn.teacher_head(t_vars))
   net, info = tcn.finetune_head(net, ds, epochs=20)
   predict = tcn.make_predict(net)          # images -> logits, no teacher
+
+A teacher trained elsewhere: `tcn.from_keras(path_or_model, teacher, x)` (a
+Keras model that follows an architecture string), or `tcn.teacher_from_flax`
+/ `tcn.teacher_from_keras` / `tcn.function_teacher` (any model), which return
+(teacher, t_vars) for the same calls.
 """
 from tcn_jax.assemble import load_tcn
 from tcn_jax.assemble import make_predict

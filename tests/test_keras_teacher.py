@@ -160,6 +160,13 @@ def test_pipeline_with_keras_teacher_skips_training(tmp_path):
       L.Dense(32, activation='relu'), L.Dense(10, activation='softmax')])
   path = str(tmp_path / 'teacher.keras')
   model.save(path)
+  with pytest.raises(tcn.TCNError, match=r"init_from '.*teacher.keras': "
+                     r"Keras layer 'dense\w*' \(Dense\) kernel has shape "
+                     r"\(1352, 64\), teacher layer trunk/Dense_0 \('D32r'\)"):
+    pipeline.run(tiny_config(teacher__init_from=path,
+                             teacher__body='C8 MP F D32r D32r'),
+                 str(tmp_path / 'refused'))
+  assert not os.path.exists(tmp_path / 'refused')   # Nothing written.
   config = tiny_config(teacher__init_from=path, students__epochs=1,
                        head__epochs=1)
   results = pipeline.run(config, str(tmp_path / 'run'))
