@@ -7,25 +7,39 @@ layer in a ResNet); students regress 2048/n-wide chunks. Images are resized
 whole splits in memory, so full ImageNet does not fit: use data.train_size
 subsets, or feed your own arrays through the functional API. TFDS needs the
 manual download (see the error message). Presets: ':smoke', ':gan'.
+
+The teacher is keras.applications.ResNet50 layer for layer (its stem, the
+stride in each block's first 1x1 convolution, BatchNorm epsilon 1.001e-5), so
+pretrained weights load: save `ResNet50(weights='imagenet')` as a `.keras`
+or `.weights.h5` file on a machine with internet and pass it as
+`--config.teacher.init_from`. The students keep the smaller stem.
 """
 from tcn_jax import config as config_lib
 from tcn_jax import presets
 
 _STEM = 'C7-64s2samelin BN R MPsame'
+# keras.applications.ResNet50's input preprocessing (caffe: 0-255 BGR, mean
+# subtracted) and stem: zero padding 3, 7x7/2 'valid', BN, ReLU, zero padding
+# 1, 3x3/2 max pooling.
+_KERAS_STEM = 'CAFFE ZP3 C7-64s2lin BN1.001e-5 R ZP1 MP3s2'
 
 
-def resnet(blocks, widths, kind):
+def resnet(blocks, widths, kind, keras=False):
   """A ResNet body: stem, `blocks[i]` blocks of `widths[i]` filters (the
-  first of each stage after the first with stride 2), global average pool."""
-  out = [_STEM]
+  first of each stage after the first with stride 2), global average pool.
+  keras: keras.applications' layout (stem, strides, BatchNorm epsilon), so
+  its weights convert layer for layer (`teacher.init_from=model.keras`)."""
+  out = [_KERAS_STEM if keras else _STEM]
   for stage, (count, width) in enumerate(zip(blocks, widths)):
     for b in range(count):
-      out.append(f'{kind}{width}' + ('s2' if stage and not b else ''))
+      out.append(f'{kind}{width}' + ('s2' if stage and not b else '')
+                 + ('k' if keras else ''))
   return ' '.join(out + ['GAP'])
 
 
 WIDTHS = (64, 128, 256, 512)
-RESNET50 = resnet((3, 4, 6, 3), WIDTHS, 'BB')
+# keras.applications.ResNet50, layer for layer.
+RESNET50 = resnet((3, 4, 6, 3), WIDTHS, 'BB', keras=True)
 RESNET18 = resnet((2, 2, 2, 2), WIDTHS, 'RB')
 RESNET9 = resnet((1, 1, 1, 1), WIDTHS, 'RB')   # ResNet-18, one block/stage.
 
@@ -56,7 +70,7 @@ def _smoke(c):
   """Small images, a narrow ResNet: a pipeline check."""
   t, s, h = c.teacher, c.students, c.head
   c.data.image_size = 32
-  t.body = resnet((1,), (8,), 'BB')
+  t.body = resnet((1,), (8,), 'BB', keras=True)
   s.arch_by_n = {'1': resnet((1,), (8,), 'RB'), '2': resnet((1,), (4,), 'RB')}
   c.kd.arch_by_n = dict(s.arch_by_n)
   c.gan.disc_by_n = {k: '16 16 32' for k in ('1', '2')}

@@ -14,6 +14,11 @@ Functional API, one call per stage of the paper's pipeline:
   net, info = tcn.finetune_head(net, ds, epochs=20)
   predict = tcn.make_predict(net)          # images -> logits, no teacher
   tcn.export(net, 'tcn.stablehlo', 'stablehlo', input_shape=(28, 28, 1))
+
+A teacher trained elsewhere: `tcn.from_keras(path_or_model, teacher, x)` (a
+Keras model that follows an architecture string), or `tcn.teacher_from_flax`
+/ `tcn.teacher_from_keras` / `tcn.function_teacher` (any model), which return
+(teacher, t_vars) for the same calls.
 """
 from tcn_jax.assemble import load_tcn
 from tcn_jax.assemble import make_predict
@@ -22,6 +27,7 @@ from tcn_jax.assemble import StudentGroup
 from tcn_jax.assemble import teacher_head
 from tcn_jax.assemble import TCN
 from tcn_jax.data import Dataset
+from tcn_jax.data import Split
 from tcn_jax.errors import TCNError
 from tcn_jax.export import export
 from tcn_jax.chunking import chunk
@@ -30,7 +36,12 @@ from tcn_jax.chunking import Chunker
 from tcn_jax.chunking import unchunk
 from tcn_jax.config import resolve as resolve_config
 from tcn_jax.features import teacher_features
+from tcn_jax.function_teacher import function_teacher
+from tcn_jax.function_teacher import FunctionTeacher
+from tcn_jax.function_teacher import teacher_from_flax
+from tcn_jax.function_teacher import teacher_from_keras
 from tcn_jax.head import finetune_head
+from tcn_jax.keras_convert import from_keras
 from tcn_jax.models import Head
 from tcn_jax.models import Net
 from tcn_jax.models import student

@@ -91,8 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       name='fashion_mnist', dir='', split_seed=0, val_fraction=0.2,
       train_size=0, test_size=0))
-  # init_from: a workdir of this library (its teacher/) or a teacher
-  # checkpoint directory: that trained teacher is used, none is trained.
+  # init_from: a workdir of this library (its teacher/), a teacher
+  # checkpoint directory or a Keras model file (.keras, .h5): that trained
+  # teacher is used, none is trained.
   c.teacher = ml_collections.ConfigDict(dict(
       body='C32 C64 MP Do.25 F D256r D256r', head_dropout=0.5, head_bn=False,
       optimizer='adam', learning_rate=1e-3, weight_decay=0.0, batch_size=256,
@@ -296,8 +297,9 @@ def _validate(c):
       check_number(f'{section}.weight_decay', s.weight_decay, float, 0)
     _check_optimizer(f'{section}.optimizer', s.optimizer, s.learning_rate)
   if not isinstance(c.teacher.init_from, str):
-    raise TCNError('config.teacher.init_from must be a path (a workdir or a '
-                   f'teacher checkpoint), got {c.teacher.init_from!r}')
+    raise TCNError('config.teacher.init_from must be a path (a workdir, a '
+                   'teacher checkpoint or a Keras file), got '
+                   f'{c.teacher.init_from!r}')
   check_number('students.logit_weight', c.students.logit_weight, float, 0)
   check_number('students.logit_temperature', c.students.logit_temperature,
                float, 0, strict=True)

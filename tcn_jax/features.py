@@ -27,13 +27,15 @@ def teacher_features(teacher, variables, x,
   """(N, D) features of the teacher's feature layer, inference mode, batched.
 
   Args:
-    teacher: a `models.Teacher` (anything with a `features` method).
-    variables: its Flax variables ({'params', ['batch_stats']}).
+    teacher: a `models.Teacher`, or a `FunctionTeacher` (`teacher_from_flax`,
+      `teacher_from_keras`): anything whose `apply` takes
+      `method=teacher.features`.
+    variables: its variables ({'params', ['batch_stats']} for a Teacher).
     x: (N, ...) inputs (the API's contract: `tcn_jax.inputs`).
     batch_size: examples per compiled call.
 
   Returns:
-    (N, D) numpy array: the students' regression targets.
+    (N, D) float32 numpy features.
   """
   fn = jax.jit(lambda xb: teacher.apply(variables, xb,
                                         method=teacher.features))

@@ -103,15 +103,26 @@ class Conv(nn.Module):
     return y + bias
 
 
-def max_pool(x, window: int = 2, padding: str = 'VALID', impl: str = 'auto'):
-  """Non-overlapping max pooling (window == stride) over all spatial axes."""
+def max_pool(x, window: int = 2, padding: str = 'VALID', impl: str = 'auto',
+             stride: int | None = None):
+  """Max pooling over all spatial axes (stride defaults to the window)."""
   nd = x.ndim - 2
+  stride = stride or window
   if resolve_impl(impl) == 'xla':
     # Keyword arguments: jax2onnx's ONNX export replaces nn.max_pool with a
     # function that takes only these (same values, same results).
     return nn.max_pool(x, window_shape=(window,) * nd,
-                       strides=(window,) * nd, padding=padding)
-  x = _pad(x, (window,) * nd, (window,) * nd, padding, value=-jnp.inf)
+                       strides=(stride,) * nd, padding=padding)
+  x = _pad(x, (window,) * nd, (stride,) * nd, padding, value=-jnp.inf)
+  if stride != window:   # Overlapping windows: the max of shifted slices.
+    out = [(size - window) // stride + 1 for size in x.shape[1:-1]]
+    y = None
+    for offset in itertools.product(range(window), repeat=nd):
+      idx = tuple(slice(o, o + (n - 1) * stride + 1, stride)
+                  for o, n in zip(offset, out))
+      part = x[(slice(None), *idx, slice(None))]
+      y = part if y is None else jnp.maximum(y, part)
+    return y
   x = x[(slice(None), *(slice(0, s // window * window) for s in x.shape[1:-1]))]
   shape = [x.shape[0]]
   for s in x.shape[1:-1]:

@@ -6,13 +6,20 @@ Architectures are data (config strings in the reference notation), not code:
   C32s2     ... stride 2                              C32same ... 'same' padding
   C32lin    ... without the ReLU (any C token)        ELU     ELU activation
   MP        MaxPool 2 'valid'                          MPsame  MaxPool 2 'same'
+  MP3s2     MaxPool 3, stride 2 (window k, stride s)   ZP3     zero padding 3 per side
   Do.25     Dropout 0.25                               F       Flatten
   D256r     Dense 256 + ReLU                           D256    Dense 256, linear
-  BN        BatchNorm                                  R       ReLU
+  BN        BatchNorm (epsilon 1e-3)                   R       ReLU
+  BN1.001e-5  BatchNorm with that epsilon
   Emb1000-32  Embedding (vocabulary 1000, width 32)
   RB64s2    ResNet basic block (two 3x3 convs), 64 filters, stride 2
-  BB64      ResNet bottleneck block (1x1, 3x3, 1x1 to 4x64 filters)
+  BB64      ResNet bottleneck block (1x1, 3x3, 1x1 to 4x64 filters), the
+            stride in the 3x3 (ResNet v1.5)
+  BB64s2k   ... as keras.applications' ResNet: the stride in the first 1x1,
+            BatchNorm epsilon 1.001e-5 (RB64k: that epsilon)
   GAP       global average pooling over all spatial axes
+  CAFFE     [0, 1] RGB images to keras.applications' ResNet input ('caffe'
+            preprocess_input: 0-255, BGR, ImageNet mean subtracted)
 
 Convolutions work on images (NHWC) and sequences (NLC) alike. `dtype` is the
 compute dtype (mixed precision, e.g. bfloat16): parameters stay float32, each
@@ -45,10 +52,12 @@ def _keras_embedding_init(key, shape, dtype=jnp.float32):
 _TOKEN = re.compile(
     r'^(?:C(?:(?P<ck>\d+)-)?(?P<cf>\d+)(?:s(?P<cs>\d+))?(?P<csame>same)?'
     r'(?P<clin>lin)?'
-    r'|(?P<mp>MP)(?P<mpsame>same)?|Do(?P<do>[\d.]+)|(?P<f>F)'
-    r'|(?:D|Out)(?P<d>\d+)(?P<dr>r)?|(?P<bn>BN)|(?P<r>R)|(?P<elu>ELU)'
-    r'|(?P<gap>GAP)|(?P<block>RB|BB)(?P<bf>\d+)(?:s(?P<bs>\d+))?'
-    r'|Emb(?P<ev>\d+)-(?P<ed>\d+))$')
+    r'|(?P<mp>MP)(?P<mpk>\d+)?(?:s(?P<mps>\d+))?(?P<mpsame>same)?'
+    r'|ZP(?P<zp>\d+)|Do(?P<do>[\d.]+)|(?P<f>F)'
+    r'|(?:D|Out)(?P<d>\d+)(?P<dr>r)?|(?P<bn>BN)(?P<bneps>\d[\d.]*e-?\d+)?'
+    r'|(?P<r>R)|(?P<elu>ELU)'
+    r'|(?P<gap>GAP)|(?P<block>RB|BB)(?P<bf>\d+)(?:s(?P<bs>\d+))?(?P<bk>k)?'
+    r'|Emb(?P<ev>\d+)-(?P<ed>\d+)|(?P<caffe>CAFFE))$')
 
 
 def parse(spec: str) -> list[dict[str, Any]]:
@@ -65,7 +74,11 @@ def parse(spec: str) -> list[dict[str, Any]]:
                       padding='SAME' if g['csame'] else 'VALID',
                       relu=not g['clin']))
     elif g['mp']:
-      out.append(dict(kind='pool', padding='SAME' if g['mpsame'] else 'VALID'))
+      window = int(g['mpk'] or 2)
+      out.append(dict(kind='pool', padding='SAME' if g['mpsame'] else 'VALID',
+                      window=window, stride=int(g['mps'] or window)))
+    elif g['zp']:
+      out.append(dict(kind='zeropad', pad=int(g['zp'])))
     elif g['do']:
       rate = float(g['do']) if g['do'].count('.') <= 1 else -1.0
       if not 0 <= rate < 1:
@@ -77,7 +90,7 @@ def parse(spec: str) -> list[dict[str, Any]]:
     elif g['d']:
       out.append(dict(kind='dense', features=int(g['d']), relu=bool(g['dr'])))
     elif g['bn']:
-      out.append(dict(kind='bn'))
+      out.append(dict(kind='bn', epsilon=float(g['bneps'] or 1e-3)))
     elif g['r']:
       out.append(dict(kind='relu'))
     elif g['elu']:
@@ -86,29 +99,41 @@ def parse(spec: str) -> list[dict[str, Any]]:
       out.append(dict(kind='gap'))
     elif g['block']:
       out.append(dict(kind='bottleneck' if g['block'] == 'BB' else 'basic',
-                      features=int(g['bf']), stride=int(g['bs'] or 1)))
+                      features=int(g['bf']), stride=int(g['bs'] or 1),
+                      keras=bool(g['bk'])))
+    elif g['caffe']:
+      out.append(dict(kind='caffe'))
     else:
       out.append(dict(kind='embed', vocab=int(g['ev']), features=int(g['ed'])))
   return out
 
 
-def batch_norm(x, train, dtype=None):
+def batch_norm(x, train, dtype=None, epsilon=1e-3):
   """BatchNorm with Keras' defaults (momentum 0.99, epsilon 1e-3);
   statistics in float32 whatever `dtype`."""
   return nn.BatchNorm(use_running_average=not train, momentum=0.99,
-                      epsilon=1e-3, dtype=dtype)(x)
+                      epsilon=epsilon, dtype=dtype)(x)
+
+
+# keras.applications' ResNets use this BatchNorm epsilon.
+KERAS_RESNET_EPSILON = 1.001e-5
+# keras.applications.imagenet_utils 'caffe' mode: BGR means on 0-255 pixels.
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
 class ResidualBlock(nn.Module):
   """ResNet v1 block: basic (3x3, 3x3) or bottleneck (1x1, 3x3, 1x1 to
   4x features), Conv -> BN -> ReLU, with a projection shortcut (1x1 conv +
-  BN) where the shape changes."""
+  BN) where the shape changes. `keras`: keras.applications' layout (the
+  bottleneck's stride in its first 1x1 convolution, BatchNorm epsilon
+  1.001e-5), so its ResNet-50 weights load layer for layer."""
   features: int
   stride: int = 1
   bottleneck: bool = False
   kernel_init: Any = nn.initializers.he_uniform()
   impl: str = 'auto'
   dtype: Any = None
+  keras: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -119,17 +144,22 @@ class ResidualBlock(nn.Module):
                          kernel_init=self.kernel_init, impl=self.impl,
                          dtype=self.dtype)(y)
 
-    if self.bottleneck:
+    eps = KERAS_RESNET_EPSILON if self.keras else 1e-3
+    if self.bottleneck and self.keras:
+      plan = [(self.features, 1, self.stride), (self.features, 3, 1),
+              (4 * self.features, 1, 1)]
+    elif self.bottleneck:
       plan = [(self.features, 1, 1), (self.features, 3, self.stride),
               (4 * self.features, 1, 1)]
     else:
       plan = [(self.features, 3, self.stride), (self.features, 3, 1)]
     y = x
     for i, (features, k, stride) in enumerate(plan):
-      y = batch_norm(conv(y, features, k, stride), train, self.dtype)
+      y = batch_norm(conv(y, features, k, stride), train, self.dtype, eps)
       y = nn.relu(y) if i < len(plan) - 1 else y
     if x.shape != y.shape:
-      x = batch_norm(conv(x, plan[-1][0], 1, self.stride), train, self.dtype)
+      x = batch_norm(conv(x, plan[-1][0], 1, self.stride), train, self.dtype,
+                     eps)
     return nn.relu(x + y)
 
 
@@ -162,7 +192,11 @@ class Net(nn.Module):
                         kernel_init=kinit, impl=self.impl, dtype=dt)(x)
         x = nn.relu(x) if layer['relu'] else x
       elif kind == 'pool':
-        x = layers.max_pool(x, 2, layer['padding'], self.impl)
+        x = layers.max_pool(x, layer['window'], layer['padding'], self.impl,
+                            layer['stride'])
+      elif kind == 'zeropad':
+        p = layer['pad']
+        x = jnp.pad(x, [(0, 0)] + [(p, p)] * (x.ndim - 2) + [(0, 0)])
       elif kind == 'dropout':
         x = nn.Dropout(layer['rate'], deterministic=not train)(x)
       elif kind == 'flatten':
@@ -171,7 +205,7 @@ class Net(nn.Module):
         x = nn.Dense(layer['features'], kernel_init=kinit, dtype=dt)(x)
         x = nn.relu(x) if layer['relu'] else x
       elif kind == 'bn':
-        x = batch_norm(x, train, dt)
+        x = batch_norm(x, train, dt, layer['epsilon'])
       elif kind == 'relu':
         x = nn.relu(x)
       elif kind == 'elu':
@@ -180,7 +214,10 @@ class Net(nn.Module):
         x = x.mean(axis=tuple(range(1, x.ndim - 1)))
       elif kind in ('basic', 'bottleneck'):
         x = ResidualBlock(layer['features'], layer['stride'],
-                          kind == 'bottleneck', kinit, self.impl, dt)(x, train)
+                          kind == 'bottleneck', kinit, self.impl, dt,
+                          layer['keras'])(x, train)
+      elif kind == 'caffe':
+        x = x[..., ::-1] * 255.0 - jnp.asarray(CAFFE_MEAN_BGR, x.dtype)
       elif kind == 'embed':
         x = nn.Embed(layer['vocab'], layer['features'], dtype=dt,
                      embedding_init=_keras_embedding_init)(x)

@@ -1,7 +1,8 @@
 """Stage 1: the teacher, trained with cross-entropy or loaded trained.
 
-`teacher.init_from` names a workdir of this library (its `teacher/`) or a
-teacher checkpoint directory: that teacher is used as it is (the paper's "huge
+`teacher.init_from` names a workdir of this library (its `teacher/`), a
+teacher checkpoint directory, or a Keras model file (`.keras`, `.h5`; see
+`keras_convert`): that teacher is used as it is (the paper's "huge
 pre-trained network"), checked against `teacher.body` by shape.
 """
 import os
@@ -14,6 +15,7 @@ from tcn_jax import engine
 from tcn_jax import fit
 from tcn_jax import inputs
 from tcn_jax import layers
+from tcn_jax import keras_convert
 from tcn_jax import losses
 from tcn_jax import metrics
 from tcn_jax import models
@@ -65,19 +67,26 @@ def train_teacher(teacher, ds, *, epochs, batch_size=256, optimizer='adam',
 
 
 def load_teacher(path: str, teacher, x_example):
-  """The trained variables of `teacher` from a checkpoint.
+  """The trained variables of `teacher` from `path`.
 
   Args:
-    path: a workdir of this library (its teacher/ stage) or a teacher
-      checkpoint directory.
-    teacher: the `models.Teacher` it was trained as.
-    x_example: one batch of inputs (e.g. `ds.train.x[:1]`), for the shapes.
+    path: a workdir of this library (its teacher/ stage), a teacher
+      checkpoint directory, or a Keras file (`.keras` or whole-model `.h5`
+      mapped onto `teacher.body` layer by layer; `.weights.h5` of
+      keras.applications.ResNet50), see `keras_convert.from_keras`.
+    teacher: the `models.Teacher` the variables are for.
+    x_example: example inputs (N, ...) of the data.
 
   Returns:
-    The teacher's Flax variables {'params', ['batch_stats']}. Raises
-    TCNError naming `config.teacher.init_from` when there is none, or when
-    it was saved for another architecture.
+    Flax variables {'params', ['batch_stats']}.
+
+  Raises:
+    TCNError naming `config.teacher.init_from` when `path` holds no teacher,
+    or one of another architecture (the first differing layer).
   """
+  if keras_convert.is_keras_file(path):
+    return keras_convert.from_keras(path, teacher, x_example,
+                                    what='config.teacher.init_from')
   where = os.path.join(path, 'teacher')
   if not os.path.isdir(where):
     where = path

@@ -141,6 +141,15 @@ def test_max_pool_im2col_matches_nn_max_pool(shape, padding):
                              np.asarray(vjp_ref(cotangent)[0]), **TOL)
 
 
+@pytest.mark.parametrize('padding', ['VALID', 'SAME'])
+def test_overlapping_max_pool_im2col_matches_nn_max_pool(padding):
+  """3x3 windows, stride 2 (ResNet's stem): shifted slices == nn.max_pool."""
+  x = jax.random.normal(jax.random.key(3), (2, 9, 10, 3))
+  np.testing.assert_array_equal(
+      np.asarray(layers.max_pool(x, 3, padding, 'im2col', stride=2)),
+      np.asarray(nn.max_pool(x, (3, 3), (2, 2), padding)))
+
+
 def test_max_pool_xla_path_is_nn_max_pool():
   """impl='xla' is the reference pooling."""
   x = _normal(7, (2, 13, 13, 3))
@@ -175,24 +184,30 @@ def test_parse_rejects_unknown_token():
 def test_parse_tokens():
   """Each notation maps to the layer it describes."""
   got = models.parse('C5-32s2same MPsame Do.25 F D16r D8 BN R Emb100-4 '
-                     'C8samelin ELU RB16s2 BB4 GAP')
+                     'C8samelin ELU RB16s2 BB4 GAP ZP3 MP3s2 BN1.001e-5 '
+                     'BB64s2k CAFFE')
   assert got == [
       dict(kind='conv', features=32, kernel=5, stride=2, padding='SAME',
            relu=True),
-      dict(kind='pool', padding='SAME'),
+      dict(kind='pool', padding='SAME', window=2, stride=2),
       dict(kind='dropout', rate=0.25),
       dict(kind='flatten'),
       dict(kind='dense', features=16, relu=True),
       dict(kind='dense', features=8, relu=False),
-      dict(kind='bn'),
+      dict(kind='bn', epsilon=1e-3),
       dict(kind='relu'),
       dict(kind='embed', vocab=100, features=4),
       dict(kind='conv', features=8, kernel=3, stride=1, padding='SAME',
            relu=False),
       dict(kind='elu'),
-      dict(kind='basic', features=16, stride=2),
-      dict(kind='bottleneck', features=4, stride=1),
+      dict(kind='basic', features=16, stride=2, keras=False),
+      dict(kind='bottleneck', features=4, stride=1, keras=False),
       dict(kind='gap'),
+      dict(kind='zeropad', pad=3),
+      dict(kind='pool', padding='VALID', window=3, stride=2),
+      dict(kind='bn', epsilon=1.001e-5),
+      dict(kind='bottleneck', features=64, stride=2, keras=True),
+      dict(kind='caffe'),
   ]
 
 
