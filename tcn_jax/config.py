@@ -248,6 +248,8 @@ def _validate(c):
   check_number('data.split_seed', c.data.split_seed, int, 0)
   METHODS.check(c.method)
   DATASETS.check(c.data.name)
+  if c.data.name == 'image_folder':
+    data_lib.check_folder(c.data)
   engine.resolve_strategy(c.students.strategy)
   distributed.validate(c.get('distributed'), n)
   LAYERS_IMPLS.check(c.layers_impl)

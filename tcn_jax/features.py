@@ -32,7 +32,9 @@ def teacher_features(teacher, variables, x,
   """
   fn = jax.jit(lambda xb: teacher.apply(variables, xb,
                                         method=teacher.features))
-  return engine.batched(fn, np.asarray(x), batch_size)
+  if not hasattr(x, 'in_order'):   # Streams are read in batches.
+    x = np.asarray(x)
+  return engine.batched(fn, x, batch_size)
 
 
 def key(run: record.Run, teacher_key: str) -> str:

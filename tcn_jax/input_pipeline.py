@@ -433,18 +433,3 @@ class Stream:
     return iter(self._dataset(np.arange(len(self)), False, 0, 0, batch_size,
                               False))
 
-
-def batched(fn, x, batch_size: int = 1000, axis: int = 0) -> np.ndarray:
-  """`engine.batched` for arrays or `Stream`s (read in order through
-  Grain); the last batch is padded to keep one compiled shape."""
-  if not isinstance(x, Stream):
-    return engine.batched(fn, x, batch_size, axis)
-  outs = []
-  for batch in x.in_order(batch_size):
-    xb = batch['image']
-    pad = batch_size - len(xb)
-    if pad:
-      xb = np.concatenate([xb, np.repeat(xb[-1:], pad, 0)])
-    out = np.asarray(fn(xb))
-    outs.append(np.take(out, np.arange(batch_size - pad), axis=axis))
-  return np.concatenate(outs, axis=axis)

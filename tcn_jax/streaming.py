@@ -25,7 +25,6 @@ import numpy as np
 
 from tcn_jax import checkpoint
 from tcn_jax import engine
-from tcn_jax import input_pipeline
 from tcn_jax import metrics
 from tcn_jax.errors import TCNError
 
@@ -123,8 +122,7 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets,
               f'non-finite loss in stage {name}, member {ids[member]}, epoch '
               f'{epoch + 1}, step {step}; last good checkpoint: '
               + (f'epoch {epoch} in {stage_dir}' if epoch and ckpt else 'none'))
-        preds = input_pipeline.batched(lambda xb: apply(state, xb), val_x,
-                                       axis=1)
+        preds = engine.batched(lambda xb: apply(state, xb), val_x, axis=1)
         val = [val_metric(preds[m], val_targets[m]) for m in range(n)]
         seconds += time.time() - t0
         record = {'epoch': epoch + 1, 'train_loss': losses.mean(0).tolist(),

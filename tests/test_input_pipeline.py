@@ -168,11 +168,6 @@ def _train(x, workdir=None, epochs=2):
                                     if k != 'seconds'} for h in history]
 
 
-def test_stream_trains_like_in_memory():
-  """Same batches, same per-step keys: the same model, bitwise on CPU."""
-  assert _train(ip.Stream(ip.ArraySource(_X, _Y))) == _train(_X)
-
-
 class Stop(Exception):
   pass
 
@@ -208,9 +203,11 @@ class _Counting:
     return self.it.get_state()
 
 
-def test_stop_mid_epoch_resumes_bitwise(tmp_path):
+def test_stream_trains_like_in_memory_and_resumes_mid_epoch(tmp_path):
+  """Same batches, same per-step keys: the in-memory model, bitwise on CPU;
+  a stop mid-epoch loses at most K steps and resumes bitwise."""
   src = ip.ArraySource(_X, _Y)
-  expected = _train(ip.Stream(src), str(tmp_path / 'whole'))
+  expected = _train(_X)
   # 7 steps an epoch; checkpoints every 3 steps; stop in epoch 2 at step 5.
   stopped = StoppingStream(src, checkpoint_every_steps=3, stop_after=7 + 5)
   with pytest.raises(Stop):
@@ -218,3 +215,62 @@ def test_stop_mid_epoch_resumes_bitwise(tmp_path):
   resumed = StoppingStream(src, checkpoint_every_steps=3)
   assert _train(resumed, str(tmp_path / 'cut')) == expected
   assert resumed.read == 7 - 3   # Lost steps 4 and 5 only: at most K.
+
+
+# configs/image_folder.py: checks and a whole run.
+
+def _folder_config(root, **data):
+  import image_folder  # pylint: disable=g-import-not-at-top
+  c = image_folder.get_config('smoke')
+  c.data.dir = root
+  c.data.update(data)
+  return c
+
+
+def test_image_folder_config_errors(tmp_path, folder):
+  from tcn_jax import config as config_lib
+  with pytest.raises(TCNError, match='config.data.dir must name'):
+    config_lib.resolve(_folder_config(''))
+  with pytest.raises(TCNError, match='config.data.dir .* is not a directory'):
+    config_lib.resolve(_folder_config(str(tmp_path / 'nope')))
+  with pytest.raises(TCNError, match=r'has no train/ folder'):
+    config_lib.resolve(_folder_config(folder[0]))
+  with pytest.raises(TCNError, match='config.data.streaming must be one of'):
+    config_lib.resolve(_folder_config(folder[0], streaming='maybe'))
+  with pytest.raises(TCNError, match='config.data.channels must be 1 or 3'):
+    config_lib.resolve(_folder_config(folder[0], channels=2))
+
+
+@pytest.fixture(scope='module')
+def split_folder(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('split'))
+  make_folder(os.path.join(root, 'train'), per_class=16)
+  make_folder(os.path.join(root, 'val'), per_class=4, seed=1)   # ILSVRC's.
+  return root
+
+
+def test_image_folder_in_memory_equals_stream(split_folder):
+  from tcn_jax import data as data_lib
+  memory = data_lib.load(_folder_config(split_folder, streaming='never').data)
+  stream = data_lib.load(_folder_config(split_folder, streaming='always').data)
+  assert memory.classes == ['class0', 'class1', 'class2']
+  assert memory.num_classes == 3 and 'in memory' in memory.source
+  assert isinstance(stream.train.x, ip.Stream) and 'streamed' in stream.source
+  for a, b in zip((memory.train, memory.val, memory.test),
+                  (stream.train, stream.val, stream.test)):
+    np.testing.assert_array_equal(a.x, b.x[:])
+    np.testing.assert_array_equal(a.y, b.y)
+  assert memory.train.x.shape == (38, 16, 16, 3) and len(memory.test) == 12
+
+
+def test_image_folder_whole_run_streamed(split_folder, tmp_path):
+  """Teacher, features, students and head on a streamed, augmented folder."""
+  import tcn_jax as tcn  # pylint: disable=g-import-not-at-top
+  c = _folder_config(split_folder, streaming='always', augment='crop_flip',
+                     checkpoint_every_steps=1)
+  c.teacher.epochs = c.students.epochs = c.head.epochs = 1
+  first = tcn.run(c, str(tmp_path))
+  assert 'streamed' in first['data_source']
+  assert os.path.isdir(tmp_path / 'students' / 'group0' / 'steps')
+  assert 0 <= first['tcn_test_acc_after_finetune'] <= 1
+  assert first['params']['head'] == (32 + 1) * 3   # 3 classes: 3 outputs.
