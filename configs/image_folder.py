@@ -33,6 +33,7 @@ def get_config(preset: str = ''):
   t.epochs = 30
   s.arch = 'C16 MP C32 MP C32 MP F D32r Do.3'
   s.epochs = 20
+  s.features = 'auto'   # Online when augmented or too large; logged.
   c.eval_batch_size = 250
   return presets.apply(c, preset, extra={'smoke': _smoke})
 

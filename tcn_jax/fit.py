@@ -113,8 +113,9 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
   scored by val_metric(pred, target) per member
   after each epoch. Without stage_dir nothing is saved; without writer
   nothing goes to TensorBoard. A `input_pipeline.Stream` x is trained
-  batch by batch as it is read (`tcn_jax.streaming`; `target_fn` completes
-  its targets from each batch). Returns (state, history, training seconds).
+  batch by batch as it is read (`tcn_jax.streaming`), as is any x with a
+  `streaming.OnlineTargets` target_fn, which adds targets computed from
+  each batch. Returns (state, history, training seconds).
   """
   n = len(ids)
   check_inputs(name, epochs, x, targets)
@@ -128,6 +129,8 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
       logging.info('[%s] resuming after epoch %d/%d', name, start, epochs)
     if start >= epochs:
       return state, history, seconds
+    if target_fn is not None and not isinstance(x, input_pipeline.Stream):
+      x = input_pipeline.Stream(input_pipeline.ArraySource(x))
     if isinstance(x, input_pipeline.Stream):
       return streaming.fit_group(
           stage_dir, name=name, member_step=member_step, state=state,

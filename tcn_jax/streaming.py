@@ -15,8 +15,10 @@ stream's `checkpoint_every_steps` = K also every K steps into
 so far, so a stop loses at most K steps and the resumed run equals an
 uninterrupted one bitwise.
 """
+import dataclasses
 import os
 import time
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -29,18 +31,28 @@ from tcn_jax import metrics
 from tcn_jax.errors import TCNError
 
 
+@dataclasses.dataclass(frozen=True)
+class OnlineTargets:
+  """Targets computed from each batch inside the step: fn(context, x) ->
+  a dict of (members, B, ...) targets, e.g. a frozen teacher's features of
+  the (augmented) batch; `context` (the teacher's variables) is an
+  argument of the compiled step, not a constant folded into it."""
+  fn: Callable[[Any, Any], dict]
+  context: Any
+
+
 def make_step(member_step, num_members: int, strategy: str, target_fn=None):
-  """Jitted `step(state, x, targets, keys, epoch, i) -> (state, metrics
-  (members,))`: one batch of the in-memory epoch's scan body. With
-  `target_fn(x, targets) -> targets` the targets are completed from the
-  batch inside the step (online features)."""
+  """Jitted `step(state, x, targets, context, keys, epoch, i) -> (state,
+  metrics (members,))`: one batch of the in-memory epoch's scan body. With
+  an `OnlineTargets` target_fn, its targets are added to `targets` inside
+  the step (online features)."""
   strategy = engine.resolve_strategy(strategy)
   if strategy == 'sharded':   # One process's devices: the vmap program.
     strategy = 'vmap'
 
-  def step(state, xb, tb, keys, epoch, i):
+  def step(state, xb, tb, context, keys, epoch, i):
     if target_fn is not None:
-      tb = target_fn(xb, tb)
+      tb = {**tb, **target_fn.fn(context, xb)}
     epoch_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, epoch + 1)
     kb = jax.vmap(jax.random.fold_in, (0, None))(epoch_keys, i)
     if strategy == 'vmap':
@@ -51,6 +63,26 @@ def make_step(member_step, num_members: int, strategy: str, target_fn=None):
     return engine.stack([s for s, _ in out]), engine.stack([m for _, m in out])
 
   return jax.jit(step, donate_argnums=(0,))
+
+
+class StackedRows:
+  """(members, N, ...) targets stacked from per-member (N, ...) arrays, only
+  where a batch reads them: memory-mapped features stay on disk.
+
+  Has what the training loop uses of an array: shape, ndim, dtype and
+  `take(index, axis=1)` (what np.take calls)."""
+
+  def __init__(self, parts):
+    self.parts = list(parts)
+    first = self.parts[0]
+    self.shape = (len(self.parts),) + tuple(first.shape)
+    self.ndim, self.dtype = len(self.shape), first.dtype
+
+  def take(self, indices, axis=None, out=None, mode='raise'):
+    del out, mode
+    if axis != 1:
+      raise ValueError('StackedRows are read by rows (axis 1)')
+    return np.stack([np.asarray(p[np.asarray(indices)]) for p in self.parts])
 
 
 def _take(targets, index):
@@ -84,6 +116,7 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets,
         logging.info('[%s] resuming epoch %d at step %d', name, start + 1,
                      step0)
     step_fn = make_step(member_step, n, strategy, target_fn)
+    context = target_fn.context if target_fn is not None else None
     apply = engine.make_apply_fn(predict, n, strategy)
     keys = engine.member_keys(seed, ids)
     steps = len(x) // batch_size
@@ -94,11 +127,9 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets,
       collected = {k: list(v) for k, v in done.items()}
       step = step0
       for batch in batches:
-        tb = _take(targets, batch['index']) if targets is not None else {}
-        if target_fn is not None:
-          tb['label'] = jnp.asarray(batch['label'])
-        state, m = step_fn(state, jnp.asarray(batch['image']), tb, keys,
-                           epoch, step)
+        tb = _take(targets, batch['index']) if targets else {}
+        state, m = step_fn(state, jnp.asarray(batch['image']), tb, context,
+                           keys, epoch, step)
         for k, v in m.items():
           collected.setdefault(k, []).append(np.asarray(v))
         step += 1

@@ -274,3 +274,58 @@ def test_image_folder_whole_run_streamed(split_folder, tmp_path):
   assert os.path.isdir(tmp_path / 'students' / 'group0' / 'steps')
   assert 0 <= first['tcn_test_acc_after_finetune'] <= 1
   assert first['params']['head'] == (32 + 1) * 3   # 3 classes: 3 outputs.
+
+
+# Teacher features: online (inside the students' step) or cached.
+
+def test_online_features_equal_cached():
+  from tcn_jax import chunking  # pylint: disable=g-import-not-at-top
+  from tcn_jax import features  # pylint: disable=g-import-not-at-top
+  from tcn_jax import students  # pylint: disable=g-import-not-at-top
+  teacher = models.Teacher('C4 MP F D12r', 3, 0.0, 'auto', False)
+  t_vars = teacher.init(jax.random.key(0), _X[:1])
+  train, val = _X[:96], _X[96:]
+  f_train = features.teacher_features(teacher, t_vars, train)
+  f_val = features.teacher_features(teacher, t_vars, val)
+  chunker = chunking.fit('pca', f_train, 2)
+  kw = dict(epochs=1, batch_size=16, val=(val, chunker.encode(f_val)))
+  cached, c_info = students.train_students(
+      'C4 MP F D8r', train, chunker.encode(f_train), 2, **kw)
+  online, o_info = students.train_students(
+      'C4 MP F D8r', train, None, 2, **kw, online={
+          'teacher': teacher, 'variables': t_vars, 'chunker': chunker})
+  for a, b in zip(jax.tree_util.tree_leaves([g.variables for g in cached]),
+                  jax.tree_util.tree_leaves([g.variables for g in online])):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  np.testing.assert_allclose(c_info['val_mse'], o_info['val_mse'], rtol=1e-5)
+
+
+def test_features_written_as_memory_map(tmp_path, folder):
+  from tcn_jax import features  # pylint: disable=g-import-not-at-top
+  from tcn_jax import streaming  # pylint: disable=g-import-not-at-top
+  stream = ip.Stream(ip.ImageFolderSource(folder[0]), ip.Transform(8, 3))
+  teacher = models.Teacher('C4 MP F D6r', 3, 0.0, 'auto', False)
+  t_vars = teacher.init(jax.random.key(0), stream[:1])
+  path = str(tmp_path / 'f.npy')
+  got = features.write_features(path, teacher, t_vars, stream, 10)
+  assert isinstance(got, np.memmap) and got.shape == (24, 6)
+  want = features.teacher_features(teacher, t_vars, stream[:], 10)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  rows = streaming.StackedRows([got[:, :2], got[:, 2:4]])
+  assert rows.shape == (2, 24, 2) and np.ndim(rows) == 3
+  np.testing.assert_array_equal(
+      np.take(rows, [5, 1], 1), np.stack([got[[5, 1], :2], got[[5, 1], 2:4]]))
+
+
+def test_auto_features_mode(split_folder):
+  from tcn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from tcn_jax import features  # pylint: disable=g-import-not-at-top
+  from tcn_jax import record  # pylint: disable=g-import-not-at-top
+
+  def mode(**data):
+    c = _folder_config(split_folder, **data)
+    return features.choose_mode(record.Run(c, '', data_lib.load(c.data), ''))
+  assert mode(streaming='never')[0] == 'cached'
+  assert mode(streaming='always')[0] == 'cached'
+  assert mode(augment='flip') == ('online', 'the training images are '
+                                  'augmented every epoch')
