@@ -258,8 +258,11 @@ def _validate(c):
   check_number('data.split_seed', c.data.split_seed, int, 0)
   METHODS.check(c.method)
   DATASETS.check(c.data.name)
-  if c.data.name == 'image_folder':
+  if c.data.name == 'image_folder' or c.data.get('layout') == 'folder':
     data_lib.check_folder(c.data)
+  elif c.data.get('layout'):
+    raise TCNError("config.data.layout must be '' (the dataset's own source) "
+                   f"or 'folder', got {c.data.layout!r}")
   engine.resolve_strategy(c.students.strategy)
   distributed.validate(c.get('distributed'), n)
   LAYERS_IMPLS.check(c.layers_impl)

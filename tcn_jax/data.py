@@ -134,6 +134,10 @@ def load_idx(directory: str, split: str) -> Split:
 
 def hflip(x: np.ndarray) -> np.ndarray:
   """Left-right mirror images of an (N, H, W, C) batch (augmentation)."""
+  if hasattr(x, 'in_order'):   # A streamed split: flipped by its Transform.
+    raise TCNError("config.students.augment='flip' needs the data in "
+                   "memory; a streamed image folder flips with "
+                   "config.data.augment='flip'")
   if x.ndim != 4:
     raise TCNError("config.students.augment='flip' needs images (N, H, W, "
                    f'C); this dataset gives inputs of shape {x.shape[1:]}')

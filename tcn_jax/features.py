@@ -19,7 +19,6 @@ from tcn_jax import engine
 from tcn_jax import models
 from tcn_jax import record
 from tcn_jax import workdir as workdir_lib
-from tcn_jax.errors import TCNError
 
 
 def teacher_features(teacher, variables, x,
@@ -112,10 +111,6 @@ def run_stage(run: record.Run, teacher: record.Teacher,
   mode, why = choose_mode(run)
   logging.info('features: %s (%s)', mode, why)
   streamed = hasattr(ds.train.x, 'in_order')
-  if streamed and c.students.augment == 'flip':
-    raise TCNError("config.students.augment='flip' needs the data in "
-                   "memory; a streamed image folder flips with "
-                   "config.data.augment='flip'")
   images = {'val': ds.val.x}
   if mode == 'cached':
     images['train'] = ds.train.x

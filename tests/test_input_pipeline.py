@@ -329,3 +329,33 @@ def test_auto_features_mode(split_folder):
   assert mode(streaming='always')[0] == 'cached'
   assert mode(augment='flip') == ('online', 'the training images are '
                                   'augmented every epoch')
+
+
+def test_imagenet_config_reads_an_ilsvrc_folder(tmp_path):
+  import imagenet  # pylint: disable=g-import-not-at-top
+  from tcn_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from tcn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from tcn_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from PIL import Image
+  for split, n in (('train', 4), ('val', 2)):
+    for wnid in ('n01440764', 'n01443537'):
+      os.makedirs(tmp_path / split / wnid)
+      for i in range(n):
+        Image.new('RGB', (40 + i, 30), (i * 40, 0, 0)).save(
+            tmp_path / split / wnid / f'{wnid}_{i}.JPEG', format='JPEG')
+  c = imagenet.get_config('smoke')
+  c.data.layout, c.data.dir = 'folder', str(tmp_path)
+  c.data.val_fraction = 0.25
+  c = config_lib.resolve(c)
+  ds = data_lib.load(c.data)
+  assert ds.classes == ['n01440764', 'n01443537'] and ds.num_classes == 2
+  assert ds.train.x.shape[1:] == (32, 32, 3) and len(ds.test) == 4
+  c.teacher.batch_size = c.students.batch_size = c.head.batch_size = 2
+  c.kd.batch_size = 2
+  c.students.augment = 'flip'
+  c.data.streaming = 'always'
+  with pytest.raises(TCNError, match="config.data.augment='flip'"):
+    pipeline.check_data(c, data_lib.load(c.data))
+  c.data.layout = 'tfrecord'
+  with pytest.raises(TCNError, match='config.data.layout must be'):
+    config_lib.resolve(c)
