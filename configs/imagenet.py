@@ -6,7 +6,10 @@ layer in a ResNet); students regress 2048/n-wide chunks. Images are resized
 (shorter side) and centre-cropped to data.image_size. The data pipeline holds
 whole splits in memory, so full ImageNet does not fit: use data.train_size
 subsets, or feed your own arrays through the functional API. TFDS needs the
-manual download (see the error message). Presets: ':smoke', ':gan'.
+manual download (see the error message). With --config.data.layout=folder
+and --config.data.dir=DIR an ILSVRC-layout folder (train/<wnid>/*.JPEG,
+val/<wnid>/*.JPEG) is read instead, streamed through Grain when it does not
+fit in memory. Presets: ':smoke', ':gan'.
 
 The teacher is keras.applications.ResNet50 layer for layer (its stem, the
 stride in each block's first 1x1 convolution, BatchNorm epsilon 1.001e-5), so
@@ -49,6 +52,11 @@ def get_config(preset: str = ''):
   c.num_students = 2
   c.data.name = 'imagenet'
   c.data.image_size, c.data.val_fraction = 224, 0.01
+  # layout='folder': data.dir is an ILSVRC-layout folder (train/<wnid>/
+  # *.JPEG, val/<wnid>/*.JPEG) read through tcn_jax.input_pipeline, streamed
+  # when it does not fit (configs/image_folder.py says how).
+  c.data.update(dict(layout='', augment='', workers=0,
+                     checkpoint_every_steps=0))
   t = c.teacher
   t.body, t.head_dropout = RESNET50, 0.0
   t.optimizer, t.learning_rate, t.weight_decay = 'sgd', 0.1, 1e-4

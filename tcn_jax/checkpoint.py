@@ -248,9 +248,13 @@ def finished_epochs(directory) -> int:
 
 def digest(*trees) -> str:
   """SHA-256 over every array in `trees` (shapes, dtypes and bytes): equal
-  digests mean bitwise-equal parameters or data."""
+  digests mean bitwise-equal parameters or data (a streamed split counts
+  by its `fingerprint`: files, rows, transform)."""
   h = hashlib.sha256()
   for leaf in jax.tree_util.tree_leaves(trees):
+    if hasattr(leaf, 'fingerprint'):   # A streamed split: its files.
+      h.update(leaf.fingerprint().encode())
+      continue
     a = np.ascontiguousarray(leaf)
     h.update(f'{a.shape}{a.dtype}'.encode())
     h.update(a.data)

@@ -40,6 +40,11 @@ LR_SCHEDULES.register('cosine', 'to 0 over the epochs (not in the paper)')
 AUGMENTS = Registry('augmentation', 'students.augment')
 AUGMENTS.register('', 'none (the paper)')
 AUGMENTS.register('flip', 'mirrored training images too (not in the paper)')
+FEATURE_MODES = Registry('features mode', 'students.features')
+FEATURE_MODES.register('', 'cached (the default)')
+FEATURE_MODES.register('cached', 'computed once, memory-mapped when streamed')
+FEATURE_MODES.register('online', "the frozen teacher in the students' step")
+FEATURE_MODES.register('auto', 'cached when they fit and nothing augments')
 
 
 def _registry(what, field, names):
@@ -105,6 +110,11 @@ def base_config() -> ml_collections.ConfigDict:
       # The regression loss by name (losses.STUDENT_LOSSES); '' = the
       # paper's 'mse', or 'logit_matching' when logit_weight > 0.
       loss='',
+      # The teacher's features of the training images: 'cached' (computed
+      # once; '' is 'cached'), 'online' (inside the students' step, on the
+      # same, possibly augmented, batch) or 'auto' (cached when they fit in
+      # data.memory_limit_mb and no augmentation is used; logged).
+      features='',
       # Not in the paper (off): + logit_weight * T^2 * KL between the
       # teacher's logits and its frozen head on the feature with this
       # student's chunk swapped in (losses.logit_matching).
@@ -278,6 +288,11 @@ def _validate(c):
   check_number('data.split_seed', c.data.split_seed, int, 0)
   METHODS.check(c.method)
   DATASETS.check(c.data.name)
+  if c.data.name == 'image_folder' or c.data.get('layout') == 'folder':
+    data_lib.check_folder(c.data)
+  elif c.data.get('layout'):
+    raise TCNError("config.data.layout must be '' (the dataset's own source) "
+                   f"or 'folder', got {c.data.layout!r}")
   engine.resolve_strategy(c.students.strategy)
   distributed.validate(c.get('distributed'), n)
   LAYERS_IMPLS.check(c.layers_impl)
@@ -306,6 +321,10 @@ def _validate(c):
   losses.STUDENT_LOSSES.check(c.students.loss)
   LR_SCHEDULES.check(c.students.lr_schedule)
   AUGMENTS.check(c.students.augment)
+  FEATURE_MODES.check(c.students.get('features', ''))
+  if c.students.get('features') == 'online' and c.kdgan.enabled:
+    raise TCNError("config.students.features='online' leaves no cached "
+                   'features for KDGAN (config.kdgan.enabled); use cached')
   check_number('teacher.lr_step_epochs', c.teacher.lr_step_epochs, int, 0)
   check_number('teacher.lr_step_factor', c.teacher.lr_step_factor, float, 0,
                strict=True)

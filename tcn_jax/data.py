@@ -39,18 +39,29 @@ HOW_TO_GET = {
                '~/tensorflow_datasets or into --config.data.dir',
     'imdb': f'download it with TFDS (tfds build imdb_reviews {_BUILD}) into '
             '~/tensorflow_datasets or into --config.data.dir',
+    'image_folder': 'pass --config.data.dir=DIR holding train/ and test/ (or '
+                    'val/) folders with one sub-folder of JPEG/PNG images '
+                    'per class',
     'imagenet': 'download the ILSVRC2012 train and val tar files by hand into '
                 '~/tensorflow_datasets/downloads/manual/ and run tfds build '
                 f'imagenet2012 {_BUILD}',
 }
 DATASETS = tuple(HOW_TO_GET)
 NUM_CLASSES = {'fashion_mnist': 10, 'mnist': 10, 'cifar10': 10, 'imdb': 2,
-               'imagenet': 1000}
+               'imagenet': 1000, 'image_folder': 0}   # 0: the folder's.
 # Config names whose TFDS name differs, and TFDS's name for the test split.
 TFDS_NAMES = {'imdb': 'imdb_reviews', 'imagenet': 'imagenet2012'}
 TEST_SPLITS = {'imagenet': 'validation'}  # imagenet2012 has no labelled test.
 RESIZED = ('imagenet',)  # Images of varying sizes: resized to image_size.
 IMAGE_SIZE, VOCAB_SIZE, MAX_LEN = 224, 1000, 500  # Optional config defaults.
+# Image folders (data.name='image_folder', or data.layout='folder'):
+# data.streaming 'auto' streams when the decoded train split would take more
+# than data.memory_limit_mb, or when data.augment asks for per-epoch crops.
+STREAMING = ('auto', 'always', 'never')
+FOLDER_AUGMENTS = ('', 'flip', 'crop_flip')
+FOLDER_DEFAULTS = dict(image_size=32, channels=3, augment='', streaming='auto',
+                       memory_limit_mb=1024, workers=0,
+                       checkpoint_every_steps=0)
 # Keras imdb.load_data ids: 0 pads, 1 starts a review, 2 replaces a word out
 # of the vocabulary; the word of frequency rank r (0 = most frequent) is
 # r + INDEX_FROM = r + 4 and id 3 is never used, exactly as Keras (whose
@@ -85,6 +96,7 @@ class Dataset:
   test: Split
   num_classes: int
   source: str
+  classes: list | None = None   # Class names (an image folder's).
 
 
 def read_idx(path: str, expected_magic: int) -> np.ndarray:
@@ -131,6 +143,10 @@ def load_idx(directory: str, split: str) -> Split:
 
 def hflip(x: np.ndarray) -> np.ndarray:
   """Left-right mirror images of an (N, H, W, C) batch (augmentation)."""
+  if hasattr(x, 'in_order'):   # A streamed split: flipped by its Transform.
+    raise TCNError("config.students.augment='flip' needs the data in "
+                   "memory; a streamed image folder flips with "
+                   "config.data.augment='flip'")
   if x.ndim != 4:
     raise TCNError("config.students.augment='flip' needs images (N, H, W, "
                    f'C); this dataset gives inputs of shape {x.shape[1:]}')
@@ -310,6 +326,8 @@ def load(cfg) -> Dataset:
   are held in memory: full ImageNet (~1.28M images) does not fit, so use it
   through train_size / test_size subsets.
   """
+  if cfg.name == 'image_folder' or cfg.get('layout') == 'folder':
+    return load_folder(cfg)
   image_size = _option(cfg, 'image_size', IMAGE_SIZE, 1)
   vocab_size = _option(cfg, 'vocab_size', VOCAB_SIZE, INDEX_FROM + 1)
   max_len = _option(cfg, 'max_len', MAX_LEN, 1)
@@ -343,3 +361,96 @@ def load(cfg) -> Dataset:
     return Split(split.x.astype(np.float32) / 255.0, split.y)
 
   return Dataset(*map(finish, parts), num_classes, source)
+
+
+def folder_options(cfg) -> dict:
+  """The image-folder fields of `cfg` (FOLDER_DEFAULTS where unset),
+  checked; TCNError naming the first bad one."""
+  opts = {k: cfg.get(k, v) for k, v in FOLDER_DEFAULTS.items()}
+  for field in ('image_size', 'channels', 'memory_limit_mb'):
+    _option(opts, field, 0, 1)
+  for field in ('workers', 'checkpoint_every_steps'):
+    _option(opts, field, 0, 0)
+  if opts['channels'] not in (1, 3):
+    raise TCNError(f"config.data.channels must be 1 or 3, got "
+                   f"{opts['channels']!r}")
+  for field, allowed in (('augment', FOLDER_AUGMENTS),
+                         ('streaming', STREAMING)):
+    if opts[field] not in allowed:
+      raise TCNError(f'config.data.{field} must be one of {allowed}, got '
+                     f'{opts[field]!r}')
+  return opts
+
+
+def check_folder(cfg):
+  """The checks of an image-folder config that read no image: the folder
+  and its train/ and test/ (or val/) sub-folders exist."""
+  folder_options(cfg)
+  root = cfg.dir
+  if not root:
+    raise TCNError('config.data.dir must name the image folder: '
+                   + HOW_TO_GET['image_folder'])
+  _check_dir(root)
+  for split in ('train', ('test', 'val')):
+    names = (split,) if isinstance(split, str) else split
+    if not any(os.path.isdir(os.path.join(root, n)) for n in names):
+      raise TCNError(f'config.data.dir {root!r} has no {"/ or ".join(names)}/'
+                     ' folder: ' + HOW_TO_GET['image_folder'])
+
+
+def load_folder(cfg) -> Dataset:
+  """An image folder (`cfg.dir`/train/<class>/*.jpg|png and test/ or val/,
+  ImageNet's layout) as a Dataset: class names and count from train's
+  sub-folders; images decoded, resized (shorter side) and centre-cropped
+  to `cfg.image_size` with `cfg.channels`; a seeded validation split of
+  train as `load`. Splits are `input_pipeline.Stream`s when
+  `cfg.streaming` asks (or 'auto' finds train too large for
+  `cfg.memory_limit_mb`, or `cfg.augment` crops per epoch), else arrays
+  decoded once (the in-memory path).
+  """
+  from tcn_jax import input_pipeline as ip   # pylint: disable=g-import-not-at-top
+  check_folder(cfg)
+  opts = folder_options(cfg)
+  root = cfg.dir
+  train_src = ip.ImageFolderSource(os.path.join(root, 'train'),
+                                   'config.data.dir train/')
+  test_dir = next(os.path.join(root, n) for n in ('test', 'val')
+                  if os.path.isdir(os.path.join(root, n)))
+  test_src = ip.ImageFolderSource(test_dir, f'config.data.dir '
+                                  f'{os.path.basename(test_dir)}/',
+                                  classes=train_src.classes)
+  transform = ip.Transform(opts['image_size'], opts['channels'],
+                           crop=opts['augment'] == 'crop_flip',
+                           flip=opts['augment'] in ('flip', 'crop_flip'))
+  rng = np.random.default_rng(cfg.split_seed)
+  order = rng.permutation(len(train_src))
+  n_val = int(round(len(train_src) * cfg.val_fraction))
+  val_idx, train_idx = order[:n_val], order[n_val:]
+  if cfg.train_size:
+    train_idx = train_idx[:cfg.train_size]
+    val_idx = val_idx[:max(cfg.train_size // 4, 1)]
+  test_idx = np.arange(len(test_src))
+  if cfg.test_size:
+    test_idx = rng.permutation(len(test_src))[:cfg.test_size]
+  settings = dict(workers=opts['workers'],
+                  checkpoint_every_steps=opts['checkpoint_every_steps'])
+  streams = [ip.Stream(train_src, transform, train_idx, **settings),
+             ip.Stream(train_src, transform, val_idx, **settings),
+             ip.Stream(test_src, transform, test_idx, **settings)]
+  size = opts['image_size'] ** 2 * opts['channels'] * 4 * len(train_idx)
+  stream = opts['streaming'] == 'always' or (
+      opts['streaming'] == 'auto' and (
+          opts['augment'] or size > opts['memory_limit_mb'] * 2 ** 20))
+  if opts['streaming'] == 'never' and opts['augment']:
+    raise TCNError(f"config.data.augment={opts['augment']!r} crops or flips "
+                   "per epoch, which needs config.data.streaming 'auto' or "
+                   "'always'")
+  if stream:
+    parts = [Split(s, s.labels) for s in streams]
+  else:   # Decoded once, in order, through Grain (workers if any).
+    shape = streams[0].shape[1:]
+    parts = [Split(np.concatenate([np.zeros((0,) + shape, np.float32)] + [
+        b['image'] for b in s.in_order(256)]), s.labels) for s in streams]
+  return Dataset(*parts, len(train_src.classes),
+                 f'{root} ({"streamed" if stream else "in memory"})',
+                 train_src.classes)

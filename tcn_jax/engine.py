@@ -292,10 +292,15 @@ def _sharded_apply(apply_fn, num_members, mesh, padded, vmapped):
 
 
 def batched(fn, x: np.ndarray, batch_size: int = 1000, axis: int = 0):
-  """Applies jitted `fn` over `x` in fixed-size batches (last one padded)."""
+  """Applies jitted `fn` over `x` in fixed-size batches (last one padded);
+  x is an array or a streamed split (`input_pipeline.Stream`, read in
+  order through Grain)."""
   outs = []
-  for start in range(0, len(x), batch_size):
-    xb = x[start:start + batch_size]
+  if hasattr(x, 'in_order'):   # A Stream (not imported: it imports engine).
+    batches = (b['image'] for b in x.in_order(batch_size))
+  else:
+    batches = (x[s:s + batch_size] for s in range(0, len(x), batch_size))
+  for xb in batches:
     pad = batch_size - len(xb)
     if pad:
       xb = np.concatenate([xb, np.repeat(xb[-1:], pad, 0)])

@@ -18,6 +18,7 @@ from tcn_jax import data as data_lib
 from tcn_jax import engine
 from tcn_jax import inputs
 from tcn_jax import layers
+from tcn_jax import models
 from tcn_jax import record
 from tcn_jax import workdir as workdir_lib
 
@@ -31,7 +32,8 @@ def teacher_features(teacher, variables, x,
       `teacher_from_keras`): anything whose `apply` takes
       `method=teacher.features`.
     variables: its variables ({'params', ['batch_stats']} for a Teacher).
-    x: (N, ...) inputs (the API's contract: `tcn_jax.inputs`).
+    x: (N, ...) inputs (the API's contract: `tcn_jax.inputs`), or a
+      `input_pipeline.Stream`.
     batch_size: examples per compiled call.
 
   Returns:
@@ -39,47 +41,121 @@ def teacher_features(teacher, variables, x,
   """
   fn = jax.jit(lambda xb: teacher.apply(variables, xb,
                                         method=teacher.features))
+  if hasattr(x, 'in_order'):   # Streams are read (and checked) in batches.
+    return engine.batched(fn, x, batch_size)
   x = inputs.batch('teacher_features', 'x', x,
                    spec=getattr(teacher, 'body', None))
   inputs.fits('teacher_features', 'x', x, fn)
   return engine.batched(fn, np.asarray(x), batch_size)
 
 
+def choose_mode(run: record.Run) -> tuple[str, str]:
+  """('cached' or 'online', why) for `config.students.features`: 'auto'
+  is cached when the train features fit in data.memory_limit_mb and the
+  training images are not augmented, else online (KDGAN needs them
+  cached)."""
+  c, x = run.config, run.ds.train.x
+  mode = c.students.get('features') or 'cached'
+  if mode != 'auto':
+    return mode, 'config.students.features'
+  dim = models.output_shape(c.teacher.body, x.shape[1:], c.layers_impl,
+                            x.dtype)[-1]
+  mb = len(x) * dim * 4 * (2 if c.students.augment == 'flip' else 1) / 2**20
+  limit = c.data.get('memory_limit_mb', data_lib.FOLDER_DEFAULTS[
+      'memory_limit_mb'])
+  if c.kdgan.enabled:
+    return 'cached', 'KDGAN needs cached features'
+  if getattr(getattr(x, 'transform', None), 'augments', False):
+    return 'online', 'the training images are augmented every epoch'
+  if mb > limit:
+    return 'online', (f'they would take {mb:.0f} MB, over '
+                      f'data.memory_limit_mb={limit}')
+  return 'cached', (f'they take {mb:.1f} MB (data.memory_limit_mb={limit}) '
+                    'and no augmentation is used')
+
+
 def key(run: record.Run, teacher_key: str) -> str:
   """The features stage's key."""
   c = run.config
+  online = choose_mode(run)[0] == 'online'
   return workdir_lib.stage_key(
       stage='features', teacher=teacher_key, augment=c.students.augment,
       eval_batch_size=c.eval_batch_size, data=run.data_key,
-      **workdir_lib.forward_key(c))
+      **workdir_lib.forward_key(c), **({'mode': 'online'} if online else {}))
+
+
+def write_features(path: str, teacher, variables, x, batch_size: int):
+  """Features of a streamed split into the `.npy` file `path` (written
+  batch by batch into a memory map, then renamed: never held whole);
+  returns it opened as a read-only memory map."""
+  fn = jax.jit(lambda xb: teacher.apply(variables, xb,
+                                        method=teacher.features))
+  tmp = path + '.tmp.npy'
+  out, pos = None, 0
+  for batch in x.in_order(batch_size):
+    xb = batch['image']
+    n = len(xb)
+    if n < batch_size:
+      xb = np.concatenate([xb, np.repeat(xb[-1:], batch_size - n, 0)])
+    f = np.asarray(fn(xb))[:n]
+    if out is None:
+      out = np.lib.format.open_memmap(tmp, 'w+', f.dtype,
+                                      (len(x),) + f.shape[1:])
+    out[pos:pos + n] = f
+    pos += n
+  out.flush()
+  del out
+  os.replace(tmp, path)
+  return np.load(path, mmap_mode='r')
 
 
 def run_stage(run: record.Run, teacher: record.Teacher,
               key: str) -> record.Features:
   """Features of train / val (and with students.augment='flip' of the
-  mirrored train images), read from `features.npz` when its key matches."""
+  mirrored train images), read from `features.npz` when its key matches.
+
+  Online (`choose_mode`): only val's; the students compute train's. A
+  streamed train split's features go to `features.train.npy`, a memory
+  map, beside `features.npz`.
+  """
   ds, c = run.ds, run.config
-  images = {'train': ds.train.x, 'val': ds.val.x}
-  if c.students.augment == 'flip':
-    images['train_flip'] = data_lib.hflip(ds.train.x)
+  mode, why = choose_mode(run)
+  logging.info('features: %s (%s)', mode, why)
+  streamed = hasattr(ds.train.x, 'in_order')
+  images = {'val': ds.val.x}
+  if mode == 'cached':
+    images['train'] = ds.train.x
+    if c.students.augment == 'flip':
+      images['train_flip'] = data_lib.hflip(ds.train.x)
   path = run.workdir and os.path.join(run.workdir, 'features.npz')
+  npy = path and os.path.join(run.workdir, 'features.train.npy')
   feats = None
   try:
     if path:
       with np.load(path) as f:
         if str(f['digest']) == key:
+          feats = {s: f[s] for s in images if s != 'train' or not streamed}
+          if 'train' in images and streamed:
+            feats['train'] = np.load(npy, mmap_mode='r')
+            if feats['train'].shape[0] != len(ds.train):
+              raise ValueError(npy)
           logging.info('features: reusing %s', path)
-          feats = {s: f[s] for s in images}
   except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
-    pass   # Missing, from another version, or damaged: compute again.
+    feats = None   # Missing, from another version, or damaged: compute again.
   if feats is None:
     model = teacher.model.clone(
         impl=layers.stage_impl(c.layers_impl, c.forward_impl))
-    feats = {s: teacher_features(model, teacher.variables, x,
-                                 c.eval_batch_size)
-             for s, x in images.items()}
+    feats = {}
+    for s, x in images.items():
+      if s == 'train' and streamed and path:
+        feats[s] = write_features(npy, model, teacher.variables, x,
+                                  c.eval_batch_size)
+      else:
+        feats[s] = teacher_features(model, teacher.variables, x,
+                                    c.eval_batch_size)
     if path:
+      small = {s: f for s, f in feats.items() if s != 'train' or not streamed}
       checkpoint.atomic_write(path, lambda f: np.savez(f, digest=key,
-                                                       **feats))
-  return record.Features(feats['train'], feats['val'],
-                         feats.get('train_flip'), key)
+                                                       **small))
+  return record.Features(feats.get('train'), feats['val'],
+                         feats.get('train_flip'), key, mode)

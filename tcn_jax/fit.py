@@ -17,9 +17,11 @@ import optax
 
 from tcn_jax import checkpoint
 from tcn_jax import engine
+from tcn_jax import input_pipeline
 from tcn_jax import inputs
 from tcn_jax import metrics
 from tcn_jax import models
+from tcn_jax import streaming
 from tcn_jax.errors import TCNError
 from tcn_jax.registry import Registry
 
@@ -47,7 +49,7 @@ def stage_seed(seed: int, stage: str) -> int:
 
 def fit(stage_dir, *, name, model, loss, tx, variables, x, targets, ids,
         epochs, batch_size, seed, strategy, val_x, val_targets, val_metric,
-        writer, weight_decay=0.0):
+        writer, weight_decay=0.0, target_fn=None):
   """Gradient descent on loss(model(x), target dict) (+ weight_decay * the
   L2 of the kernels) for a stacked group of Flax `variables`; BatchNorm statistics
   and other mutable collections update in train mode. See `fit_group`.
@@ -80,7 +82,7 @@ def fit(stage_dir, *, name, model, loss, tx, variables, x, targets, ids,
           {'params': s['params'], **s.get('model_state', {})}, xb), x=x,
       targets=targets, ids=ids, epochs=epochs, batch_size=batch_size,
       seed=seed, strategy=strategy, val_x=val_x, val_targets=val_targets,
-      val_metric=val_metric, writer=writer)
+      val_metric=val_metric, writer=writer, target_fn=target_fn)
   variables = {'params': state['params'], **state.get('model_state', {})}
   return variables, history, seconds
 
@@ -101,7 +103,7 @@ def check_inputs(name, epochs, x, targets):
 
 def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
               epochs, batch_size, seed, strategy, val_x, val_targets,
-              val_metric, writer):
+              val_metric, writer, target_fn=None):
   """Trains a stacked group for `epochs` with the engine, resuming from
   `stage_dir` (per-epoch checkpoints of the whole state).
 
@@ -110,7 +112,10 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
   are a step's `target` (see `tcn_jax.losses`); predict(member_state, x) is
   scored by val_metric(pred, target) per member
   after each epoch. Without stage_dir nothing is saved; without writer
-  nothing goes to TensorBoard. Returns (state, history, training seconds).
+  nothing goes to TensorBoard. A `input_pipeline.Stream` x is trained
+  batch by batch as it is read (`tcn_jax.streaming`), as is any x with a
+  `streaming.OnlineTargets` target_fn, which adds targets computed from
+  each batch. Returns (state, history, training seconds).
   """
   n = len(ids)
   check_inputs(name, epochs, x, targets)
@@ -124,6 +129,16 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
       logging.info('[%s] resuming after epoch %d/%d', name, start, epochs)
     if start >= epochs:
       return state, history, seconds
+    if target_fn is not None and not isinstance(x, input_pipeline.Stream):
+      x = input_pipeline.Stream(input_pipeline.ArraySource(x))
+    if isinstance(x, input_pipeline.Stream):
+      return streaming.fit_group(
+          stage_dir, name=name, member_step=member_step, state=state,
+          predict=predict, x=x, targets=targets, ids=ids, epochs=epochs,
+          batch_size=batch_size, seed=seed, strategy=strategy, val_x=val_x,
+          val_targets=val_targets, val_metric=val_metric, writer=writer,
+          target_fn=target_fn, start=start, history=history,
+          seconds=seconds, ckpt=ckpt)
 
     epoch_fn = engine.make_group_epoch(member_step, n, strategy)
     apply = engine.make_apply_fn(predict, n, strategy)

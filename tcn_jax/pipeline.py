@@ -77,7 +77,8 @@ def check_data(config, ds: data_lib.Dataset):
     check_fits('kd.arch', config.kd.arch + ' D1', shape, config.layers_impl,
                dtype)
   if config.students.augment == 'flip':
-    data_lib.hflip(ds.train.x[:1])   # Fails now on text, not after stage 1.
+    data_lib.hflip(ds.train.x[:1] if isinstance(ds.train.x, np.ndarray)
+                   else ds.train.x)   # Fails now, not after stage 1.
   sections = ['teacher', 'students', 'head'] + (
       ['kd'] if config.kd.enabled or config.kdgan.enabled else [])
   for section in sections:

@@ -48,6 +48,9 @@ class Features:
   val: Any
   train_flip: Any     # Of the mirrored images (students.augment='flip').
   key: str
+  # 'cached' (train holds them) or 'online' (train is None: the students'
+  # step computes them from each batch; students.features).
+  mode: str = 'cached'
 
 
 @dataclasses.dataclass(frozen=True)

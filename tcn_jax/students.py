@@ -9,6 +9,7 @@ gathered (`tcn_jax.distributed`); students never communicate.
 """
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -24,19 +25,48 @@ from tcn_jax import losses
 from tcn_jax import metrics
 from tcn_jax import models
 from tcn_jax import record
+from tcn_jax import streaming
+from tcn_jax import teacher as teacher_lib
 from tcn_jax import workdir as workdir_lib
 from tcn_jax.errors import TCNError
 
 
-def _targets(loss_name, encoded, chunks, bounds, member_ids):
-  """The group's member-stacked target dict (see `tcn_jax.losses`)."""
-  targets = {'chunk': np.stack([chunks[i] for i in member_ids])}
+def _targets(loss_name, encoded, chunks, bounds, member_ids, lazy=False):
+  """The group's member-stacked target dict (see `tcn_jax.losses`); `lazy`
+  (streamed inputs): `streaming.StackedRows`, read batch by batch."""
+  stack = streaming.StackedRows if lazy else np.stack
+  targets = {'chunk': stack([chunks[i] for i in member_ids])}
   if losses.STUDENT_LOSSES.get(loss_name).needs_feature:
     n = len(encoded)
-    targets['feature'] = np.stack([encoded] * len(member_ids))
+    targets['feature'] = stack([encoded] * len(member_ids))
     targets['offset'] = np.stack([np.full(n, bounds[i][0], np.int32)
                                   for i in member_ids])
   return targets
+
+
+def _online_targets(online, loss_name, bounds, member_ids):
+  """The group's targets computed inside its step from the batch: the frozen
+  teacher's features (inference mode), encoded and cut as `_targets`."""
+  teacher = online['teacher']
+  needs_feature = losses.STUDENT_LOSSES.get(loss_name).needs_feature
+
+  def fn(ctx, xb):
+    f = teacher.apply(ctx['teacher'], xb, method=teacher.features)
+    if ctx['basis'] is not None:
+      f = (f - ctx['basis']['mean']) @ ctx['basis']['matrix'].T
+    targets = {'chunk': jnp.stack([f[:, bounds[i][0]:bounds[i][1]]
+                                   for i in member_ids])}
+    if needs_feature:
+      targets['feature'] = jnp.stack([f] * len(member_ids))
+      targets['offset'] = jnp.stack([jnp.full(len(xb), bounds[i][0],
+                                              jnp.int32) for i in member_ids])
+    return targets
+
+  basis = online['chunker'].basis
+  return streaming.OnlineTargets(fn, {
+      'teacher': online['variables'],
+      'basis': None if basis is None else {k: jnp.asarray(basis[k])
+                                           for k in ('mean', 'matrix')}})
 
 
 def train_students(specs, x, features, num_students, *, epochs,
@@ -45,7 +75,7 @@ def train_students(specs, x, features, num_students, *, epochs,
                    strategy='auto', impl='auto', val=None, gan=None,
                    loss='mse', loss_context=None, lr_schedule='constant',
                    workdir=None, writer=None, members=None, dir_suffix='',
-                   dtype=None):
+                   dtype=None, online=None):
   """Trains n students on the n contiguous chunks of `features`.
 
   Args:
@@ -80,22 +110,33 @@ def train_students(specs, x, features, num_students, *, epochs,
                    f'num_students={num_students}')
   where = 'train_students'
   inputs.epochs(where, epochs)
-  x = inputs.batch(where, 'x', x, spec=specs[0])
-  features = np.asarray(inputs.features(where, 'features', features, len(x)))
+  streamed = hasattr(x, 'in_order')   # A Stream is checked as it is read.
+  if not streamed:
+    x = inputs.batch(where, 'x', x, spec=specs[0])
+  if online is None:
+    features = np.asarray(features if streamed else inputs.features(
+        where, 'features', features, len(x)))
+    dim = features.shape[1]
+    chunks = chunking.chunk(features, num_students)
+  else:
+    dim = online['chunker'].dim
   if val is not None:
     val_x = inputs.batch(where, 'val[0]', val[0], spec=specs[0],
-                         shape=x.shape[1:])
-    val = (val_x, inputs.features(where, 'val[1]', val[1], len(val_x),
-                                  features.shape[1]))
-  sizes = chunking.chunk_sizes(features.shape[1], num_students)
-  bounds = chunking.chunk_bounds(features.shape[1], num_students)
+                         shape=None if streamed else x.shape[1:])
+    val = (val_x, inputs.features(where, 'val[1]', val[1], len(val_x), dim))
+  sizes = chunking.chunk_sizes(dim, num_students)
+  bounds = chunking.chunk_bounds(dim, num_students)
   groups = assemble.group_students(specs, sizes, out_relu, init)
+  shape = (val[0].shape[1:] if val is not None else None) if streamed else (
+      x.shape[1:])
   for g in groups:
-    g.input_shape = tuple(x.shape[1:])
-  chunks = chunking.chunk(features, num_students)
-  val_x, val_chunks = x[:1], [c[:1] for c in chunks]
+    g.input_shape = None if shape is None else tuple(shape)
   if val is not None:
     val_x, val_chunks = val[0], chunking.chunk(val[1], num_students)
+  elif online is None:
+    val_x, val_chunks = x[:1], [c[:1] for c in chunks]
+  else:
+    raise TCNError('online features need val=(x_val, val features)')
   seed = fit.stage_seed(seed, 'students')
   lr = learning_rate
   if lr_schedule == 'cosine':
@@ -111,9 +152,14 @@ def train_students(specs, x, features, num_students, *, epochs,
     model = group.model(impl, dtype)
     regression = losses.STUDENT_LOSSES.get(loss)(group.out_dim,
                                                  **(loss_context or {}))
+    if online is None:
+      targets = _targets(loss, features, chunks, bounds, group.member_ids,
+                         lazy=hasattr(x, 'in_order'))
     common = dict(
         name=f'students[{gi}]', x=x, ids=group.member_ids,
-        targets=_targets(loss, features, chunks, bounds, group.member_ids),
+        targets=targets if online is None else {},
+        target_fn=online and _online_targets(online, loss, bounds,
+                                             group.member_ids),
         epochs=epochs, batch_size=batch_size, seed=seed, strategy=strategy,
         val_x=val_x, val_metric=metrics.mse, writer=writer,
         val_targets=np.stack([val_chunks[i] for i in group.member_ids]))
@@ -193,7 +239,8 @@ def key(run: record.Run, features_key: str) -> str:
   return workdir_lib.stage_key(
       stage='students', features=features_key, n=c.num_students,
       method=c.method, chunking=c.chunking, pca_assignment=c.pca_assignment,
-      students=c.students.to_dict(),
+      students={k: v for k, v in c.students.to_dict().items()
+                if v or k != 'features'},   # Keys from before the field.
       gan=c.gan.to_dict() if c.method == 'gan' else None,
       layers_impl=c.layers_impl, seed=c.seed, data=run.data_key,
       **workdir_lib.dtype_key(c))
@@ -204,12 +251,15 @@ def shared_inputs(run: record.Run, teacher: record.Teacher,
   """What every process's students need from process 0: the fitted
   chunking's basis, the encoded features, the teacher head, the key."""
   c = run.config
-  chunker = chunking.fit(c.chunking, feats.train, c.num_students,
-                         c.pca_assignment)
-  shared = {'train': chunker.encode(feats.train),
+  online = feats.train is None   # Online: chunks fitted on val's features.
+  chunker = chunking.fit(c.chunking, feats.val if online else feats.train,
+                         c.num_students, c.pca_assignment)
+  shared = {'train': None if online else chunker.encode(feats.train),
             'val': chunker.encode(feats.val),
             'head': models.submodule_variables(teacher.variables, 'head'),
             'basis': chunker.basis, 'key': key}
+  if online:
+    shared['teacher'] = teacher.variables
   if feats.train_flip is not None:
     shared['train_flip'] = chunker.encode(feats.train_flip)
   return shared
@@ -223,7 +273,7 @@ def run_stage(run: record.Run, shared: dict,
   c, ds = run.config, run.ds
   s = c.students
   train = train_share if distributed.process_count() > 1 else train_students
-  chunker = chunking.Chunker(c.num_students, shared['train'].shape[1],
+  chunker = chunking.Chunker(c.num_students, shared['val'].shape[1],
                              shared['basis'])
   t = c.teacher
   context = dict(head=models.Head(ds.num_classes, t.head_dropout,
@@ -231,9 +281,14 @@ def run_stage(run: record.Run, shared: dict,
                  head_variables=shared['head'], weight=s.logit_weight,
                  temperature=s.logit_temperature, chunker=chunker)
   x, targets = ds.train.x, shared['train']
+  online = None
+  if targets is None:   # Online features (features.run_stage chose).
+    online = {'teacher': teacher_lib.model(run),
+              'variables': shared['teacher'], 'chunker': chunker}
   if s.augment == 'flip':   # Mirrored images, with the teacher's features.
     x = np.concatenate([x, data_lib.hflip(x)])
-    targets = np.concatenate([targets, shared['train_flip']])
+    if online is None:
+      targets = np.concatenate([targets, shared['train_flip']])
   groups, info = train(
       specs, x, targets, c.num_students, epochs=s.epochs,
       batch_size=s.batch_size, optimizer=s.optimizer,
@@ -243,5 +298,5 @@ def run_stage(run: record.Run, shared: dict,
       val=(ds.val.x, shared['val']),
       gan=gan_settings(c), loss=s.loss, loss_context=context,
       lr_schedule=s.lr_schedule, workdir=run.workdir or None,
-      writer=run.writer)
+      writer=run.writer, online=online)
   return record.Students(groups, chunker, info, shared['key'])
