@@ -22,6 +22,7 @@ from tcn_jax import fit
 from tcn_jax import gan as gan_lib
 from tcn_jax import layers
 from tcn_jax import losses
+from tcn_jax import mesh as mesh_lib
 from tcn_jax import models
 from tcn_jax.errors import TCNError
 from tcn_jax.registry import Registry
@@ -128,9 +129,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.kdgan = ml_collections.ConfigDict(dict(
       enabled=False, epochs=10, adv_weight=0.1, gumbel_temperature=1.0,
       disc='256 128', d_optimizer='adam', d_learning_rate=2e-4))
-  # Students split over processes (docs/distributed.md).
+  # Processes of a multi-host run (docs/distributed.md).
   c.distributed = ml_collections.ConfigDict(dict(
       num_processes=1, process_id=0, coordinator=''))
+  # The device mesh every stage runs on (tcn_jax/mesh.py): devices along
+  # 'data' (batches) and 'students' (a group's members); -1: those left.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, students=1))
   return c
 
 
@@ -174,6 +178,8 @@ def resolve(user: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.students.loss = 'logit_matching' if c.students.logit_weight else 'mse'
   if 'init_from' not in c.teacher:   # A config made before the field.
     c.teacher.init_from = ''
+  if 'mesh' not in c:
+    c.mesh = base_config().mesh
   _validate(c)
   return c
 
@@ -250,6 +256,7 @@ def _validate(c):
   DATASETS.check(c.data.name)
   engine.resolve_strategy(c.students.strategy)
   distributed.validate(c.get('distributed'), n)
+  mesh_lib.validate(c.mesh)
   LAYERS_IMPLS.check(c.layers_impl)
   INITS.check(c.students.init)
   for spec in student_specs(c):

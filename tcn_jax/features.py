@@ -16,6 +16,7 @@ import numpy as np
 from tcn_jax import checkpoint
 from tcn_jax import data as data_lib
 from tcn_jax import engine
+from tcn_jax import mesh as mesh_lib
 from tcn_jax import record
 from tcn_jax import workdir as workdir_lib
 
@@ -29,7 +30,16 @@ def teacher_features(teacher, variables, x,
     variables: its Flax variables ({'params', ['batch_stats']}).
     x: (N, ...) inputs.
     batch_size: examples per compiled call.
+
+  On the mesh in use (`mesh.use`, several devices) each batch is split over
+  its devices (data-parallel).
   """
+  mesh = mesh_lib.active()
+  if mesh:
+    apply = mesh_lib.data_parallel(
+        lambda v, xb: teacher.apply(v, xb, method=teacher.features), mesh)
+    return engine.batched(lambda xb: apply(variables, xb), np.asarray(x),
+                          batch_size)
   fn = jax.jit(lambda xb: teacher.apply(variables, xb,
                                         method=teacher.features))
   return engine.batched(fn, np.asarray(x), batch_size)

@@ -17,6 +17,7 @@ import optax
 
 from tcn_jax import checkpoint
 from tcn_jax import engine
+from tcn_jax import mesh as mesh_lib
 from tcn_jax import metrics
 from tcn_jax import models
 from tcn_jax.errors import TCNError
@@ -110,26 +111,34 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
   are a step's `target` (see `tcn_jax.losses`); predict(member_state, x) is
   scored by val_metric(pred, target) per member
   after each epoch. Without stage_dir nothing is saved; without writer
-  nothing goes to TensorBoard. Returns (state, history, training seconds).
+  nothing goes to TensorBoard. On the mesh in use (`mesh.use`, several
+  devices) the state lives there as global arrays (what is checkpointed)
+  and comes back as numpy. Returns (state, history, training seconds).
   """
   n = len(ids)
   check_inputs(name, epochs, x, targets)
+  mesh = mesh_lib.active()
+  layout = mesh and engine.MeshLayout(mesh, n, batch_size)
+  home = mesh_lib.to_host if mesh else lambda s: s
   with (checkpoint.StageCheckpoint(stage_dir) if stage_dir
         else contextlib.nullcontext()) as ckpt:
     start = ckpt.latest_epoch() if ckpt else 0
     history, seconds = [], 0.0
     if start:
-      state, record = ckpt.restore(state)
+      state, record = ckpt.restore(
+          layout.abstract_state(state) if mesh else state)
       history, seconds = record['history'], record['seconds']
       logging.info('[%s] resuming after epoch %d/%d', name, start, epochs)
     if start >= epochs:
-      return state, history, seconds
+      return home(state), history, seconds
 
-    epoch_fn = engine.make_group_epoch(member_step, n, strategy)
-    apply = engine.make_apply_fn(predict, n, strategy)
+    epoch_fn = engine.make_group_epoch(member_step, n, strategy, mesh)
+    apply = engine.make_apply_fn(predict, n, strategy, mesh)
     keys = engine.member_keys(seed, ids)
-    x_dev = jnp.asarray(x)
-    t_dev = jax.tree_util.tree_map(jnp.asarray, targets)
+    # On a mesh each epoch's batches are fed from host memory.
+    x_dev = np.asarray(x) if mesh else jnp.asarray(x)
+    t_dev = jax.tree_util.tree_map(np.asarray if mesh else jnp.asarray,
+                                   targets)
     progress = metrics.Progress(name, epochs, start)
     for epoch in range(start, epochs):
       with checkpoint.signals_deferred():   # A stop waits for epoch + save.
@@ -164,4 +173,4 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
       progress.epoch(epoch + 1, {'loss': float(losses[-len(losses) // 10 - 1:]
                                                .mean()),
                                  'val': float(np.mean(val))})
-    return state, history, seconds
+    return home(state), history, seconds

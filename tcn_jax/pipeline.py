@@ -24,6 +24,7 @@ from tcn_jax import data as data_lib
 from tcn_jax import distributed
 from tcn_jax import features as features_lib
 from tcn_jax import head as head_lib
+from tcn_jax import mesh as mesh_lib
 from tcn_jax import metrics
 from tcn_jax import models
 from tcn_jax import paper
@@ -103,6 +104,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     distributed.check_same_config(config_lib.to_json(config))
     if dist.process_id:   # Process k > 0 keeps its own workdir.
       workdir = os.path.join(workdir, f'process{dist.process_id}')
+  mesh = mesh_lib.from_config(config)
+  mesh_lib.check_batch_sizes(config, mesh)
   t = time.time()
   ds = data_lib.load(config.data)
   check_data(config, ds)
@@ -123,7 +126,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     keys = stage_keys(this, loaded)
   with workdir_lib.Workdir(workdir, config_lib.to_json(config), keys,
                            config.allow_config_change) as wd, \
-      contextlib.closing(metrics.Writer(wd.stage_dir('tensorboard'))) as w:
+      contextlib.closing(metrics.Writer(wd.stage_dir('tensorboard'))) as w, \
+      mesh_lib.use(mesh):
     this = dataclasses.replace(this, writer=w)
     if first:
       results = _stages(this, keys, loaded, wall)
@@ -214,6 +218,7 @@ def _results(run, teacher, students, head, baselines_out, wall):
       'chunking': c.chunking + (f' ({c.pca_assignment})'
                                 if tcn.basis is not None else ''),
       'backend': jax.default_backend(),
+      'mesh': mesh_lib.describe(mesh_lib.active()),
       'teacher_test_acc': teacher.test_acc,
       'student_val_mse': [h[-1] if h else None for h in info['val_mse']],
       'tcn_test_acc_before_finetune': head.info['test_acc_before'],
