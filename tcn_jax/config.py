@@ -254,7 +254,7 @@ def _validate(c):
   check_number('data.split_seed', c.data.split_seed, int, 0)
   METHODS.check(c.method)
   DATASETS.check(c.data.name)
-  engine.resolve_strategy(c.students.strategy)
+  engine.check_strategy(c.students.strategy)
   distributed.validate(c.get('distributed'), n)
   mesh_lib.validate(c.mesh)
   LAYERS_IMPLS.check(c.layers_impl)

@@ -44,10 +44,16 @@ MEMBER_AXIS = 'students'   # The mesh axis of the 'sharded' strategy.
 LossFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def resolve_strategy(strategy: str) -> str:
+def check_strategy(strategy: str):
+  """TCNError unless `strategy` is one of STRATEGIES (no JAX backend is
+  started: `jax.distributed` may still have to be joined)."""
   if strategy not in STRATEGIES:
     raise TCNError(f'unknown strategy {strategy!r} (config.students.strategy); '
                    f'choose one of {STRATEGIES}')
+
+
+def resolve_strategy(strategy: str) -> str:
+  check_strategy(strategy)
   if strategy == 'auto':
     return 'unrolled' if jax.default_backend() == 'cpu' else 'vmap'
   return strategy

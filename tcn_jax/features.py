@@ -75,7 +75,7 @@ def run_stage(run: record.Run, teacher: record.Teacher,
     feats = {s: teacher_features(teacher.model, teacher.variables, x,
                                  c.eval_batch_size)
              for s, x in images.items()}
-    if path:
+    if path and jax.process_index() == 0:   # One writer per run.
       checkpoint.atomic_write(path, lambda f: np.savez(f, digest=key,
                                                        **feats))
   return record.Features(feats['train'], feats['val'],
