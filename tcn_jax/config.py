@@ -23,6 +23,7 @@ from tcn_jax import fit
 from tcn_jax import gan as gan_lib
 from tcn_jax import layers
 from tcn_jax import losses
+from tcn_jax import mesh as mesh_lib
 from tcn_jax import models
 from tcn_jax.errors import TCNError
 from tcn_jax.registry import Registry
@@ -153,9 +154,12 @@ def base_config() -> ml_collections.ConfigDict:
   # workdir/export/ at the end of a run (tcn_jax/export.py): formats
   # 'stablehlo', 'onnx' comma-separated ('' = none); batch_size 0 = any.
   c.export = ml_collections.ConfigDict(dict(formats='', batch_size=0))
-  # Students split over processes (docs/distributed.md).
+  # Processes of a multi-host run (docs/distributed.md).
   c.distributed = ml_collections.ConfigDict(dict(
       num_processes=1, process_id=0, coordinator=''))
+  # The device mesh every stage runs on (tcn_jax/mesh.py): devices along
+  # 'data' (batches) and 'students' (a group's members); -1: those left.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, students=1))
   return c
 
 
@@ -214,6 +218,8 @@ def resolve(user: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.dtype = 'float32'
   if 'export' not in c:   # A config made before the section.
     c.export = base_config().export
+  if 'mesh' not in c:
+    c.mesh = base_config().mesh
   _validate(c)
   return c
 
@@ -293,8 +299,9 @@ def _validate(c):
   elif c.data.get('layout'):
     raise TCNError("config.data.layout must be '' (the dataset's own source) "
                    f"or 'folder', got {c.data.layout!r}")
-  engine.resolve_strategy(c.students.strategy)
+  engine.check_strategy(c.students.strategy)
   distributed.validate(c.get('distributed'), n)
+  mesh_lib.validate(c.mesh)
   LAYERS_IMPLS.check(c.layers_impl)
   if c.forward_impl:
     LAYERS_IMPLS.check(c.forward_impl, 'forward_impl')

@@ -14,6 +14,11 @@ every member at once, with one of these strategies:
             are dropped (see `member_mesh`). One device: exactly vmap.
   auto      unrolled on CPU, vmap elsewhere.
 
+On a mesh of several devices (`tcn_jax.mesh`, passed as `mesh=`) every
+strategy runs as one GSPMD program instead: members over the mesh's
+'students' axis, each batch over 'data' (see `_mesh_epoch`); the strategy
+then only picks vmap or unrolled for a device's members.
+
 Member i's randomness (init, dropout) comes from `fold_in(key, member_id)`, so
 a member trained in a group gets the same numbers as trained alone.
 The same engine trains the teacher and the head (groups of one).
@@ -29,6 +34,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.sharding import SingleDeviceSharding
 
+from tcn_jax import mesh as mesh_lib
 from tcn_jax.errors import TCNError
 
 STRATEGIES = ('auto', 'vmap', 'unrolled', 'sharded')
@@ -38,10 +44,16 @@ MEMBER_AXIS = 'students'   # The mesh axis of the 'sharded' strategy.
 LossFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def resolve_strategy(strategy: str) -> str:
+def check_strategy(strategy: str):
+  """TCNError unless `strategy` is one of STRATEGIES (no JAX backend is
+  started: `jax.distributed` may still have to be joined)."""
   if strategy not in STRATEGIES:
     raise TCNError(f'unknown strategy {strategy!r} (config.students.strategy); '
                    f'choose one of {STRATEGIES}')
+
+
+def resolve_strategy(strategy: str) -> str:
+  check_strategy(strategy)
   if strategy == 'auto':
     return 'unrolled' if jax.default_backend() == 'cpu' else 'vmap'
   return strategy
@@ -122,6 +134,15 @@ def _pad_members(tree, padded):
   return jax.tree_util.tree_map(pad, tree)
 
 
+def _pad_host(tree, padded):
+  """`_pad_members` of host (numpy) arrays, in numpy."""
+  def pad(a):
+    a = np.asarray(a)
+    extra = padded - a.shape[0]
+    return a if not extra else np.concatenate([a, np.repeat(a[:1], extra, 0)])
+  return jax.tree_util.tree_map(pad, tree)
+
+
 def epoch_body(member_step, num_members: int, strategy: str):
   """The unjitted `epoch(state, x, targets, order, keys, epoch)` of a
   resolved 'vmap' or 'unrolled' strategy (see `make_group_epoch`)."""
@@ -156,7 +177,8 @@ def epoch_body(member_step, num_members: int, strategy: str):
   return epoch_fn
 
 
-def make_group_epoch(member_step, num_members: int, strategy: str):
+def make_group_epoch(member_step, num_members: int, strategy: str,
+                     mesh: Mesh | None = None):
   """Returns jitted `epoch(state, x, targets, order, keys, epoch)`.
 
   member_step(state, x, target, key) -> (state, metrics) is one training
@@ -165,9 +187,12 @@ def make_group_epoch(member_step, num_members: int, strategy: str):
   state: stacked over members; x: (N, ...) shared by all members; targets:
   a pytree (e.g. a dict) of (members, N, ...) arrays; order: the epoch's
   (steps, batch) indices; keys: (members,) member keys. Returns the new state and the metrics stacked as
-  (steps, members). The state is donated.
+  (steps, members). The state is donated. With a `mesh` of several devices:
+  `_mesh_epoch`.
   """
   strategy = resolve_strategy(strategy)
+  if mesh is not None and mesh.size > 1:
+    return _mesh_epoch(member_step, num_members, strategy, mesh)
   if strategy == 'sharded':
     mesh, padded = member_mesh(num_members)
     if mesh.size > 1:
@@ -239,11 +264,15 @@ def make_epoch_fn(loss_fn: LossFn, tx: optax.GradientTransformation,
   return epoch_fn
 
 
-def make_apply_fn(apply_fn, num_members: int, strategy: str):
+def make_apply_fn(apply_fn, num_members: int, strategy: str,
+                  mesh: Mesh | None = None):
   """`(params, x) -> (members, batch, ...)`: every member on one batch
-  (jitted; for 'sharded' a function that places its inputs, see below)."""
+  (jitted; for 'sharded' or a `mesh` of several devices a function that
+  places its inputs, see below)."""
   strategy = resolve_strategy(strategy)
   vmapped = jax.jit(jax.vmap(apply_fn, in_axes=(0, None)))
+  if mesh is not None and mesh.size > 1:
+    return _mesh_apply(apply_fn, num_members, mesh, vmapped)
   if strategy == 'sharded':
     mesh, padded = member_mesh(num_members)
     if mesh.size > 1:
@@ -287,6 +316,196 @@ def _sharded_apply(apply_fn, num_members, mesh, padded, vmapped):
       cache['params'] = (params, jax.device_put(pad(params), members))
     out = program(cache['params'][1], jax.device_put(x, replicated))
     return jax.device_put(cut(out), home)
+
+  return apply
+
+
+class MeshLayout:
+  """Where a group's arrays live on a ('data', 'students') mesh.
+
+  Members are split over 'students' (padded with copies of member 0 to a
+  multiple of its size) when the group has several and the axis several
+  devices; otherwise they are replicated and a batch that divides the whole
+  mesh is split over both axes (a single model uses every device). Batches
+  are split over 'data' (and then 'students').
+  """
+
+  def __init__(self, mesh: Mesh, num_members: int, batch_size: int):
+    self.mesh, self.num_members = mesh, num_members
+    s = mesh.shape[mesh_lib.STUDENTS]
+    self.member_axis = (mesh_lib.STUDENTS if num_members > 1 and s > 1
+                        else None)
+    self.padded = (mesh_lib.padded_members(num_members, mesh)
+                   if self.member_axis else num_members)
+    self.batch_axes = (mesh_lib.DATA,)
+    if self.member_axis is None and batch_size % mesh.size == 0:
+      self.batch_axes = mesh_lib.AXES
+    self.batch_devices = int(np.prod([mesh.shape[a]
+                                      for a in self.batch_axes]))
+    # The state between epochs (what is checkpointed): unpadded, members
+    # split over 'students' when they divide it, else replicated.
+    self.state_spec = P(self.member_axis if self.padded == num_members
+                        else None)
+
+  def sharding(self, *spec):
+    return NamedSharding(self.mesh, P(*spec))
+
+  def abstract_state(self, state):
+    """`state`'s shapes and dtypes in `state_spec` (a restore target)."""
+    sharding = self.sharding(*self.state_spec)
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype,
+                                       sharding=sharding), state)
+
+  def place_state(self, state):
+    """`state` (any arrays: host, one device, another layout) as global
+    arrays in `state_spec`."""
+    target = self.sharding(*self.state_spec)
+
+    def place(a):
+      if isinstance(a, jax.Array) and a.sharding == target:
+        return a
+      return mesh_lib.put(self.mesh, self.state_spec,
+                          np.asarray(mesh_lib.to_host(a)))
+    return jax.tree_util.tree_map(place, state)
+
+  def batches(self, x, order):
+    """The epoch's (steps, batch, ...) inputs, this process's rows only."""
+    def get(index):
+      return x[order[index[0]][:, index[1]]][(slice(None),) * 2 + index[2:]]
+    return mesh_lib.feed(self.mesh, P(None, self.batch_axes),
+                         order.shape + x.shape[1:], get)
+
+  def member_batches(self, targets, order):
+    """(steps, padded members, batch, ...) of each (members, N, ...) target."""
+    def one(t):
+      def get(index):
+        rows = order[index[0]][:, index[2]]
+        members = np.arange(self.padded)[index[1]]
+        members = np.where(members < len(t), members, 0)   # Dummies: member 0.
+        block = t[members][:, rows]                  # (m, steps, batch, ...)
+        return np.moveaxis(block, 0, 1)[(slice(None),) * 3 + index[3:]]
+      return mesh_lib.feed(
+          self.mesh, P(None, self.member_axis, self.batch_axes),
+          (order.shape[0], self.padded, order.shape[1]) + t.shape[2:], get)
+    return jax.tree_util.tree_map(lambda t: one(np.asarray(t)), targets)
+
+
+def _mesh_epoch(member_step, num_members, strategy, mesh):
+  """make_group_epoch on a mesh of several devices (see `MeshLayout`).
+
+  One jitted GSPMD program per batch layout: the epoch's batches are fed
+  from host memory, each process only its own devices' rows; members are
+  vmapped (or unrolled when they are not split over 'students'); each
+  member's gradient is summed over the batch devices by the partitioner and
+  nothing else is exchanged. The state comes back as global arrays in the
+  layout's `state_spec`, the metrics as numpy (steps, members).
+  """
+  programs = {}
+
+  def build(layout):
+    local = 'vmap' if layout.member_axis or strategy == 'sharded' else strategy
+    body = _batches_body(member_step, layout.padded, local)
+    members = layout.sharding(layout.member_axis)
+    batch = layout.sharding(None, layout.batch_axes)
+    program = jax.jit(
+        body, in_shardings=(members, batch,
+                            layout.sharding(None, layout.member_axis,
+                                            layout.batch_axes),
+                            members, None),
+        out_shardings=(members, layout.sharding(None, layout.member_axis)),
+        donate_argnums=(0,))
+    pad = jax.jit(lambda t: _pad_members(t, layout.padded),
+                  out_shardings=members)
+    cut = jax.jit(lambda t: jax.tree_util.tree_map(
+        lambda a: a[:num_members], t),
+                  out_shardings=layout.sharding(*layout.state_spec))
+    return layout, program, pad, cut
+
+  def epoch_fn(state, x, targets, order, keys, epoch):
+    order = np.asarray(order)
+    batch_size = order.shape[1]
+    if batch_size not in programs:
+      programs[batch_size] = build(MeshLayout(mesh, num_members, batch_size))
+    layout, program, pad, cut = programs[batch_size]
+    if batch_size % layout.batch_devices:
+      raise TCNError(f'batch size {batch_size} does not split over the '
+                     f'{layout.batch_devices} devices of the mesh\'s '
+                     f'{"/".join(layout.batch_axes)} axes (config.mesh)')
+    x, targets = np.asarray(x), jax.tree_util.tree_map(np.asarray, targets)
+    keys = jax.random.wrap_key_data(mesh_lib.put(
+        mesh, P(layout.member_axis),
+        _pad_host(np.asarray(jax.random.key_data(keys)), layout.padded)),
+                                    impl=jax.random.key_impl(keys))
+    state, metrics = program(pad(layout.place_state(state)),
+                             layout.batches(x, order),
+                             layout.member_batches(targets, order), keys,
+                             epoch)
+    metrics = jax.tree_util.tree_map(lambda m: m[:, :num_members],
+                                     mesh_lib.to_host(metrics))
+    return cut(state), metrics
+
+  return epoch_fn
+
+
+def _batches_body(member_step, num_members: int, strategy: str):
+  """`epoch(state, xs, ts, keys, epoch)` over fed batches: xs (steps,
+  batch, ...), ts (steps, members, batch, ...); as `epoch_body`."""
+  def epoch_fn(state, xs, ts, keys, epoch):
+    epoch_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, epoch + 1)
+    steps = jnp.arange(xs.shape[0])
+
+    def batch(xb, tb, i):
+      return xb, tb, jax.vmap(jax.random.fold_in, (0, None))(epoch_keys, i)
+
+    if strategy == 'vmap':
+      vstep = jax.vmap(member_step, in_axes=(0, None, 0, 0))
+      return jax.lax.scan(lambda carry, inp: vstep(carry, *batch(*inp)),
+                          state, (xs, ts, steps))
+
+    def body(carry, inp):
+      xb, tb, kb = batch(*inp)
+      out = [member_step(s, xb, jax.tree_util.tree_map(lambda t, m=m: t[m], tb),
+                         kb[m]) for m, s in enumerate(carry)]
+      return tuple(s for s, _ in out), stack([m for _, m in out])
+
+    carry, metrics = jax.lax.scan(body, tuple(unstack(state, num_members)),
+                                  (xs, ts, steps))
+    return stack(carry), metrics
+
+  return epoch_fn
+
+
+def _mesh_apply(apply_fn, num_members, mesh, vmapped):
+  """make_apply_fn on a mesh of several devices: members over 'students'
+  (padded), the batch over the remaining axes, outputs back as numpy on
+  every process. Inside another jit (tracers) it is the vmap program."""
+  programs, cache = {}, {}
+
+  def apply(params, x):
+    if any(isinstance(leaf, jax.core.Tracer)
+           for leaf in jax.tree_util.tree_leaves((params, x))):
+      return vmapped(params, x)
+    x = np.asarray(x)
+    if len(x) not in programs:
+      layout = MeshLayout(mesh, num_members, len(x))
+      programs[len(x)] = layout, jax.jit(
+          jax.vmap(apply_fn, in_axes=(0, None)),
+          out_shardings=layout.sharding(layout.member_axis,
+                                        layout.batch_axes))
+    layout, program = programs[len(x)]
+    if cache.get('id') is not params or cache.get('layout') != (
+        layout.member_axis, layout.padded):
+      cache.update(id=params, layout=(layout.member_axis, layout.padded),
+                   placed=jax.tree_util.tree_map(
+                       lambda a: mesh_lib.put(mesh, P(layout.member_axis), a),
+                       _pad_host(mesh_lib.to_host(params), layout.padded)))
+    extra = -len(x) % layout.batch_devices
+    xp = np.concatenate([x, np.repeat(x[-1:], extra, 0)]) if extra else x
+    xg = mesh_lib.feed(mesh, P(layout.batch_axes), xp.shape,
+                       lambda index: xp[index])
+    out = mesh_lib.to_host(program(cache['placed'], xg))
+    return out[:num_members, :len(x)]
 
   return apply
 

@@ -19,6 +19,7 @@ from tcn_jax import engine
 from tcn_jax import inputs
 from tcn_jax import layers
 from tcn_jax import models
+from tcn_jax import mesh as mesh_lib
 from tcn_jax import record
 from tcn_jax import workdir as workdir_lib
 
@@ -26,6 +27,9 @@ from tcn_jax import workdir as workdir_lib
 def teacher_features(teacher, variables, x,
                      batch_size: int = 1000) -> np.ndarray:
   """(N, D) features of the teacher's feature layer, inference mode, batched.
+
+  On the mesh in use (`mesh.use`, several devices) each batch is split over
+  its devices (data-parallel).
 
   Args:
     teacher: a `models.Teacher`, or a `FunctionTeacher` (`teacher_from_flax`,
@@ -46,6 +50,11 @@ def teacher_features(teacher, variables, x,
   x = inputs.batch('teacher_features', 'x', x,
                    spec=getattr(teacher, 'body', None))
   inputs.fits('teacher_features', 'x', x, fn)
+  mesh = mesh_lib.active()
+  if mesh:
+    apply = mesh_lib.data_parallel(
+        lambda v, xb: teacher.apply(v, xb, method=teacher.features), mesh)
+    fn = lambda xb: apply(variables, xb)  # pylint: disable=unnecessary-lambda-assignment
   return engine.batched(fn, np.asarray(x), batch_size)
 
 
@@ -153,7 +162,7 @@ def run_stage(run: record.Run, teacher: record.Teacher,
       else:
         feats[s] = teacher_features(model, teacher.variables, x,
                                     c.eval_batch_size)
-    if path:
+    if path and jax.process_index() == 0:   # One writer per run.
       small = {s: f for s, f in feats.items() if s != 'train' or not streamed}
       checkpoint.atomic_write(path, lambda f: np.savez(f, digest=key,
                                                        **small))

@@ -19,6 +19,7 @@ from tcn_jax import checkpoint
 from tcn_jax import engine
 from tcn_jax import input_pipeline
 from tcn_jax import inputs
+from tcn_jax import mesh as mesh_lib
 from tcn_jax import metrics
 from tcn_jax import models
 from tcn_jax import streaming
@@ -115,23 +116,32 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
   nothing goes to TensorBoard. A `input_pipeline.Stream` x is trained
   batch by batch as it is read (`tcn_jax.streaming`), as is any x with a
   `streaming.OnlineTargets` target_fn, which adds targets computed from
-  each batch. Returns (state, history, training seconds).
+  each batch. On the mesh in use (`mesh.use`, several devices) the state lives
+  there as global arrays (what is checkpointed) and comes back as numpy.
+  Returns (state, history, training seconds).
   """
   n = len(ids)
   check_inputs(name, epochs, x, targets)
+  mesh = mesh_lib.active()
+  layout = mesh and engine.MeshLayout(mesh, n, batch_size)
+  home = mesh_lib.to_host if mesh else lambda s: s
   with (checkpoint.StageCheckpoint(stage_dir) if stage_dir
         else contextlib.nullcontext()) as ckpt:
     start = ckpt.latest_epoch() if ckpt else 0
     history, seconds = [], 0.0
     if start:
-      state, record = ckpt.restore(state)
+      state, record = ckpt.restore(
+          layout.abstract_state(state) if mesh else state)
       history, seconds = record['history'], record['seconds']
       logging.info('[%s] resuming after epoch %d/%d', name, start, epochs)
     if start >= epochs:
-      return state, history, seconds
+      return home(state), history, seconds
     if target_fn is not None and not isinstance(x, input_pipeline.Stream):
       x = input_pipeline.Stream(input_pipeline.ArraySource(x))
     if isinstance(x, input_pipeline.Stream):
+      if mesh:
+        raise TCNError(f'{name}: streamed input runs on one device; set '
+                       'config.mesh.data=1 and config.mesh.students=1')
       return streaming.fit_group(
           stage_dir, name=name, member_step=member_step, state=state,
           predict=predict, x=x, targets=targets, ids=ids, epochs=epochs,
@@ -140,11 +150,13 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
           target_fn=target_fn, start=start, history=history,
           seconds=seconds, ckpt=ckpt)
 
-    epoch_fn = engine.make_group_epoch(member_step, n, strategy)
-    apply = engine.make_apply_fn(predict, n, strategy)
+    epoch_fn = engine.make_group_epoch(member_step, n, strategy, mesh)
+    apply = engine.make_apply_fn(predict, n, strategy, mesh)
     keys = engine.member_keys(seed, ids)
-    x_dev = jnp.asarray(x)
-    t_dev = jax.tree_util.tree_map(jnp.asarray, targets)
+    # On a mesh each epoch's batches are fed from host memory.
+    x_dev = np.asarray(x) if mesh else jnp.asarray(x)
+    t_dev = jax.tree_util.tree_map(np.asarray if mesh else jnp.asarray,
+                                   targets)
     progress = metrics.Progress(name, epochs, start, len(x) // batch_size)
     for epoch in range(start, epochs):
       with checkpoint.signals_deferred():   # A stop waits for epoch + save.
@@ -179,4 +191,4 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
       progress.epoch(epoch + 1, {'loss': float(losses[-len(losses) // 10 - 1:]
                                                .mean()),
                                  'val': float(np.mean(val))})
-    return state, history, seconds
+    return home(state), history, seconds

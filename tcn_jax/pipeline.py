@@ -26,6 +26,7 @@ from tcn_jax.export import export_all
 from tcn_jax.export import parse_formats
 from tcn_jax import features as features_lib
 from tcn_jax import head as head_lib
+from tcn_jax import mesh as mesh_lib
 from tcn_jax import metrics
 from tcn_jax import models
 from tcn_jax import paper
@@ -109,8 +110,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   dist.coordinator)
   if joined:
     distributed.check_same_config(config_lib.to_json(config))
-    if dist.process_id:   # Process k > 0 keeps its own workdir.
-      workdir = os.path.join(workdir, f'process{dist.process_id}')
+  mesh = mesh_lib.from_config(config)
+  mesh_lib.check_batch_sizes(config, mesh)
   t = time.time()
   ds = data_lib.load(config.data)
   check_data(config, ds)
@@ -121,25 +122,50 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data_key = checkpoint.digest(ds.train.x, ds.train.y, ds.val.x, ds.val.y,
                                ds.test.x, ds.test.y)
   this = record.Run(config, workdir, ds, data_key)
-  first = distributed.process_index() == 0
-  loaded, keys = None, {}
-  if first:
-    if config.teacher.init_from:
-      loaded = teacher_lib.load_teacher(config.teacher.init_from,
-                                        teacher_lib.model(this),
-                                        ds.train.x[:1])
-    keys = stage_keys(this, loaded)
-  with workdir_lib.Workdir(workdir, config_lib.to_json(config), keys,
-                           config.allow_config_change) as wd, \
-      contextlib.closing(metrics.Writer(wd.stage_dir('tensorboard'))) as w:
-    this = dataclasses.replace(this, writer=w)
-    if first:
-      results = _stages(this, keys, loaded, wall)
-    else:
-      results = _students_process(this, wd, wall)
+  loaded = None
+  if config.teacher.init_from:
+    loaded = teacher_lib.load_teacher(config.teacher.init_from,
+                                      teacher_lib.model(this),
+                                      ds.train.x[:1])
+  keys = stage_keys(this, loaded)
+  with contextlib.ExitStack() as stack:
+    wd = stack.enter_context(_open_workdir(workdir, config, keys))
+    writer = None
+    if wd is not None:   # Process 0: TensorBoard.
+      writer = stack.enter_context(contextlib.closing(
+          metrics.Writer(wd.stage_dir('tensorboard'))))
+    stack.enter_context(mesh_lib.use(mesh))
+    results = _stages(dataclasses.replace(this, writer=writer), keys, loaded,
+                      wall)
   if joined:
     distributed.shutdown()   # Waits for every process to finish.
   return results
+
+
+@contextlib.contextmanager
+def _open_workdir(path, config, keys):
+  """Process 0's `workdir.Workdir` (lock, config.json, stage keys; None on
+  the other processes, which share its directory and wait until it is
+  open, or fail with its error)."""
+  args = (path, config_lib.to_json(config), keys, config.allow_config_change)
+  if distributed.process_count() == 1:
+    with workdir_lib.Workdir(*args) as wd:
+      yield wd
+    return
+  wd, error = None, ''
+  if distributed.process_index() == 0:
+    try:
+      wd = workdir_lib.Workdir(*args)
+    except TCNError as e:
+      error = str(e)
+  error = distributed.broadcast_bytes(error.encode()).decode()
+  if error:
+    raise TCNError(error)
+  try:
+    yield wd
+  finally:
+    if wd is not None:
+      wd.close()
 
 
 def stage_keys(run: record.Run, loaded=None) -> dict[str, str]:
@@ -165,16 +191,16 @@ def _timed(wall, name, fn, *args):
 
 
 def _stages(run, keys, loaded, wall):
-  """Process 0's stages, under the workdir lock."""
+  """The stages, under the workdir lock (every process runs them)."""
   c = run.config
   teacher = _timed(wall, 'teacher', teacher_lib.run_stage, run,
                    keys['teacher'], loaded)
   logging.info('teacher test accuracy %.4f', teacher.test_acc)
   feats = _timed(wall, 'features', features_lib.run_stage, run, teacher,
                  keys['features'])
-  shared = students_lib.shared_inputs(run, teacher, feats, keys['students'])
-  if distributed.process_count() > 1:
-    distributed.broadcast_tree(shared)
+  # Every process trains from process 0's chunked targets.
+  shared = distributed.broadcast_tree(
+      students_lib.shared_inputs(run, teacher, feats, keys['students']))
   students = _timed(wall, 'students', students_lib.run_stage, run, shared,
                     config_lib.student_specs(c))
   head = _timed(wall, 'head', head_lib.run_stage, run, teacher, students,
@@ -194,7 +220,8 @@ def _stages(run, keys, loaded, wall):
   results = _results(run, teacher, students, head, results_of, wall)
   if exported:
     results['export'] = exported
-  checkpoint.write_json(os.path.join(run.workdir, 'results.json'), results)
+  if distributed.process_index() == 0:
+    checkpoint.write_json(os.path.join(run.workdir, 'results.json'), results)
   logging.info('%s', summary_line(results))
   return results
 
@@ -242,6 +269,7 @@ def _results(run, teacher, students, head, baselines_out, wall):
       'chunking': c.chunking + (f' ({c.pca_assignment})'
                                 if tcn.basis is not None else ''),
       'backend': jax.default_backend(),
+      'mesh': mesh_lib.describe(mesh_lib.active()),
       'teacher_test_acc': teacher.test_acc,
       'student_val_mse': [h[-1] if h else None for h in info['val_mse']],
       'tcn_test_acc_before_finetune': head.info['test_acc_before'],
@@ -265,35 +293,5 @@ def _results(run, teacher, students, head, baselines_out, wall):
                         'head': head.info['seconds']},
   }
   if distributed.process_count() > 1:
-    results['distributed'] = _distributed_record(info)
-  return results
-
-
-def _distributed_record(info):
-  p = distributed.process_count()
-  return {'num_processes': p, 'process_id': distributed.process_index(),
-          'members': [distributed.share(len(info['val_mse']), k, p)
-                      for k in range(p)],
-          'students_seconds_by_process': info['seconds_by_process']}
-
-
-def _students_process(run, wd, wall):
-  """Process k > 0: receives process 0's inputs, trains its share of the
-  students, takes part in gathering them, and writes its own results.json
-  (process 0 writes the run's)."""
-  t = time.time()
-  shared = distributed.broadcast_tree(None)
-  wd.claim('students', shared['key'])
-  out = students_lib.run_stage(run, shared,
-                               config_lib.student_specs(run.config))
-  wall['students'] = time.time() - t
-  info = out.info
-  results = {'distributed': _distributed_record(info),
-             'student_val_mse': {m: info['val_mse'][m][-1]
-                                 if info['val_mse'][m] else None
-                                 for m in info['members']},
-             'backend': jax.default_backend(),
-             'wall_seconds_this_run': wall,
-             'train_seconds': {'students': info['seconds']}}
-  checkpoint.write_json(os.path.join(run.workdir, 'results.json'), results)
+    results['distributed'] = {'num_processes': distributed.process_count()}
   return results

@@ -3,9 +3,9 @@
 Identical students (same architecture and chunk width) form a group that
 trains in one compiled program (`tcn_jax.engine`). FF students minimise a
 regression loss picked by name (`losses.STUDENT_LOSSES`); GAN students add
-an adversarial term against a discriminator each (`tcn_jax.gan`). With
-several processes each trains its share of the students and the groups are
-gathered (`tcn_jax.distributed`); students never communicate.
+an adversarial term against a discriminator each (`tcn_jax.gan`). On a mesh
+(`tcn_jax.mesh`, any number of processes) a group's members are split over
+its 'students' axis; students never communicate.
 """
 import os
 
@@ -16,7 +16,6 @@ import optax
 from tcn_jax import assemble
 from tcn_jax import chunking
 from tcn_jax import data as data_lib
-from tcn_jax import distributed
 from tcn_jax import engine
 from tcn_jax import fit
 from tcn_jax import gan as gan_lib
@@ -74,8 +73,8 @@ def train_students(specs, x, features, num_students, *, epochs,
                    out_relu=False, init='normal', weight_decay=0.0, seed=0,
                    strategy='auto', impl='auto', val=None, gan=None,
                    loss='mse', loss_context=None, lr_schedule='constant',
-                   workdir=None, writer=None, members=None, dir_suffix='',
-                   dtype=None, online=None):
+                   workdir=None, writer=None, members=None, dtype=None,
+                   online=None):
   """Trains n students on the n contiguous chunks of `features`.
 
   Args:
@@ -94,8 +93,8 @@ def train_students(specs, x, features, num_students, *, epochs,
     lr_schedule: 'constant' (the paper) or 'cosine' (to 0 over the epochs).
     workdir: checkpoints go to `workdir/students/group<g>` (None: unsaved).
     writer: optional TensorBoard writer.
-    members: train only these member ids (a process's share); the groups
-      returned hold only them. dir_suffix: appended to group directories.
+    members: train only these member ids; the groups returned hold only
+      them.
     dtype: the compute dtype (e.g. jnp.bfloat16; parameters stay float32);
       None: float32.
 
@@ -164,7 +163,7 @@ def train_students(specs, x, features, num_students, *, epochs,
         val_x=val_x, val_metric=metrics.mse, writer=writer,
         val_targets=np.stack([val_chunks[i] for i in group.member_ids]))
     stage_dir = workdir and os.path.join(workdir, 'students',
-                                         f'group{gi}{dir_suffix}')
+                                         f'group{gi}')
     if gan is None:
       init_fn = lambda k, model=model: model.init(k, x[:1])
       group.variables, hist, secs = fit.fit(
@@ -195,28 +194,6 @@ def train_students(specs, x, features, num_students, *, epochs,
   groups = [g for g in groups if g.member_ids]   # members= may drop some.
   return groups, {'val_mse': [val_mse.get(i, []) for i in range(num_students)],
                   'history': histories, 'seconds': seconds}
-
-
-def train_share(specs, x, features, num_students, **kwargs):
-  """`train_students` with this process training only its
-  `distributed.share` of the students, then every process's groups
-  gathered (a collective: every process calls it with the same arguments).
-
-  Returns (all groups, info) as `train_students`, with info['members']
-  this process's students and info['seconds_by_process'] everyone's time.
-  """
-  k, p = distributed.process_index(), distributed.process_count()
-  mine = distributed.share(num_students, k, p)
-  groups, info = train_students(
-      specs, x, features, num_students, members=mine,
-      dir_suffix=f'.p{k}of{p}' if p > 1 else '', **kwargs)
-  extra = {str(m): info['val_mse'][m] for m in mine}
-  extra[f'seconds{k}'] = info['seconds']
-  groups, extra = distributed.gather_groups(groups, extra)
-  return groups, dict(
-      info, val_mse=[extra[str(m)] for m in range(num_students)],
-      members=mine, seconds_by_process=[extra[f'seconds{q}']
-                                        for q in range(p)])
 
 
 def gan_settings(config):
@@ -267,12 +244,10 @@ def shared_inputs(run: record.Run, teacher: record.Teacher,
 
 def run_stage(run: record.Run, shared: dict,
               specs: list[str]) -> record.Students:
-  """The pipeline's students stage: all students, or with several processes
-  this process's share. shared: `shared_inputs` (broadcast from process 0
-  to the others); specs: one architecture per student."""
+  """The pipeline's students stage. shared: `shared_inputs` (process 0's,
+  with several processes); specs: one architecture per student."""
   c, ds = run.config, run.ds
   s = c.students
-  train = train_share if distributed.process_count() > 1 else train_students
   chunker = chunking.Chunker(c.num_students, shared['val'].shape[1],
                              shared['basis'])
   t = c.teacher
@@ -289,7 +264,7 @@ def run_stage(run: record.Run, shared: dict,
     x = np.concatenate([x, data_lib.hflip(x)])
     if online is None:
       targets = np.concatenate([targets, shared['train_flip']])
-  groups, info = train(
+  groups, info = train_students(
       specs, x, targets, c.num_students, epochs=s.epochs,
       batch_size=s.batch_size, optimizer=s.optimizer,
       learning_rate=s.learning_rate, out_relu=s.out_relu, init=s.init,

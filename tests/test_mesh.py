@@ -1,0 +1,121 @@
+"""One mesh for every stage: data-parallel single models and students over a
+('data', 'students') mesh equal one device.
+
+Several CPU devices need XLA_FLAGS before jax is imported, so the
+multi-device checks run in one subprocess with 4 host devices.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from conftest import needs_fmnist
+from conftest import tiny_config
+from tcn_jax import config as config_lib
+from tcn_jax import engine
+from tcn_jax import mesh as mesh_lib
+from tcn_jax.errors import TCNError
+
+
+def _max_diff(a, b):
+  return max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
+             for u, v in zip(jax.tree_util.tree_leaves(a),
+                             jax.tree_util.tree_leaves(b)))
+
+
+def _students_data():
+  rng = np.random.default_rng(0)
+  x = rng.random((200, 12, 12, 1), np.float32)
+  feats = np.maximum(rng.standard_normal((200, 16)), 0).astype(np.float32)
+  return x, feats, (x[:40] + 0.1, feats[:40])
+
+
+def _worker(out_dir):
+  """Runs with 4 host devices; writes results.json to out_dir."""
+  jax.config.update('jax_default_matmul_precision', 'highest')
+  import tcn_jax as tcn  # pylint: disable=g-import-not-at-top
+  out = {'devices': jax.device_count()}
+  ds = tcn.load_dataset('fashion_mnist', train_size=300, test_size=100)
+  teacher = tcn.Teacher('C4 MP F D32r D16r', num_classes=10)
+  kw = dict(epochs=2, batch_size=64)
+  one, one_info = tcn.train_teacher(teacher, ds, **kw)
+  mesh = mesh_lib.make_mesh(data=-1)
+  with mesh_lib.use(mesh):
+    four, four_info = tcn.train_teacher(teacher, ds, **kw)
+    out['teacher_batch_devices'] = engine.MeshLayout(mesh, 1, 64).batch_devices
+    feats_mesh = tcn.teacher_features(teacher, four, ds.val.x[:99], 50)
+  out['teacher'] = _max_diff(one, four)
+  out['teacher_loss'] = abs(one_info['history'][-1]['train_loss'][0]
+                            - four_info['history'][-1]['train_loss'][0])
+  out['features'] = _max_diff(
+      tcn.teacher_features(teacher, four, ds.val.x[:99], 50), feats_mesh)
+  x, feats, val = _students_data()
+  kw = dict(epochs=2, batch_size=50, seed=5, learning_rate=1e-2, val=val)
+  for n in (3,):   # 3: one dummy member pads the students axis.
+    groups, info = tcn.train_students('C4 MP F D8r', x, feats, n, **kw)
+    with mesh_lib.use(mesh_lib.make_mesh(data=2, students=2)):
+      mesh_groups, mesh_info = tcn.train_students('C4 MP F D8r', x, feats, n,
+                                                  **kw)
+    out[f'students{n}'] = _max_diff([g.variables for g in groups],
+                                    [g.variables for g in mesh_groups])
+    out[f'students{n}_val'] = float(np.max(np.abs(
+        np.array(info['val_mse']) - np.array(mesh_info['val_mse']))))
+  with open(os.path.join(out_dir, 'results.json'), 'w') as f:
+    json.dump(out, f)
+
+
+@needs_fmnist
+def test_mesh_equals_one_device_on_four_devices(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-c', 'import sys; sys.path[:0] = ["tests", "."]; '
+       f'import test_mesh; test_mesh._worker({str(tmp_path)!r})'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+      env=dict(os.environ, JAX_PLATFORMS='cpu',
+               XLA_FLAGS='--xla_force_host_platform_device_count=4'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / 'results.json') as f:
+    out = json.load(f)
+  assert out['devices'] == 4 and out['teacher_batch_devices'] == 4
+  # Data-parallel: each step's gradient is summed over 4 devices in another
+  # order than on one, so equal to float32 rounding, not bitwise.
+  assert out['teacher'] < 1e-5 and out['teacher_loss'] < 1e-5, out
+  assert out['features'] < 1e-5, out
+  for n in ('3',):
+    assert out[f'students{n}'] < 1e-6 and out[f'students{n}_val'] < 1e-6, out
+
+
+def test_mesh_shape_from_devices():
+  assert mesh_lib.shape(-1, 1, 4) == (4, 1)
+  assert mesh_lib.shape(2, -1, 4) == (2, 2)
+  assert mesh_lib.shape(1, 4, 4) == (1, 4)
+  for data, students in ((3, -1), (2, 1), (-1, 3)):
+    with pytest.raises(TCNError, match='config.mesh'):
+      mesh_lib.shape(data, students, 4)
+  mesh = mesh_lib.make_mesh()   # This process: one device.
+  assert (mesh.shape['data'], mesh.shape['students']) == (1, 1)
+  assert mesh_lib.active() is None
+  with mesh_lib.use(mesh):
+    assert mesh_lib.active() is None   # One device: the plain programs.
+
+
+@pytest.mark.parametrize('overrides,field', [
+    ({'mesh__data': 0}, 'mesh.data'),
+    ({'mesh__students': 'two'}, 'mesh.students'),
+    ({'mesh__data': -1, 'mesh__students': -1}, 'mesh.data'),
+])
+def test_bad_mesh_fields_name_the_field(overrides, field):
+  with pytest.raises(TCNError, match=f'config.{field}') as e:
+    config_lib.resolve(tiny_config(**overrides))
+  assert '\n' not in str(e.value)
+
+
+def test_batch_size_must_split_over_the_data_axis():
+  config = config_lib.resolve(tiny_config(teacher__batch_size=30))
+  mesh = mesh_lib.make_mesh(devices=[jax.devices()[0]] * 4)
+  with pytest.raises(TCNError, match=r'config.teacher.batch_size=30'):
+    mesh_lib.check_batch_sizes(config, mesh)
