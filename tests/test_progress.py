@@ -54,12 +54,12 @@ def test_log_lines_outside_notebooks(mode, lines, caplog, capsys):
 
 @needs_fmnist
 def test_results_do_not_depend_on_the_progress_mode(capsys):
-  ds = tcn.load_dataset('fashion_mnist', train_size=300, test_size=100)
+  ds = tcn.load_dataset('fashion_mnist', train_size=200, test_size=100)
   teacher = tcn.Teacher('F D16r', num_classes=10)
   out = {}
   for mode in ('none', 'bar'):
     tcn.set_progress(mode)
-    out[mode], _ = tcn.train_teacher(teacher, ds, epochs=2, batch_size=100)
+    out[mode], _ = tcn.train_teacher(teacher, ds, epochs=1, batch_size=100)
   assert 'teacher: 100%' in capsys.readouterr().err
   for a, b in zip(*map(jax.tree_util.tree_leaves, out.values())):
     np.testing.assert_array_equal(a, b)
