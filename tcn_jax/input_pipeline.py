@@ -119,23 +119,32 @@ class ImageFolderSource:
       raise TCNError(f'{field} {root!r} has classes that the training folder '
                      f'has not: {extra[:3]}')
     index = {c: i for i, c in enumerate(self.classes)}
-    files, labels = [], []
+    names, labels = [], []
     for c in found:
-      names = sorted(n for n in os.listdir(os.path.join(root, c))
-                     if n.lower().endswith(IMAGE_EXTENSIONS))
-      files += [os.path.join(root, c, n) for n in names]
-      labels += [index[c]] * len(names)
-    if not files:
+      here = sorted(n for n in os.listdir(os.path.join(root, c))
+                    if n.lower().endswith(IMAGE_EXTENSIONS))
+      names += [os.path.join(c, n).encode() for n in here]
+      labels += [index[c]] * len(here)
+    if not names:
       raise TCNError(f'{field} {root!r} holds no JPEG or PNG images in its '
                      'class sub-folders')
-    self.root, self.files = root, files
+    self.root = root
+    # One bytes array, not a list of str: ~30 bytes a file instead of ~150.
+    self._names = np.asarray(names, dtype=bytes)
     self.labels = np.asarray(labels, np.int32)
 
+  @property
+  def files(self) -> list[str]:
+    return [self.path(i) for i in range(len(self))]
+
+  def path(self, i) -> str:
+    return os.path.join(self.root, self._names[i].decode())
+
   def __len__(self):
-    return len(self.files)
+    return len(self._names)
 
   def __getitem__(self, i):
-    with open(self.files[i], 'rb') as f:
+    with open(self.path(i), 'rb') as f:
       return {'encoded': f.read(), 'label': self.labels[i]}
 
   def fingerprint(self) -> str:

@@ -16,6 +16,7 @@ so far, so a stop loses at most K steps and the resumed run equals an
 uninterrupted one bitwise.
 """
 import dataclasses
+import mmap
 import os
 import time
 from typing import Any, Callable
@@ -72,17 +73,32 @@ class StackedRows:
   Has what the training loop uses of an array: shape, ndim, dtype and
   `take(index, axis=1)` (what np.take calls)."""
 
+  RELEASE_EVERY = 64   # Batches between dropping read pages (see take).
+
   def __init__(self, parts):
     self.parts = list(parts)
     first = self.parts[0]
     self.shape = (len(self.parts),) + tuple(first.shape)
     self.ndim, self.dtype = len(self.shape), first.dtype
+    self._reads = 0
 
   def take(self, indices, axis=None, out=None, mode='raise'):
+    """The rows `indices` of every part, stacked. Every RELEASE_EVERY calls
+    the pages read from memory-mapped parts are dropped from this process
+    (madvise DONTNEED; the OS's file cache keeps them), so resident memory
+    does not grow with the file over an epoch."""
     del out, mode
     if axis != 1:
       raise ValueError('StackedRows are read by rows (axis 1)')
-    return np.stack([np.asarray(p[np.asarray(indices)]) for p in self.parts])
+    rows = np.stack([np.asarray(p[np.asarray(indices)]) for p in self.parts])
+    self._reads += 1
+    if self._reads % self.RELEASE_EVERY == 0:
+      for p in self.parts:
+        while p is not None and getattr(p, '_mmap', None) is None:
+          p = getattr(p, 'base', None)
+        if p is not None and hasattr(mmap, 'MADV_DONTNEED'):
+          p._mmap.madvise(mmap.MADV_DONTNEED)  # pylint: disable=protected-access
+    return rows
 
 
 def _take(targets, index):
