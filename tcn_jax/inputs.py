@@ -87,7 +87,7 @@ def batch(where: str, name: str, x, *, spec: str | None = None,
     raise TCNError(f'{where}: {name} has shape {tuple(x.shape)}; this '
                    f'network takes (N, {", ".join(map(str, want))}), '
                    f'{LAYOUT}{_shape_hint(tuple(x.shape[1:]), want)}')
-  if not len(x):
+  if isinstance(x.shape[0], int) and not x.shape[0]:   # Not symbolic.
     raise TCNError(f'{where}: {name} is an empty batch (0 examples); give '
                    'at least one')
   vocab = vocabulary(spec)

@@ -106,12 +106,13 @@ def test_uint8_is_scaled_as_the_data_loader_scales_it(net):
   np.testing.assert_array_equal(tcn.teacher_features(teacher, t_vars, x8),
                                 tcn.teacher_features(teacher, t_vars, scaled))
   # A valid float input is used as it is: the checks change no number.
-  t = net[0]
+  t = dataclasses.replace(net[0], impl='im2col')
   outputs = assemble.student_outputs_fn(t)([g.variables for g in t.groups],
                                            scaled)
   direct = assemble.tcn_head(t).apply(t.head_variables, outputs)
-  np.testing.assert_array_equal(np.asarray(predict(scaled)),
-                                np.asarray(direct))
+  np.testing.assert_array_equal(
+      np.asarray(tcn.make_predict(t, impl='im2col')(scaled)),
+      np.asarray(direct))
 
 
 def test_saved_tcn_keeps_its_input_shape(net, tmp_path):
