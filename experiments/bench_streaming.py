@@ -233,6 +233,8 @@ def main():
                  help='only measure the streamed epochs again, replacing '
                  'them in the existing streaming_cpu.json (the earlier '
                  'records are kept under memory_earlier)')
+  p.add_argument('--records', default='',
+                 help='with --remeasure-stream-memory: the --child outputs')
   args = p.parse_args()
   from absl import flags   # Grain's worker processes read absl flags.
   flags.FLAGS.mark_as_parsed()
@@ -242,8 +244,12 @@ def main():
   if args.remeasure_stream_memory:
     with open(os.path.join(common.RESULTS, 'streaming_cpu.json')) as f:
       out = json.load(f)
-    again = [memory(os.path.join(args.root, str(n)), 'stream', args.workers)
-             for n in sizes]
+    if args.records:   # Child records measured already (one JSON a line).
+      with open(args.records) as f:
+        again = [json.loads(l) for l in f if l.startswith('{')]
+    else:
+      again = [memory(os.path.join(args.root, str(n)), 'stream',
+                      args.workers) for n in sizes]
     print(again, flush=True)
     out['memory_earlier'] = [r for r in out['memory'] if r['mode'] == 'stream']
     out['memory'] = again + [r for r in out['memory'] if r['mode'] != 'stream']

@@ -269,11 +269,12 @@ def test_image_folder_whole_run_streamed(split_folder, tmp_path):
   c = _folder_config(split_folder, streaming='always', augment='crop_flip',
                      checkpoint_every_steps=1)
   c.teacher.epochs = c.students.epochs = c.head.epochs = 1
+  c.num_students, c.teacher.body = 1, 'C4 MP F D16r'
   first = tcn.run(c, str(tmp_path))
   assert 'streamed' in first['data_source']
   assert os.path.isdir(tmp_path / 'students' / 'group0' / 'steps')
   assert 0 <= first['tcn_test_acc_after_finetune'] <= 1
-  assert first['params']['head'] == (32 + 1) * 3   # 3 classes: 3 outputs.
+  assert first['params']['head'] == (16 + 1) * 3   # 3 classes: 3 outputs.
 
 
 # Teacher features: online (inside the students' step) or cached.
@@ -287,12 +288,12 @@ def test_online_features_equal_cached():
   train, val = _X[:96], _X[96:]
   f_train = features.teacher_features(teacher, t_vars, train)
   f_val = features.teacher_features(teacher, t_vars, val)
-  chunker = chunking.fit('pca', f_train, 2)
+  chunker = chunking.fit('pca', f_train, 1)
   kw = dict(epochs=1, batch_size=16, val=(val, chunker.encode(f_val)))
   cached, c_info = students.train_students(
-      'C4 MP F D8r', train, chunker.encode(f_train), 2, **kw)
+      'C4 MP F D8r', train, chunker.encode(f_train), 1, **kw)
   online, o_info = students.train_students(
-      'C4 MP F D8r', train, None, 2, **kw, online={
+      'C4 MP F D8r', train, None, 1, **kw, online={
           'teacher': teacher, 'variables': t_vars, 'chunker': chunker})
   for a, b in zip(jax.tree_util.tree_leaves([g.variables for g in cached]),
                   jax.tree_util.tree_leaves([g.variables for g in online])):
