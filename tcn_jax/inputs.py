@@ -78,6 +78,8 @@ def batch(where: str, name: str, x, *, spec: str | None = None,
       token ids).
     shape: the per-example shape the network takes, when known.
   """
+  if hasattr(x, 'in_order'):   # A Stream: decoded and checked as it is read.
+    return x
   x = _array(where, name, x)
   if x.ndim < 2:
     raise TCNError(f'{where}: {name} must be a batch (N, ...) of inputs, '

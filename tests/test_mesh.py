@@ -32,7 +32,7 @@ def _students_data():
   rng = np.random.default_rng(0)
   x = rng.random((200, 12, 12, 1), np.float32)
   feats = np.maximum(rng.standard_normal((200, 16)), 0).astype(np.float32)
-  return x, feats, (x[:40] + 0.1, feats[:40])
+  return x, feats, (np.minimum(x[:40] + 0.1, 1), feats[:40])   # In [0, 1].
 
 
 def _worker(out_dir):
