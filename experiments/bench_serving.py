@@ -123,7 +123,7 @@ def make_models(x1, tmp):
                      models.num_params(g.variables['params'])
                      for g in net.groups)}
     if preset == 'best':   # One student alone: students on separate devices.
-      one = f'one best student alone'
+      one = 'one best student alone'
       rows[one] = {}
       g = net.groups[0]
       variables = engine.unstack(g.variables, len(g.member_ids))[0]

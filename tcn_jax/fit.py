@@ -164,31 +164,12 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
         order = engine.batch_order(seed, epoch, len(x), batch_size)
         state, step_metrics = epoch_fn(state, x_dev, t_dev, order, keys, epoch)
         step_metrics = {k: np.asarray(v) for k, v in step_metrics.items()}
-        losses = step_metrics['loss']
-        bad = np.argwhere(~np.all([np.isfinite(v) for v in
-                                   step_metrics.values()], axis=0))
-        if len(bad):
-          step, member = bad[0]
-          raise TCNError(
-              f'non-finite loss in stage {name}, member {ids[member]}, epoch '
-              f'{epoch + 1}, step {step}; last good checkpoint: '
-              + (f'epoch {epoch} in {stage_dir}' if epoch and ckpt else 'none'))
-        preds = engine.batched(lambda xb: apply(state, xb), val_x, axis=1)
-        val = [val_metric(preds[m], val_targets[m]) for m in range(n)]
-        seconds += time.time() - t0
-        record = {'epoch': epoch + 1, 'train_loss': losses.mean(0).tolist(),
-                  'val': val, 'seconds': seconds}
-        record.update({f'train_{k}': v.mean(0).tolist()
-                       for k, v in step_metrics.items() if k != 'loss'})
+        record, losses = metrics.epoch_record(
+            name, epoch, ids, step_metrics, apply, state, val_x, val_targets,
+            val_metric, seconds, t0, stage_dir, bool(ckpt))
+        seconds = record['seconds']
         history.append(record)
         if ckpt:
           ckpt.save(epoch + 1, state, {'history': history, 'seconds': seconds})
-      scalars = {f'{name}/{k}/{i}': v for k, vs in record.items()
-                 if k.startswith('train_') or k == 'val'
-                 for i, v in zip(ids, vs)}
-      if writer:
-        writer.scalars(epoch + 1, scalars)
-      progress.epoch(epoch + 1, {'loss': float(losses[-len(losses) // 10 - 1:]
-                                               .mean()),
-                                 'val': float(np.mean(val))})
+      metrics.report_epoch(name, ids, record, losses, writer, progress)
     return home(state), history, seconds

@@ -60,6 +60,47 @@ PROGRESS_MODES = ('auto', 'bar', 'log', 'none')
 _progress_mode = 'auto'
 
 
+def epoch_record(name, epoch, ids, step_metrics, apply, state, val_x,
+                 val_targets, val_metric, seconds, t0, stage_dir, saved):
+  """One training epoch's record for a stacked group of len(ids) members.
+
+  Its per-step metrics (steps, members) must be finite, else one TCNError
+  naming the member, the step and the last checkpoint (`saved`: epochs go to
+  `stage_dir`). Then `apply(state, x)` is scored on the validation set with
+  `val_metric` per member.
+
+  Returns:
+    (record, per-step losses); record['seconds'] adds the time since t0.
+  """
+  losses = step_metrics['loss']
+  bad = np.argwhere(~np.all([np.isfinite(v) for v in step_metrics.values()],
+                            axis=0))
+  if len(bad):
+    step, member = bad[0]
+    raise TCNError(
+        f'non-finite loss in stage {name}, member {ids[member]}, epoch '
+        f'{epoch + 1}, step {step}; last good checkpoint: '
+        + (f'epoch {epoch} in {stage_dir}' if epoch and saved else 'none'))
+  preds = engine.batched(lambda xb: apply(state, xb), val_x, axis=1)
+  val = [val_metric(preds[m], val_targets[m]) for m in range(len(ids))]
+  record = {'epoch': epoch + 1, 'train_loss': losses.mean(0).tolist(),
+            'val': val, 'seconds': seconds + time.time() - t0}
+  record.update({f'train_{k}': v.mean(0).tolist()
+                 for k, v in step_metrics.items() if k != 'loss'})
+  return record, losses
+
+
+def report_epoch(name, ids, record, losses, writer, progress):
+  """An epoch's record to TensorBoard (per member) and to the progress."""
+  if writer:
+    writer.scalars(record['epoch'], {
+        f'{name}/{k}/{i}': v for k, vs in record.items()
+        if k.startswith('train_') or k == 'val' for i, v in zip(ids, vs)})
+  progress.epoch(record['epoch'],
+                 {'loss': float(losses[-len(losses) // 10 - 1:].mean()),
+                  'val': float(np.mean(record['val']))})
+
+
 def set_progress(mode: str) -> str:
   """Sets how every training function reports progress, for the process.
 
