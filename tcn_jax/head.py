@@ -41,18 +41,19 @@ def finetune_head(tcn, ds, *, epochs, batch_size=128, optimizer='adam',
     'test_acc_after', 'history', 'seconds'}.
   """
   inputs.epochs('finetune_head', epochs)
-  ds = inputs.dataset('finetune_head', ds, spec=tcn.groups[0].spec,
-                      num_classes=tcn.num_classes, shape=tcn.input_shape)
-  outputs = assemble.student_outputs_fn(tcn, strategy)
-  students = [g.variables for g in tcn.groups]
-  if tcn.input_shape is None:   # A TCN saved before students recorded it.
-    inputs.fits('finetune_head', 'ds.train.x', ds.train.x,
-                lambda xb: outputs(students, xb))
   stage_dir = workdir and os.path.join(workdir, 'head')
   # A finished head (resume) needs only the test outputs.
   splits = ('train', 'val', 'test')
   if checkpoint.finished_epochs(stage_dir) >= epochs:
     splits = ('test',)
+  ds = inputs.dataset('finetune_head', ds, spec=tcn.groups[0].spec,
+                      num_classes=tcn.num_classes, shape=tcn.input_shape,
+                      splits=splits)
+  outputs = assemble.student_outputs_fn(tcn, strategy)
+  students = [g.variables for g in tcn.groups]
+  if tcn.input_shape is None:   # A TCN saved before students recorded it.
+    inputs.fits('finetune_head', f'ds.{splits[0]}.x',
+                getattr(ds, splits[0]).x, lambda xb: outputs(students, xb))
   feats = {s: engine.batched(lambda xb: outputs(students, xb),
                              getattr(ds, s).x, eval_batch_size)
            for s in splits}
