@@ -164,17 +164,24 @@ def epoch_body(member_step, num_members: int, strategy: str):
 
       return jax.lax.scan(body, state, (order, steps))
 
-    def body(carry, inp):
-      xb, tb, kb = batch(*inp)
-      out = [member_step(s, xb, jax.tree_util.tree_map(lambda t, m=m: t[m], tb),
-                         kb[m]) for m, s in enumerate(carry)]
-      return tuple(s for s, _ in out), stack([m for _, m in out])
-
-    carry, metrics = jax.lax.scan(body, tuple(unstack(state, num_members)),
-                                  (order, steps))
-    return stack(carry), metrics
+    return _unrolled_scan(member_step, batch, state, num_members,
+                          (order, steps))
 
   return epoch_fn
+
+
+def _unrolled_scan(member_step, batch, state, num_members, inputs):
+  """One epoch of a stacked group with its members unrolled in one program:
+  a scan over `inputs`, `batch(*inp)` -> (x, targets, keys) per step."""
+  def body(carry, inp):
+    xb, tb, kb = batch(*inp)
+    out = [member_step(s, xb, jax.tree_util.tree_map(lambda t, m=m: t[m], tb),
+                       kb[m]) for m, s in enumerate(carry)]
+    return tuple(s for s, _ in out), stack([m for _, m in out])
+
+  carry, metrics = jax.lax.scan(body, tuple(unstack(state, num_members)),
+                                inputs)
+  return stack(carry), metrics
 
 
 def make_group_epoch(member_step, num_members: int, strategy: str,
@@ -463,15 +470,8 @@ def _batches_body(member_step, num_members: int, strategy: str):
       return jax.lax.scan(lambda carry, inp: vstep(carry, *batch(*inp)),
                           state, (xs, ts, steps))
 
-    def body(carry, inp):
-      xb, tb, kb = batch(*inp)
-      out = [member_step(s, xb, jax.tree_util.tree_map(lambda t, m=m: t[m], tb),
-                         kb[m]) for m, s in enumerate(carry)]
-      return tuple(s for s, _ in out), stack([m for _, m in out])
-
-    carry, metrics = jax.lax.scan(body, tuple(unstack(state, num_members)),
-                                  (xs, ts, steps))
-    return stack(carry), metrics
+    return _unrolled_scan(member_step, batch, state, num_members,
+                          (xs, ts, steps))
 
   return epoch_fn
 
