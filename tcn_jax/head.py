@@ -7,7 +7,6 @@ computed once); the paper reports test accuracy before and after (Table 2).
 import dataclasses
 import os
 
-import jax
 
 from tcn_jax import assemble
 from tcn_jax import checkpoint
@@ -16,6 +15,7 @@ from tcn_jax import fit
 from tcn_jax import inputs
 from tcn_jax import layers
 from tcn_jax import losses
+from tcn_jax import mesh as mesh_lib
 from tcn_jax import metrics
 from tcn_jax import record
 from tcn_jax import workdir as workdir_lib
@@ -54,12 +54,16 @@ def finetune_head(tcn, ds, *, epochs, batch_size=128, optimizer='adam',
   if tcn.input_shape is None:   # A TCN saved before students recorded it.
     inputs.fits('finetune_head', f'ds.{splits[0]}.x',
                 getattr(ds, splits[0]).x, lambda xb: outputs(students, xb))
-  feats = {s: engine.batched(lambda xb: outputs(students, xb),
-                             getattr(ds, s).x, eval_batch_size)
+  # On the mesh in use (several devices) the forward passes are
+  # data-parallel; on one device the plain jitted programs.
+  student_outputs = mesh_lib.forward(outputs, students,
+                                     lambda xb: outputs(students, xb))
+  feats = {s: engine.batched(student_outputs, getattr(ds, s).x,
+                             eval_batch_size)
            for s in splits}
   head = assemble.tcn_head(tcn)
-  logits = lambda v, f: engine.batched(jax.jit(lambda fb: head.apply(v, fb)),
-                                       f, eval_batch_size)
+  logits = lambda v, f: engine.batched(
+      mesh_lib.forward(head.apply, v), f, eval_batch_size)
   test_acc = lambda v: metrics.accuracy(logits(v, feats['test']), ds.test.y)
   before = test_acc(tcn.head_variables)
   seed = fit.stage_seed(seed, 'head')
