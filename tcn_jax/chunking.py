@@ -12,6 +12,10 @@ inference (`decode`), and saving (`basis`):
               assigned 'ordered' (student 1 the top components) or
               'balanced' (about equal variance per student).
 
+A memory-mapped feature cache (a streamed split's `features.train.npy`) is
+never read whole: PCA is fitted from a covariance accumulated block by
+block and the features are encoded block by block into another memory map.
+
 A new method is one `fit` function registered in `CHUNKINGS`.
 """
 import dataclasses

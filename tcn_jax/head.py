@@ -36,6 +36,13 @@ def finetune_head(tcn, ds, *, epochs, batch_size=128, optimizer='adam',
                   eval_batch_size=1000, workdir=None, writer=None):
   """Trains `tcn`'s head with CE on the frozen students' outputs.
 
+  On the mesh in use (`mesh.use`, several devices) the students' outputs
+  and the head's test logits are computed data-parallel. A streamed train
+  split (`input_pipeline.Stream`) is never held whole: its outputs go to
+  `workdir/head/outputs.train.<digest>.npy` (a temporary directory without
+  a workdir), reused while its inputs are the same, and the head trains
+  from that memory map batch by batch.
+
   Args:
     tcn: an `assemble.TCN` (students trained, head initialised).
     ds: a `data.Dataset`.
