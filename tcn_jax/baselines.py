@@ -3,7 +3,6 @@ student with about the n TCN students' parameters, distilled from the same
 teacher (optional stages: `config.kd.enabled`, `config.kdgan.enabled`)."""
 import os
 
-import jax
 import numpy as np
 
 from tcn_jax import checkpoint
@@ -11,6 +10,7 @@ from tcn_jax import engine
 from tcn_jax import fit
 from tcn_jax import kdgan as kdgan_lib
 from tcn_jax import losses
+from tcn_jax import mesh as mesh_lib
 from tcn_jax import metrics
 from tcn_jax import models
 from tcn_jax import record
@@ -108,8 +108,8 @@ def run_stage(run: record.Run, stage: str, teacher: record.Teacher,
   if (checkpoint.finished_epochs(run.workdir and
                                  os.path.join(run.workdir, stage))
       < c[stage].epochs):
-    predict_teacher = jax.jit(
-        lambda xb: teacher.model.apply(teacher.variables, xb))
+    predict_teacher = mesh_lib.forward(teacher.model.apply,
+                                       teacher.variables)
     logits = engine.batched(predict_teacher, ds.train.x, c.eval_batch_size)
   common = dict(epochs=c[stage].epochs, temperature=k.temperature,
                 alpha=k.alpha, batch_size=k.batch_size, optimizer=k.optimizer,
@@ -127,7 +127,7 @@ def run_stage(run: record.Run, stage: str, teacher: record.Teacher,
         disc_widths=[int(w) for w in str(g.disc).split()],
         d_optimizer=g.d_optimizer, d_learning_rate=g.d_learning_rate,
         **common)
-  predict = jax.jit(lambda xb: model.apply(variables, xb))
+  predict = mesh_lib.forward(model.apply, variables)
   out = {'test_acc': metrics.evaluate(predict, ds.test.x, ds.test.y,
                                       c.eval_batch_size),
          'params': models.num_params(variables['params']),

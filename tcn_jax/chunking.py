@@ -12,9 +12,16 @@ inference (`decode`), and saving (`basis`):
               assigned 'ordered' (student 1 the top components) or
               'balanced' (about equal variance per student).
 
+A memory-mapped feature cache (a streamed split's `features.train.npy`) is
+never read whole: PCA is fitted from a covariance accumulated block by
+block and the features are encoded block by block into another memory map.
+
 A new method is one `fit` function registered in `CHUNKINGS`.
 """
 import dataclasses
+import mmap
+import os
+import tempfile
 from typing import Any
 
 import jax.numpy as jnp
@@ -98,9 +105,12 @@ class Chunker:
     return chunk_bounds(self.dim, self.num_students)
 
   def encode(self, features) -> np.ndarray:
-    """Features -> the space the students' chunks are cut from."""
+    """Features -> the space the students' chunks are cut from (a memory
+    map is encoded block by block into another, `encode_blocks`)."""
     if self.basis is None:
       return features
+    if isinstance(features, np.memmap):
+      return encode_blocks(features, self.basis)
     return (np.asarray(features) - self.basis['mean']) @ self.basis['matrix'].T
 
   def decode(self, outputs):
@@ -118,8 +128,9 @@ def fit(name: str, features, num_students: int,
         pca_assignment: str = 'balanced') -> Chunker:
   """Fits chunking `name` ('contiguous', 'pca') on (N, D) training
   features."""
-  return CHUNKINGS.get(name)(np.asarray(features), num_students,
-                             pca_assignment)
+  if not isinstance(features, np.memmap):   # A memory map stays on disk.
+    features = np.asarray(features)
+  return CHUNKINGS.get(name)(features, num_students, pca_assignment)
 
 
 @CHUNKINGS.register('contiguous')
@@ -136,12 +147,77 @@ def _pca(features, n, assignment):
 
 
 def fit_pca(features) -> dict:
-  """Mean, principal directions (rows, by falling variance) and variances."""
+  """Mean, principal directions (rows, by falling variance) and variances.
+
+  In-memory features: the SVD of the centred features. A memory map (a
+  large cache, `features.train.npy`): `fit_pca_blocks`, never read whole.
+  """
+  if isinstance(features, np.memmap):
+    return fit_pca_blocks(features)
   x = jnp.asarray(features, jnp.float32)
   mean = x.mean(0)
   _, s, vt = jnp.linalg.svd(x - mean, full_matrices=False)
   return {'mean': np.asarray(mean), 'components': np.asarray(vt),
           'variance': np.asarray(s ** 2 / max(len(x) - 1, 1))}
+
+
+# Bytes of float64 rows per block when a memory map is read block by block.
+BLOCK_BYTES = 64 * 2**20
+
+
+def _blocks(features):
+  """Row slices of about BLOCK_BYTES (as float64) covering `features`."""
+  step = max(1, BLOCK_BYTES // (8 * max(features.shape[1], 1)))
+  return [slice(a, min(a + step, len(features)))
+          for a in range(0, len(features), step)]
+
+
+def _drop_pages(a):
+  """Drops the pages of memory map `a` from this process (the OS's file
+  cache keeps them), so resident memory does not grow with the file."""
+  while a is not None and getattr(a, '_mmap', None) is None:
+    a = getattr(a, 'base', None)
+  if a is not None and hasattr(mmap, 'MADV_DONTNEED'):
+    a._mmap.madvise(mmap.MADV_DONTNEED)  # pylint: disable=protected-access
+
+
+def fit_pca_blocks(features) -> dict:
+  """`fit_pca` of (N, D) features read block by block (a memory map): the
+  mean and the covariance accumulated in float64 over row blocks, its
+  eigenvectors the principal directions (float32, as `fit_pca`'s; each
+  direction's sign is arbitrary in both)."""
+  n, d = features.shape
+  total = np.zeros(d, np.float64)
+  for rows in _blocks(features):
+    total += np.asarray(features[rows], np.float64).sum(0)
+    _drop_pages(features)
+  mean = total / max(n, 1)
+  cov = np.zeros((d, d), np.float64)
+  for rows in _blocks(features):
+    x = np.asarray(features[rows], np.float64) - mean
+    cov += x.T @ x
+    _drop_pages(features)
+  variance, vectors = np.linalg.eigh(cov / max(n - 1, 1))
+  order = np.argsort(-variance, kind='stable')
+  return {'mean': mean.astype(np.float32),
+          'components': np.ascontiguousarray(vectors[:, order].T, np.float32),
+          'variance': np.maximum(variance[order], 0).astype(np.float32)}
+
+
+def encode_blocks(features, basis: dict) -> np.memmap:
+  """`Chunker.encode` of a memory map, block by block, into an unnamed
+  memory-mapped file beside it (removed when no longer mapped)."""
+  mean, matrix = basis['mean'], basis['matrix']
+  directory = os.path.dirname(os.path.abspath(features.filename or '.'))
+  dtype = np.result_type(features.dtype, mean.dtype, matrix.dtype)
+  out = np.memmap(tempfile.TemporaryFile(dir=directory), dtype, 'w+',
+                  shape=(len(features), matrix.shape[0]))
+  for rows in _blocks(features):
+    out[rows] = (np.asarray(features[rows]) - mean) @ matrix.T
+    _drop_pages(features)
+  out.flush()
+  _drop_pages(out)
+  return out
 
 
 def pca_order(variance, n: int, assignment: str = 'ordered') -> np.ndarray:

@@ -97,9 +97,15 @@ def write_features(path: str, teacher, variables, x, batch_size: int):
   """Features of a streamed split into the `.npy` file `path` (written
   batch by batch into a memory map, then renamed: never held whole);
   returns it opened as a read-only memory map."""
-  fn = jax.jit(lambda xb: teacher.apply(variables, xb,
-                                        method=teacher.features))
-  tmp = path + '.tmp.npy'
+  return write_rows(path, jax.jit(lambda xb: teacher.apply(
+      variables, xb, method=teacher.features)), x, batch_size)
+
+
+def write_rows(path: str, fn, x, batch_size: int):
+  """fn(batch) of every batch of the streamed split `x`, in order, into the
+  `.npy` file `path` (a memory map written batch by batch, then renamed,
+  so `path` is whole or absent); returns it as a read-only memory map."""
+  tmp = path + f'.tmp{jax.process_index()}.npy'
   out, pos = None, 0
   for batch in x.in_order(batch_size):
     xb = batch['image']

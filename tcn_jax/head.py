@@ -4,18 +4,28 @@ The head starts as the teacher's output layer and is trained with cross-
 entropy on the students' concatenated outputs (inference mode, so they are
 computed once); the paper reports test accuracy before and after (Table 2).
 """
+import contextlib
 import dataclasses
+import glob
+import hashlib
 import os
+import tempfile
 
+from absl import logging
 import jax
+import numpy as np
+
 
 from tcn_jax import assemble
 from tcn_jax import checkpoint
 from tcn_jax import engine
+from tcn_jax import features as features_lib
 from tcn_jax import fit
+from tcn_jax import input_pipeline
 from tcn_jax import inputs
 from tcn_jax import layers
 from tcn_jax import losses
+from tcn_jax import mesh as mesh_lib
 from tcn_jax import metrics
 from tcn_jax import record
 from tcn_jax import workdir as workdir_lib
@@ -25,6 +35,13 @@ def finetune_head(tcn, ds, *, epochs, batch_size=128, optimizer='adam',
                   learning_rate=1e-3, seed=0, strategy='auto',
                   eval_batch_size=1000, workdir=None, writer=None):
   """Trains `tcn`'s head with CE on the frozen students' outputs.
+
+  On the mesh in use (`mesh.use`, several devices) the students' outputs
+  and the head's test logits are computed data-parallel. A streamed train
+  split (`input_pipeline.Stream`) is never held whole: its outputs go to
+  `workdir/head/outputs.train.<digest>.npy` (a temporary directory without
+  a workdir), reused while its inputs are the same, and the head trains
+  from that memory map batch by batch.
 
   Args:
     tcn: an `assemble.TCN` (students trained, head initialised).
@@ -49,17 +66,70 @@ def finetune_head(tcn, ds, *, epochs, batch_size=128, optimizer='adam',
   ds = inputs.dataset('finetune_head', ds, spec=tcn.groups[0].spec,
                       num_classes=tcn.num_classes, shape=tcn.input_shape,
                       splits=splits)
+  streamed = 'train' in splits and hasattr(ds.train.x, 'in_order')
   outputs = assemble.student_outputs_fn(tcn, strategy)
   students = [g.variables for g in tcn.groups]
   if tcn.input_shape is None:   # A TCN saved before students recorded it.
     inputs.fits('finetune_head', f'ds.{splits[0]}.x',
                 getattr(ds, splits[0]).x, lambda xb: outputs(students, xb))
-  feats = {s: engine.batched(lambda xb: outputs(students, xb),
-                             getattr(ds, s).x, eval_batch_size)
-           for s in splits}
+  # On the mesh in use (several devices) the forward passes are
+  # data-parallel; on one device the plain jitted programs.
+  student_outputs = mesh_lib.forward(outputs, students,
+                                     lambda xb: outputs(students, xb))
+  feats = {s: engine.batched(student_outputs, getattr(ds, s).x,
+                             eval_batch_size)
+           for s in splits if s != 'train' or not streamed}
+  with contextlib.ExitStack() as stack:
+    if streamed:   # N x D outputs on disk, trained from as a Stream.
+      out_dir = stage_dir or stack.enter_context(tempfile.TemporaryDirectory())
+      feats['train'] = train_outputs(
+          out_dir, student_outputs, ds.train.x, eval_batch_size,
+          digest=checkpoint.digest(students, tcn.basis, ds.train.x) + repr((
+              [g.describe() for g in tcn.groups], tcn.impl, strategy,
+              eval_batch_size)))
+    tcn, info = _train(tcn, ds, feats, stage_dir, epochs=epochs,
+                       batch_size=batch_size, optimizer=optimizer,
+                       learning_rate=learning_rate, seed=seed,
+                       eval_batch_size=eval_batch_size, writer=writer)
+  return tcn, info
+
+
+def train_outputs(directory, outputs, x, batch_size, digest):
+  """The students' outputs of the streamed split `x` as a `Stream` over
+  `directory/outputs.train.<digest>.npy` (a memory map, written batch by
+  batch and renamed: whole or absent), reused when the file of the same
+  digest (students, basis, split, batching) is there; older ones removed."""
+  name = 'outputs.train.' + hashlib.sha256(digest.encode()).hexdigest()[:16]
+  path = os.path.join(directory, name + '.npy')
+  os.makedirs(directory, exist_ok=True)
+  if jax.process_index() == 0:
+    for old in glob.glob(os.path.join(directory, 'outputs.train.*.npy')):
+      if os.path.basename(old) != name + '.npy':
+        os.remove(old)
+  try:
+    if np.load(path, mmap_mode='r').shape[0] != len(x):
+      raise ValueError(path)
+    logging.info('head: reusing %s', path)
+  except (OSError, ValueError):   # Missing or damaged: compute again.
+    features_lib.write_rows(path, outputs, x, batch_size)
+  return input_pipeline.Stream(
+      input_pipeline.NpySource(path), _Rows(),
+      checkpoint_every_steps=x.checkpoint_every_steps)
+
+
+class _Rows(input_pipeline.Transform):
+  """Rows of an (N, D) array read as they are (not images)."""
+
+  def eval(self, record):
+    return self._finish(record, np.asarray(record['image']))
+
+
+def _train(tcn, ds, feats, stage_dir, *, epochs, batch_size, optimizer,
+           learning_rate, seed, eval_batch_size, writer):
+  """Tests, fine-tunes and tests the head on the students' outputs."""
   head = assemble.tcn_head(tcn)
-  logits = lambda v, f: engine.batched(jax.jit(lambda fb: head.apply(v, fb)),
-                                       f, eval_batch_size)
+  logits = lambda v, f: engine.batched(
+      mesh_lib.forward(head.apply, v), f, eval_batch_size)
   test_acc = lambda v: metrics.accuracy(logits(v, feats['test']), ds.test.y)
   before = test_acc(tcn.head_variables)
   seed = fit.stage_seed(seed, 'head')

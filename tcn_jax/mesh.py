@@ -8,8 +8,9 @@ mesh of several devices is in use (`use`), every training stage runs on it
 'data', and the parameters are replicated over 'data', so a single model
 (teacher, head, KD students) trains data-parallel and students never
 communicate with each other (paper Sec. 4.5); only a member's own gradient
-is summed over 'data'. Forward-only work (teacher features, validation)
-shards its batches the same way (`data_parallel`).
+is summed over 'data'. Forward-only work (teacher features, validation,
+the frozen students' outputs for the head, test accuracy) shards its
+batches over every device (`data_parallel`, `forward`).
 
 Inputs are fed per process: each process builds only the rows of a global
 batch that its own devices hold (`feed`, `jax.make_array_from_callback`), so
@@ -181,6 +182,18 @@ def data_parallel(fn, mesh: Mesh, batch_axis: int = 0):
                    axis=batch_axis)
 
   return apply
+
+
+def forward(fn, params, one_device=None):
+  """`x -> outputs` for the forward-only fn(params, x) (evaluation, frozen
+  students): on the mesh in use (several devices) data-parallel
+  (`data_parallel`), else `one_device` (default: fn jitted with params
+  closed over), the single-device program."""
+  mesh = active()
+  if mesh is None:
+    return one_device or jax.jit(lambda x: fn(params, x))
+  apply = data_parallel(fn, mesh)
+  return lambda x: apply(params, x)
 
 
 def describe(mesh: Mesh | None) -> dict:

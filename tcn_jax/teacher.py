@@ -15,6 +15,7 @@ from tcn_jax import engine
 from tcn_jax import fit
 from tcn_jax import inputs
 from tcn_jax import layers
+from tcn_jax import mesh as mesh_lib
 from tcn_jax import keras_convert
 from tcn_jax import losses
 from tcn_jax import metrics
@@ -146,7 +147,7 @@ def run_stage(run: record.Run, key: str, loaded=None) -> record.Teacher:
     seconds = info['seconds']
   evaluated = teacher.clone(impl=layers.stage_impl(run.config.layers_impl,
                                                    run.config.forward_impl))
-  predict = jax.jit(lambda xb: evaluated.apply(variables, xb))
+  predict = mesh_lib.forward(evaluated.apply, variables)
   acc = metrics.evaluate(predict, ds.test.x, ds.test.y,
                          run.config.eval_batch_size)
   return record.Teacher(teacher, variables, acc, seconds, key)

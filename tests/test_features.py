@@ -132,6 +132,34 @@ def test_pca_basis_round_trip_and_balance():
     F.pca_order(pca['variance'], 4, 'random')
 
 
+def test_pca_of_a_memory_map_is_blockwise_and_equals_whole(tmp_path,
+                                                           monkeypatch):
+  """A memory-mapped cache: covariance accumulated in float64 over row
+  blocks (64 rows here), encoded block by block into another memory map;
+  equal to the in-memory SVD path to 1e-4 (directions up to their sign)."""
+  monkeypatch.setattr(chunking, 'BLOCK_BYTES', 8 * 12 * 64)
+  rng = np.random.default_rng(0)
+  x = ((rng.standard_normal((500, 12)) * np.linspace(3, 0.3, 12))
+       @ np.linalg.qr(rng.standard_normal((12, 12)))[0] + 2).astype(np.float32)
+  np.save(tmp_path / 'f.npy', x)
+  mapped = np.load(tmp_path / 'f.npy', mmap_mode='r')
+  whole, blocks = chunking.fit_pca(x), chunking.fit_pca(mapped)
+  np.testing.assert_allclose(blocks['mean'], whole['mean'], atol=1e-5)
+  np.testing.assert_allclose(blocks['variance'], whole['variance'], rtol=1e-4)
+  signs = np.sign(np.sum(blocks['components'] * whole['components'], 1))
+  np.testing.assert_allclose(blocks['components'] * signs[:, None],
+                             whole['components'], atol=1e-4)
+  chunker = chunking.fit('pca', mapped, 3)
+  in_memory = chunking.fit('pca', x, 3)
+  np.testing.assert_allclose(np.abs(chunker.basis['matrix']),
+                             np.abs(in_memory.basis['matrix']), atol=1e-4)
+  encoded = chunker.encode(mapped)
+  assert isinstance(encoded, np.memmap) and encoded.shape == (500, 12)
+  np.testing.assert_allclose(encoded, chunker.encode(x), atol=1e-5)
+  np.testing.assert_allclose(chunker.decode(np.asarray(encoded)), x,
+                             atol=1e-4)
+
+
 def test_contiguous_chunker_is_the_identity_map():
   """The paper's chunking: no basis; encode and decode leave features as
   they are and split is `chunk`."""

@@ -16,6 +16,7 @@ import pytest
 from conftest import ROOT
 from conftest import needs_fmnist
 from conftest import tiny_config
+from tcn_jax import assemble
 from tcn_jax import config as config_lib
 from tcn_jax import engine
 from tcn_jax import mesh as mesh_lib
@@ -54,6 +55,32 @@ def _worker(out_dir):
                             - four_info['history'][-1]['train_loss'][0])
   out['features'] = _max_diff(
       tcn.teacher_features(teacher, four, ds.val.x[:99], 50), feats_mesh)
+  # The head stage on the mesh: the frozen students' outputs and the head's
+  # logits (test accuracy) data-parallel, the head trained by fit on it.
+  train_feats = tcn.teacher_features(teacher, one, ds.train.x, 100)
+  groups, _ = tcn.train_students('C4 MP F D8r', ds.train.x, train_feats, 2,
+                                 epochs=1, batch_size=64)
+  net = tcn.TCN(groups, 10, head_dropout=0.5,
+                head_variables=tcn.teacher_head(one))
+  outputs = assemble.student_outputs_fn(net)
+  students = [g.variables for g in groups]
+  head_kw = dict(epochs=1, batch_size=64, eval_batch_size=50)
+  one_net, one_head = tcn.finetune_head(net, ds, **head_kw)
+  one_out = engine.batched(mesh_lib.forward(outputs, students),
+                           ds.test.x[:99], 50)
+  one_acc = tcn.evaluate(mesh_lib.forward(teacher.apply, one), ds.test.x,
+                         ds.test.y, 50)
+  with mesh_lib.use(mesh):
+    four_net, four_head = tcn.finetune_head(net, ds, **head_kw)
+    four_out = engine.batched(mesh_lib.forward(outputs, students),
+                              ds.test.x[:99], 50)
+    four_acc = tcn.evaluate(mesh_lib.forward(teacher.apply, one), ds.test.x,
+                            ds.test.y, 50)
+  out['student_outputs'] = _max_diff(one_out, four_out)
+  out['head'] = _max_diff(one_net.head_variables, four_net.head_variables)
+  out['head_acc'] = [[one_head[k], four_head[k]]
+                     for k in ('test_acc_before', 'test_acc_after')]
+  out['teacher_acc'] = [one_acc, four_acc]
   x, feats, val = _students_data()
   kw = dict(epochs=2, batch_size=50, seed=5, learning_rate=1e-2, val=val)
   for n in (3,):   # 3: one dummy member pads the students axis.
@@ -85,6 +112,12 @@ def test_mesh_equals_one_device_on_four_devices(tmp_path):
   # order than on one, so equal to float32 rounding, not bitwise.
   assert out['teacher'] < 1e-5 and out['teacher_loss'] < 1e-5, out
   assert out['features'] < 1e-5, out
+  # The head stage and evaluation: forward passes data-parallel equal one
+  # device to float32 rounding (1e-5); the head, trained data-parallel, to
+  # 1e-5; the test accuracies exactly.
+  assert out['student_outputs'] < 1e-5 and out['head'] < 1e-5, out
+  assert all(a == b for a, b in out['head_acc']), out
+  assert out['teacher_acc'][0] == out['teacher_acc'][1], out
   for n in ('3',):
     assert out[f'students{n}'] < 1e-6 and out[f'students{n}_val'] < 1e-6, out
 
