@@ -26,8 +26,9 @@ features.npz) write. Writes experiments/results/chaos_stages.md and .json.
 
 The `streamed_*` stages read a generated image folder through Grain
 (configs/image_folder.py:smoke, data.streaming='always') with a step
-checkpoint every 3 steps, so most kills land inside an epoch between two
-step checkpoints; the next start's log says which step it resumed at.
+checkpoint every 3 steps; their kills come after the stage's first step
+checkpoint, so most land inside an epoch between two step checkpoints; the
+next start's log says which step it resumed at.
 """
 import argparse
 import glob
@@ -78,12 +79,14 @@ STAGES = {
             'TCN test accuracy', 'students'),
     # Streamed epochs (an image folder read through Grain) with a step
     # checkpoint every 3 steps: a kill mid-epoch resumes at the last one.
+    # Their window starts at the first step checkpoint ('path:' a glob).
     'streamed_teacher': (STREAMED + ['--config.teacher.epochs=3',
                                      '--config.teacher.batch_size=8'],
-                         'data: ', 'teacher test accuracy', 'teacher'),
+                         'path:teacher/steps/[0-9]*', 'teacher test accuracy',
+                         'teacher'),
     'streamed_students': (STREAMED + ['--config.students.epochs=3',
                                       '--config.students.batch_size=8'],
-                          'teacher test accuracy', 'TCN test accuracy',
+                          'path:students/*/steps/[0-9]*', 'TCN test accuracy',
                           'students'),
 }
 # Stages run with another config than CONFIG; '{folder}' in their flags is
@@ -151,7 +154,11 @@ def _read(path):
 
 
 def _reached(workdir, log_path, marker):
-  """Whether a run's log holds `marker` (or, for a file, it exists)."""
+  """Whether a run's log holds `marker` (or, for a file, it exists; for
+  'path:GLOB', a finished checkpoint matches GLOB in the workdir)."""
+  if marker.startswith('path:'):
+    return any('orbax-checkpoint-tmp' not in p for p in glob.glob(
+        os.path.join(workdir, marker[len('path:'):])))
   if marker.endswith('.npz'):
     return os.path.exists(os.path.join(workdir, marker))
   return marker in _read(log_path)
@@ -177,7 +184,7 @@ def stage_chain(src, workdir, flags, stage, kills, rng, window,
       stale, t_begin = writes(workdir, output), None
       while proc.poll() is None and mode != 'none':
         if t_begin is None:
-          if begin in _read(log_path):
+          if _reached(workdir, log_path, begin):
             t_begin = time.time()
           time.sleep(0.01)
           continue
@@ -243,7 +250,9 @@ def write_stage_report(args, report, command, commit):
       'landed, from the log and the workdir. The students stage (smoke '
       'config) is in [chaos.md](chaos.md). The `streamed_*` stages read a '
       'generated image folder through Grain with a step checkpoint every 3 '
-      'steps (their config below); "epoch E at step S" in "next start '
+      'steps (their config below); their delays count from the stage\'s '
+      'first step checkpoint (its window: from there to the stage\'s end); '
+      '"epoch E at step S" in "next start '
       'resumed": the start after the kill restored the step checkpoint '
       'inside epoch E.', '',
       f'**Trials survived: {report["survived"]} / {report["kills"]}** '
@@ -300,7 +309,7 @@ def sweep_stages(args, src, rng, command, commit):
       proc = start(src, ref, flags, log, config)
       t_begin = t_end = None
       while proc.poll() is None or t_end is None:
-        if t_begin is None and begin in _read(ref + '.log'):
+        if t_begin is None and _reached(ref, ref + '.log', begin):
           t_begin = time.time()
         if t_begin is not None and t_end is None and _reached(
             ref, ref + '.log', end):
