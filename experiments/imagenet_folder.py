@@ -112,8 +112,9 @@ def main():
   args = parser.parse_args()
   command = 'KERAS_BACKEND=jax ' + common.command(
       module='experiments.imagenet_folder', quote=False)
-  commit = subprocess.run(['git', '-C', common.REPO, 'rev-parse', '--short',
-                           'HEAD'], text=True, capture_output=True).stdout.strip()
+  commit = subprocess.run(
+      ['git', '-C', common.REPO, 'rev-parse', '--short', 'HEAD'], text=True,
+      capture_output=True).stdout.strip()
   sys.path.insert(0, os.path.join(common.REPO, 'configs'))
   import imagenet  # pylint: disable=g-import-not-at-top
   for d in (args.dir, args.workdir):

@@ -1,7 +1,8 @@
 """Resume and determinism, through the command line: a run stopped in every
 stage (SIGKILL, also mid checkpoint write; SIGTERM; FF and GAN students; a
-streamed epoch between two step checkpoints) and started again with the same command ends bitwise equal to an uninterrupted
-run; the same seed gives the same results and another seed other ones."""
+streamed epoch between two step checkpoints) and started again with the same
+command ends bitwise equal to an uninterrupted run; the same seed gives the
+same results and another seed other ones."""
 import glob
 import json
 import os
@@ -239,7 +240,8 @@ def test_streamed_epoch_killed_between_step_checkpoints(tmp_path):
            '--config.data.streaming=always', '--config.data.val_fraction=0.1',
            '--config.data.checkpoint_every_steps=3', '--config.num_students=1',
            '--config.teacher.body=C4 MP F D16r', '--config.teacher.epochs=1',
-           '--config.teacher.batch_size=2', '--config.students.arch=C4 MP F D8r',
+           '--config.teacher.batch_size=2',
+           '--config.students.arch=C4 MP F D8r',
            '--config.students.epochs=1', '--config.head.epochs=1']
 
   def start(workdir, log_path):
