@@ -20,6 +20,15 @@ chaos.json.
 run, then chains whose kill comes after the stage has started (its log
 line), after a seeded random delay or at its next checkpoint (or
 features.npz) write. Writes experiments/results/chaos_stages.md and .json.
+
+  python -m experiments.chaos --stages streamed_teacher,streamed_students \
+      --kills 3 --append
+
+The `streamed_*` stages read a generated image folder through Grain
+(configs/image_folder.py:smoke, data.streaming='always') with a step
+checkpoint every 3 steps; their kills come after the stage's first step
+checkpoint, so most land inside an epoch between two step checkpoints; the
+next start's log says which step it resumed at.
 """
 import argparse
 import glob
@@ -37,6 +46,7 @@ import jax
 import numpy as np
 
 from experiments import common
+from experiments import imagenet_folder
 from tcn_jax import assemble
 from tcn_jax import checkpoint
 
@@ -50,6 +60,8 @@ TINY = ['--config.num_students=2', '--config.data.train_size=300',
         '--config.data.test_size=200', '--config.teacher.epochs=2',
         '--config.teacher.body=C8 MP F D64r D32r', '--config.students.epochs=2',
         '--config.students.arch=C4 MP F D8r', '--config.head.epochs=2']
+STREAMED = ['--config.data.dir={folder}', '--config.data.streaming=always',
+            '--config.data.checkpoint_every_steps=3']
 # (extra flags, log text when the stage starts, when it ends, its output)
 STAGES = {
     'teacher': (['--config.teacher.epochs=6'], 'data: ',
@@ -65,7 +77,23 @@ STAGES = {
     'pca': (['--config.chunking=pca', '--config.students.epochs=4',
              '--config.head.epochs=4'], 'teacher test accuracy',
             'TCN test accuracy', 'students'),
+    # Streamed epochs (an image folder read through Grain) with a step
+    # checkpoint every 3 steps: a kill mid-epoch resumes at the last one.
+    # Their window starts at the first step checkpoint ('path:' a glob).
+    'streamed_teacher': (STREAMED + ['--config.teacher.epochs=3',
+                                     '--config.teacher.batch_size=8'],
+                         'path:teacher/steps/[0-9]*', 'teacher test accuracy',
+                         'teacher'),
+    'streamed_students': (STREAMED + ['--config.students.epochs=3',
+                                      '--config.students.batch_size=8'],
+                          'path:students/*/steps/[0-9]*', 'TCN test accuracy',
+                          'students'),
 }
+# Stages run with another config than CONFIG; '{folder}' in their flags is
+# a generated image folder (experiments/imagenet_folder.make_folder).
+STAGE_CONFIGS = {'streamed_teacher': 'configs/image_folder.py:smoke',
+                 'streamed_students': 'configs/image_folder.py:smoke'}
+FOLDER = dict(classes=4, train_per_class=60, val_per_class=10, size=20)
 
 
 def snapshot(dest):
@@ -78,8 +106,8 @@ def snapshot(dest):
   return dest
 
 
-def start(src, workdir, overrides, log):
-  cmd = [sys.executable, '-m', 'tcn_jax.main', '--config', CONFIG,
+def start(src, workdir, overrides, log, config=CONFIG):
+  cmd = [sys.executable, '-m', 'tcn_jax.main', '--config', config,
          '--workdir', workdir, *overrides]
   return subprocess.Popen(cmd, cwd=src, stdout=log, stderr=subprocess.STDOUT)
 
@@ -126,14 +154,18 @@ def _read(path):
 
 
 def _reached(workdir, log_path, marker):
-  """Whether a run's log holds `marker` (or, for a file, it exists)."""
+  """Whether a run's log holds `marker` (or, for a file, it exists; for
+  'path:GLOB', a finished checkpoint matches GLOB in the workdir)."""
+  if marker.startswith('path:'):
+    return any('orbax-checkpoint-tmp' not in p for p in glob.glob(
+        os.path.join(workdir, marker[len('path:'):])))
   if marker.endswith('.npz'):
     return os.path.exists(os.path.join(workdir, marker))
   return marker in _read(log_path)
 
 
 def stage_chain(src, workdir, flags, stage, kills, rng, window,
-                write_fraction):
+                write_fraction, config=CONFIG):
   """Starts the run of `flags` until it finishes; each of its first `kills`
   starts is killed after the stage's start line, after a seeded random
   share of `window` (the stage's seconds in the reference run) or at the
@@ -148,11 +180,11 @@ def stage_chain(src, workdir, flags, stage, kills, rng, window,
     delay = float(rng.uniform(0.1, 0.9) * window)
     killed = in_write = False
     with open(log_path, 'w') as log:
-      proc = start(src, workdir, flags, log)
+      proc = start(src, workdir, flags, log, config)
       stale, t_begin = writes(workdir, output), None
       while proc.poll() is None and mode != 'none':
         if t_begin is None:
-          if begin in _read(log_path):
+          if _reached(workdir, log_path, begin):
             t_begin = time.time()
           time.sleep(0.01)
           continue
@@ -171,7 +203,9 @@ def stage_chain(src, workdir, flags, stage, kills, rng, window,
     if trials and 'resumed' not in trials[-1]:
       trials[-1]['resumed'] = [f'{s} {e}' for s, e in re.findall(
           r'\[(\S+)\] resuming after epoch (\d+/\d+)', log_text)] + (
-              ['features (cache)'] if 'features: reusing' in log_text else [])
+              ['features (cache)'] if 'features: reusing' in log_text else []
+          ) + [f'{s} epoch {e} at step {k}' for s, e, k in re.findall(
+              r'\[(\S+)\] resuming epoch (\d+) at step (\d+)', log_text)]
     if killed:
       trials.append({'stage_swept': stage, 'start': starts, 'mode': mode,
                      'kill_after_stage_start_s': round(time.time() - t_begin,
@@ -214,12 +248,21 @@ def write_stage_report(args, report, command, commit):
       'results.json (metrics and parameter digests, timings left out) and '
       'saved TCN are bitwise equal to the reference. "stage": where the kill '
       'landed, from the log and the workdir. The students stage (smoke '
-      'config) is in [chaos.md](chaos.md).', '',
+      'config) is in [chaos.md](chaos.md). The `streamed_*` stages read a '
+      'generated image folder through Grain with a step checkpoint every 3 '
+      'steps (their config below); their delays count from the stage\'s '
+      'first step checkpoint (its window: from there to the stage\'s end); '
+      '"epoch E at step S" in "next start '
+      'resumed": the start after the kill restored the step checkpoint '
+      'inside epoch E.', '',
       f'**Trials survived: {report["survived"]} / {report["kills"]}** '
       f'(all chains identical: {report["all_identical"]})', '']
   for stage, r in report['stages'].items():
     lines += [f'## {stage}', '',
-              f'Commit {r.get("commit", commit)}, seed {r.get("seed")}; flags '
+              f'Commit {r.get("commit", commit)}, seed {r.get("seed")}; '
+              + (f'config `{r["config"]}` on a generated image folder '
+                 f'(experiments/imagenet_folder.py, {r["folder"]}); '
+                 if 'config' in r else '') + 'flags '
               f'`{" ".join(r["flags"])}`; reference stage '
               f'{r["reference_stage_seconds"]} s; teacher digest '
               f'`{r["reference_results"]["digests"]["teacher"][:16]}…`, TCN '
@@ -253,14 +296,20 @@ def sweep_stages(args, src, rng, command, commit):
     report['stages'] = earlier['stages']
     report['command'] = f"{earlier['command']}; {command}"
   for stage in args.stages.split(','):
-    flags = TINY + STAGES[stage][0] + args.overrides
+    config = STAGE_CONFIGS.get(stage, CONFIG)
+    folder = os.path.join(args.workdir, 'folder')
+    if any('{folder}' in f for f in STAGES[stage][0]) and not os.path.isdir(
+        folder):
+      imagenet_folder.make_folder(folder, **FOLDER)
+    stage_flags = [f.replace('{folder}', folder) for f in STAGES[stage][0]]
+    flags = TINY + stage_flags + args.overrides
     _, begin, end, _ = STAGES[stage]
     ref = os.path.join(args.workdir, f'{stage}_reference')
     with open(ref + '.log', 'w') as log:
-      proc = start(src, ref, flags, log)
+      proc = start(src, ref, flags, log, config)
       t_begin = t_end = None
       while proc.poll() is None or t_end is None:
-        if t_begin is None and begin in _read(ref + '.log'):
+        if t_begin is None and _reached(ref, ref + '.log', begin):
           t_begin = time.time()
         if t_begin is not None and t_end is None and _reached(
             ref, ref + '.log', end):
@@ -277,7 +326,7 @@ def sweep_stages(args, src, rng, command, commit):
     for chain in range(args.kills):
       workdir = os.path.join(args.workdir, f'{stage}_chain{chain}')
       got, errors = stage_chain(src, workdir, flags, stage, 1, rng, window,
-                                args.write_fraction)
+                                args.write_fraction, config)
       ok = (not errors and os.path.exists(os.path.join(workdir, 'results.json'))
             and comparable(load_results(workdir)) == expected
             and same_tcn(ref, workdir))
@@ -289,9 +338,10 @@ def sweep_stages(args, src, rng, command, commit):
       print(f'{stage} chain {chain}: identical={ok} errors={errors}',
             flush=True)
     report['stages'][stage] = {
-        'flags': STAGES[stage][0], 'commit': commit, 'seed': args.seed,
+        'flags': stage_flags, 'commit': commit, 'seed': args.seed,
         'reference_stage_seconds': round(window, 2),
-        'reference_results': expected, 'chains': chains, 'trials': trials}
+        'reference_results': expected, 'chains': chains, 'trials': trials,
+        **({'config': config, 'folder': FOLDER} if config != CONFIG else {})}
     write_stage_report(args, report, command, commit)   # Partial, so far.
   write_stage_report(args, report, command, commit)
   print(f'survived {report["survived"]}/{report["kills"]}')

@@ -1,15 +1,18 @@
 """Resume and determinism, through the command line: a run stopped in every
-stage (SIGKILL, also mid checkpoint write; SIGTERM; FF and GAN students) and
-started again with the same command ends bitwise equal to an uninterrupted
-run; the same seed gives the same results and another seed other ones."""
+stage (SIGKILL, also mid checkpoint write; SIGTERM; FF and GAN students; a
+streamed epoch between two step checkpoints) and started again with the same
+command ends bitwise equal to an uninterrupted run; the same seed gives the
+same results and another seed other ones."""
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -213,3 +216,63 @@ def test_gan_students_killed_resume_bitwise(tmp_path):
   assert '[students[0]] resuming after epoch' in _read(workdir + '.1.log')
   assert ref_proc.wait(timeout=600) == 0, _read(ref + '.log')[-3000:]
   assert _results(workdir) == _results(ref)
+
+
+def _image_folder(root):
+  """train/ (3 classes x 14) and val/ (3 x 3) of random 12x12 PNG images."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for split, n in (('train', 14), ('val', 3)):
+    for c in range(3):
+      os.makedirs(os.path.join(root, split, f'class{c}'))
+      for i in range(n):
+        Image.fromarray((rng.random((12, 12, 3)) * 255).astype(np.uint8)).save(
+            os.path.join(root, split, f'class{c}', f'{i}.png'))
+
+
+def test_streamed_epoch_killed_between_step_checkpoints(tmp_path):
+  """A streamed teacher epoch (image folder, a step checkpoint every 3 of
+  its 18 steps) killed right after its first step checkpoint resumes at a
+  step checkpoint and ends bitwise equal to an uninterrupted run."""
+  _image_folder(str(tmp_path / 'images'))
+  flags = ['--config', os.path.join(ROOT, 'configs/image_folder.py:smoke'),
+           f'--config.data.dir={tmp_path / "images"}',
+           '--config.data.streaming=always', '--config.data.val_fraction=0.1',
+           '--config.data.checkpoint_every_steps=3', '--config.num_students=1',
+           '--config.teacher.body=C4 MP F D16r', '--config.teacher.epochs=1',
+           '--config.teacher.batch_size=2',
+           '--config.students.arch=C4 MP F D8r',
+           '--config.students.epochs=1', '--config.head.epochs=1']
+
+  def start(workdir, log_path):
+    with open(log_path, 'w') as log:
+      return subprocess.Popen(
+          [sys.executable, '-m', 'tcn_jax.main', '--workdir', workdir, *flags],
+          cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+  ref, workdir = str(tmp_path / 'ref'), str(tmp_path / 'killed')
+  ref_proc = start(ref, ref + '.log')
+  proc = start(workdir, workdir + '.0.log')
+  steps = os.path.join(workdir, 'teacher', 'steps')
+  deadline = time.time() + 300
+  while proc.poll() is None and not (
+      os.path.isdir(steps) and any(n.isdigit() for n in os.listdir(steps))):
+    assert time.time() < deadline, 'no step checkpoint came'
+    time.sleep(0.002)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait(timeout=60) == -signal.SIGKILL, _read(workdir + '.0.log')
+  assert '[teacher] epoch 1/1' not in _read(workdir + '.0.log')  # Mid-epoch.
+  proc = start(workdir, workdir + '.1.log')
+  assert proc.wait(timeout=300) == 0, _read(workdir + '.1.log')[-3000:]
+  assert ref_proc.wait(timeout=300) == 0, _read(ref + '.log')[-3000:]
+  log = _read(workdir + '.1.log')
+  resumed = re.search(r'\[teacher\] resuming epoch 1 at step (\d+)', log)
+  assert resumed and int(resumed[1]) % 3 == 0, log[-3000:]
+  assert _results(workdir) == _results(ref)
+  assert 'streamed' in _results(ref)['data_source']
+  tcns = [assemble.load_tcn(os.path.join(w, 'tcn'))[1] for w in (workdir, ref)]
+  leaves = [jax.tree_util.tree_leaves(
+      ([g.variables for g in t.groups], t.head_variables)) for t in tcns]
+  assert len(leaves[0]) == len(leaves[1]) > 0
+  for a, b in zip(*leaves):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
