@@ -1,19 +1,25 @@
 """The training loop over a streamed split (`input_pipeline.Stream`).
 
 `fit.fit_group` hands a stage here when its inputs are a `Stream`: instead
-of one compiled epoch over arrays on device, one compiled step per batch
-that Grain decodes and augments meanwhile. A step is the in-memory epoch's
-scan body (same batch order, same per-step keys), so both paths train the
-same model. Targets (teacher features, labels) stay on the host, indexed by
-the rows of the batch (a memory-mapped `.npy` pages in only those rows), or
-are computed inside the step from the batch itself (`target_fn`, e.g. the
-frozen teacher's features of the augmented images: online features).
+of one compiled epoch over arrays on device, the epoch's batches, decoded
+and augmented by Grain, are collected into chunks of up to MAX_CHUNK_STEPS
+consecutive batches (K, B, ...) and each chunk runs through one compiled
+scan, the in-memory epoch's body with a step offset (`engine.make_chunk_fn`):
+same batch order, same per-step keys, so both paths train the same model.
+A chunk is dispatched asynchronously; the previous chunk's metrics are read
+and the next chunk collected while it runs. On a mesh of several devices
+(one process) chunks are fed through `engine.MeshLayout`: batches over
+'data', members over 'students'. Targets (teacher features, labels) stay on
+the host, indexed by the rows of the chunk (a memory-mapped `.npy` pages in
+only those rows), or are computed inside the program from each batch
+(`target_fn`, e.g. the frozen teacher's features of the augmented images:
+online features).
 
 Checkpoints: after every epoch, as the in-memory path, and with the
 stream's `checkpoint_every_steps` = K also every K steps into
-`<stage>/steps/`, with the Grain iterator's state and the epoch's metrics
-so far, so a stop loses at most K steps and the resumed run equals an
-uninterrupted one bitwise.
+`<stage>/steps/` (chunks end there), with the Grain iterator's state and
+the epoch's metrics so far, so a stop loses at most K steps and the
+resumed run equals an uninterrupted one bitwise.
 """
 import dataclasses
 import mmap
@@ -93,11 +99,9 @@ def _take(targets, index):
   return jax.tree_util.tree_map(one, targets)
 
 
-def chunk_steps(batch_bytes: int, every: int) -> int:
-  """Batches per chunk: up to MAX_CHUNK_STEPS and CHUNK_BYTES of inputs,
-  and a divisor-free cut at step checkpoints (chunks also end there)."""
-  k = max(1, min(MAX_CHUNK_STEPS, CHUNK_BYTES // max(batch_bytes, 1)))
-  return min(k, every) if every else k
+def chunk_steps(batch_bytes: int) -> int:
+  """Batches per chunk: up to MAX_CHUNK_STEPS and CHUNK_BYTES of inputs."""
+  return max(1, min(MAX_CHUNK_STEPS, CHUNK_BYTES // max(batch_bytes, 1)))
 
 
 def _chunks(batches, step, steps, k, every):
@@ -148,7 +152,7 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets,
     apply = engine.make_apply_fn(predict, n, strategy, mesh)
     keys = engine.member_keys(seed, ids)
     steps = len(x) // batch_size
-    k = chunk_steps(batch_size * int(np.prod(x.shape[1:])) * 4, every)
+    k = chunk_steps(batch_size * int(np.prod(x.shape[1:])) * 4)
     progress = metrics.Progress(name, epochs, start)
     for epoch in range(start, epochs):
       t0 = time.time()
