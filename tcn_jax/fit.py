@@ -116,8 +116,9 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
   nothing goes to TensorBoard. A `input_pipeline.Stream` x is trained
   batch by batch as it is read (`tcn_jax.streaming`), as is any x with a
   `streaming.OnlineTargets` target_fn, which adds targets computed from
-  each batch (in chunks of batches, on the mesh too). On the mesh in use (`mesh.use`, several devices) the state lives
-  there as global arrays (what is checkpointed) and comes back as numpy.
+  each batch (in chunks of batches, on the mesh too). On the mesh in use
+  (`mesh.use`, several devices) the state lives there as global arrays
+  (what is checkpointed) and comes back as numpy.
   Returns (state, history, training seconds).
   """
   n = len(ids)
