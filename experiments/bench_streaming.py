@@ -149,7 +149,7 @@ def consumption(steps):
   2 students, batch 128, on device arrays: no input cost)."""
   import jax
   import jax.numpy as jnp
-  from tcn_jax import engine, fit, losses, streaming
+  from tcn_jax import engine, fit, losses
   from tcn_jax import assemble
   groups = assemble.group_students([STUDENT] * N_STUDENTS,
                                    [FEATURE_DIM // N_STUDENTS] * N_STUDENTS,
@@ -168,15 +168,17 @@ def consumption(steps):
     return loss(model.apply({'params': p}, xb, train=True,
                             rngs={'dropout': key}), t)
   state = {'params': params, 'opt_state': jax.vmap(tx.init)(params)}
-  step = streaming.make_step(engine.gradient_step(loss_fn, tx), N_STUDENTS,
-                             'auto')
+  chunk = engine.make_chunk_fn(engine.gradient_step(loss_fn, tx), N_STUDENTS,
+                               'auto')
+  xs = np.asarray(x)[None]
+  ts = {k: np.asarray(v)[None] for k, v in tb.items()}
   keys = engine.member_keys(0, group.member_ids)
-  state, m = step(state, x, tb, None, keys, 0, 0)
+  state, m = chunk(state, xs, ts, keys, 0, 0, None)
   jax.block_until_ready(m)
   before = _load()
   t = time.time()
   for i in range(steps):
-    state, m = step(state, x, tb, None, keys, 0, i)
+    state, m = chunk(state, xs, ts, keys, 0, i, None)
   jax.block_until_ready(m)
   dt = time.time() - t
   return {'images_per_s': steps * BATCH / dt, 'step_ms': 1000 * dt / steps,
@@ -235,11 +237,26 @@ def main():
                  'records are kept under memory_earlier)')
   p.add_argument('--records', default='',
                  help='with --remeasure-stream-memory: the --child outputs')
+  p.add_argument('--only', default='', choices=('', 'step'),
+                 help='step: only measure the Fashion-MNIST step times '
+                 'again, replacing them in the existing streaming_cpu.json '
+                 '(the earlier ones are kept under fmnist_earlier)')
   args = p.parse_args()
   from absl import flags   # Grain's worker processes read absl flags.
   flags.FLAGS.mark_as_parsed()
   if args.child:
     return memory_child(args.child, args.child_mode, args.workers)
+  if args.only == 'step':
+    with open(os.path.join(common.RESULTS, 'streaming_cpu.json')) as f:
+      out = json.load(f)
+    out.setdefault('fmnist_earlier', out['fmnist'])
+    before = _load()
+    out['fmnist'] = fmnist_steps(args.fmnist_train_size, args.repeats)
+    out['fmnist']['command'] = common.command()
+    out['fmnist']['loadavg_start'], out['fmnist']['loadavg_end'] = (
+        before, _load())
+    print(out['fmnist'], flush=True)
+    return write(out)
   sizes = [int(s) for s in args.sizes.split(',')]
   if args.remeasure_stream_memory:
     with open(os.path.join(common.RESULTS, 'streaming_cpu.json')) as f:
@@ -345,7 +362,25 @@ def write(out):
             f"In memory {f['median_step_ms']['memory']:.1f} ms/step, "
             f"streamed {f['median_step_ms']['stream']:.1f} ms/step: "
             f"**{f['stream_over_memory_median']:.3f}x** (median of the "
-            'per-round ratios; target within 1.1x).']
+            'per-round ratios; target within 1.1x). Per round (memory / '
+            'streamed ms, load average before the round): ' + '; '.join(
+                f"{m['step_ms']:.0f} / {t['step_ms']:.0f} "
+                f"({m['loadavg']['before'][0]:.1f})"
+                for m, t in zip(f['rounds']['memory'], f['rounds']['stream']))
+            + '.']
+  if out.get('fmnist_earlier'):
+    e = out['fmnist_earlier']
+    lines += ['', f"Measured again with `flock /work/bench.lock "
+              f"{f['command']}` (load average {f['loadavg_start'][0]:.1f} "
+              f"at start, {f['loadavg_end'][0]:.1f} at end) after the "
+              'streamed path ran chunks of batches through one compiled '
+              'scan (the in-memory epoch\'s body) instead of one compiled '
+              'step per batch; the memory and throughput rows above are '
+              'from the first run (`' + out['command'] + '`). The first '
+              f"run's step times: in memory "
+              f"{e['median_step_ms']['memory']:.1f} ms, streamed "
+              f"{e['median_step_ms']['stream']:.1f} ms, "
+              f"{e['stream_over_memory_median']:.3f}x."]
   with open(base + '.md', 'w') as fh:
     fh.write('\n'.join(lines) + '\n')
 

@@ -398,28 +398,67 @@ class MeshLayout:
     return jax.tree_util.tree_map(lambda t: one(np.asarray(t)), targets)
 
 
+  def fed(self, xs, ts):
+    """Host batches as global arrays: xs (steps, batch, ...) over the
+    batch axes; ts, a pytree of (steps, members, batch, ...), members
+    padded (copies of member 0) and split over `member_axis`. One process:
+    every row is here."""
+    def one(t):
+      t = np.asarray(t)
+      if t.shape[1] < self.padded:
+        t = np.concatenate([t, np.repeat(t[:, :1], self.padded - t.shape[1],
+                                         1)], 1)
+      return mesh_lib.feed(self.mesh, P(None, self.member_axis,
+                                        self.batch_axes), t.shape,
+                           lambda index: t[index])
+    xs = np.asarray(xs)
+    return (mesh_lib.feed(self.mesh, P(None, self.batch_axes), xs.shape,
+                          lambda index: xs[index]),
+            jax.tree_util.tree_map(one, ts))
+
+
 def _mesh_epoch(member_step, num_members, strategy, mesh):
   """make_group_epoch on a mesh of several devices (see `MeshLayout`).
 
-  One jitted GSPMD program per batch layout: the epoch's batches are fed
-  from host memory, each process only its own devices' rows; members are
-  vmapped (or unrolled when they are not split over 'students'); each
-  member's gradient is summed over the batch devices by the partitioner and
-  nothing else is exchanged. The state comes back as global arrays in the
-  layout's `state_spec`, the metrics as numpy (steps, members).
+  The epoch's batches are fed from host memory, each process only its own
+  devices' rows, into `_mesh_runner`'s program. The state comes back as
+  global arrays in the layout's `state_spec`, the metrics as numpy
+  (steps, members).
   """
-  programs = {}
+  run = _mesh_runner(member_step, num_members, strategy, mesh)
+
+  def epoch_fn(state, x, targets, order, keys, epoch):
+    order = np.asarray(order)
+    x, targets = np.asarray(x), jax.tree_util.tree_map(np.asarray, targets)
+    return run(state, lambda layout: (layout.batches(x, order),
+                                      layout.member_batches(targets, order)),
+               order.shape[1], keys, epoch)
+
+  return epoch_fn
+
+
+def _mesh_runner(member_step, num_members, strategy, mesh, target_fn=None):
+  """`run(state, feed, batch_size, keys, epoch, offset=0, context=None,
+  host_metrics=True) -> (state, metrics)`: fed batches (feed(layout) ->
+  global xs, ts) through one jitted GSPMD program per batch layout
+  (`_batches_body`): members are vmapped (or unrolled when they are not
+  split over 'students'); each member's gradient is summed over the batch
+  devices by the partitioner and nothing else is exchanged. The state
+  comes back as global arrays in the layout's `state_spec`; the metrics as
+  numpy (steps, members), or with host_metrics=False as the program's
+  (steps, padded members) global array (not waited for)."""
+  programs, placed = {}, {}
 
   def build(layout):
     local = 'vmap' if layout.member_axis or strategy == 'sharded' else strategy
-    body = _batches_body(member_step, layout.padded, local)
+    body = _batches_body(member_step, layout.padded, local, target_fn)
     members = layout.sharding(layout.member_axis)
     batch = layout.sharding(None, layout.batch_axes)
     program = jax.jit(
         body, in_shardings=(members, batch,
                             layout.sharding(None, layout.member_axis,
                                             layout.batch_axes),
-                            members, None),
+                            members, None, None, layout.sharding()),
         out_shardings=(members, layout.sharding(None, layout.member_axis)),
         donate_argnums=(0,))
     pad = jax.jit(lambda t: _pad_members(t, layout.padded),
@@ -429,9 +468,8 @@ def _mesh_epoch(member_step, num_members, strategy, mesh):
                   out_shardings=layout.sharding(*layout.state_spec))
     return layout, program, pad, cut
 
-  def epoch_fn(state, x, targets, order, keys, epoch):
-    order = np.asarray(order)
-    batch_size = order.shape[1]
+  def run(state, feed, batch_size, keys, epoch, offset=0, context=None,
+          host_metrics=True):
     if batch_size not in programs:
       programs[batch_size] = build(MeshLayout(mesh, num_members, batch_size))
     layout, program, pad, cut = programs[batch_size]
@@ -439,30 +477,43 @@ def _mesh_epoch(member_step, num_members, strategy, mesh):
       raise TCNError(f'batch size {batch_size} does not split over the '
                      f'{layout.batch_devices} devices of the mesh\'s '
                      f'{"/".join(layout.batch_axes)} axes (config.mesh)')
-    x, targets = np.asarray(x), jax.tree_util.tree_map(np.asarray, targets)
     keys = jax.random.wrap_key_data(mesh_lib.put(
         mesh, P(layout.member_axis),
         _pad_host(np.asarray(jax.random.key_data(keys)), layout.padded)),
                                     impl=jax.random.key_impl(keys))
-    state, metrics = program(pad(layout.place_state(state)),
-                             layout.batches(x, order),
-                             layout.member_batches(targets, order), keys,
-                             epoch)
-    metrics = jax.tree_util.tree_map(lambda m: m[:, :num_members],
-                                     mesh_lib.to_host(metrics))
+    if context is not None:   # Replicated, once while the same object.
+      if placed.get('id') is not context:
+        placed.update(id=context, value=jax.tree_util.tree_map(
+            lambda a: mesh_lib.put(mesh, P(), mesh_lib.to_host(a)), context))
+      context = placed['value']
+    xs, ts = feed(layout)
+    state, metrics = program(pad(layout.place_state(state)), xs, ts, keys,
+                             epoch, offset, context)
+    if host_metrics:
+      metrics = jax.tree_util.tree_map(lambda m: m[:, :num_members],
+                                       mesh_lib.to_host(metrics))
+    else:
+      metrics = jax.tree_util.tree_map(lambda m: m[:, :num_members], metrics)
     return cut(state), metrics
 
-  return epoch_fn
+  return run
 
 
-def _batches_body(member_step, num_members: int, strategy: str):
-  """`epoch(state, xs, ts, keys, epoch)` over fed batches: xs (steps,
-  batch, ...), ts (steps, members, batch, ...); as `epoch_body`."""
-  def epoch_fn(state, xs, ts, keys, epoch):
+def _batches_body(member_step, num_members: int, strategy: str,
+                  target_fn=None):
+  """`epoch(state, xs, ts, keys, epoch, offset=0, context=None)` over fed
+  batches: xs (steps, batch, ...), ts (steps, members, batch, ...); as
+  `epoch_body`, the batches being the epoch's steps offset, offset + 1, ...
+  (a chunk of a streamed epoch). target_fn(context, xb) -> a dict of
+  (members, batch, ...) targets computed from each batch (online features)
+  is added to its ts."""
+  def epoch_fn(state, xs, ts, keys, epoch, offset=0, context=None):
     epoch_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, epoch + 1)
-    steps = jnp.arange(xs.shape[0])
+    steps = offset + jnp.arange(xs.shape[0])
 
     def batch(xb, tb, i):
+      if target_fn is not None:
+        tb = {**tb, **target_fn(context, xb)}
       return xb, tb, jax.vmap(jax.random.fold_in, (0, None))(epoch_keys, i)
 
     if strategy == 'vmap':
@@ -474,6 +525,39 @@ def _batches_body(member_step, num_members: int, strategy: str):
                           (xs, ts, steps))
 
   return epoch_fn
+
+
+def make_chunk_fn(member_step, num_members: int, strategy: str,
+                  mesh: Mesh | None = None, target_fn=None):
+  """Returns `chunk(state, xs, ts, keys, epoch, offset, context) -> (state,
+  metrics (steps, members))`: consecutive batches of an epoch fed from the
+  host (a streamed epoch, chunk by chunk), trained as `make_group_epoch`
+  trains them: xs (steps, batch, ...) and ts (steps, members, batch, ...)
+  numpy, the steps being the epoch's offset, offset + 1, ... (their keys
+  too), so chunks of an epoch give the in-memory epoch's numbers. Runs
+  asynchronously: the metrics are device arrays (read them to wait). With
+  a `mesh` of several devices: `_mesh_runner`'s program (one process);
+  'sharded' on one process's devices runs as vmap. target_fn: see
+  `_batches_body`."""
+  strategy = resolve_strategy(strategy)
+  if mesh is not None and mesh.size > 1:
+    run = _mesh_runner(member_step, num_members, strategy, mesh, target_fn)
+
+    def mesh_chunk(state, xs, ts, keys, epoch, offset, context):
+      return run(state, lambda layout: layout.fed(xs, ts), xs.shape[1], keys,
+                 epoch, offset, context, host_metrics=False)
+
+    return mesh_chunk
+  if strategy == 'sharded':
+    strategy = 'vmap'
+  program = jax.jit(_batches_body(member_step, num_members, strategy,
+                                  target_fn), donate_argnums=(0,))
+
+  def chunk(state, xs, ts, keys, epoch, offset, context):
+    return program(state, jnp.asarray(xs), jax.tree_util.tree_map(
+        jnp.asarray, ts), keys, epoch, offset, context)
+
+  return chunk
 
 
 def _mesh_apply(apply_fn, num_members, mesh, vmapped):

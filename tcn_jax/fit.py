@@ -116,8 +116,9 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
   nothing goes to TensorBoard. A `input_pipeline.Stream` x is trained
   batch by batch as it is read (`tcn_jax.streaming`), as is any x with a
   `streaming.OnlineTargets` target_fn, which adds targets computed from
-  each batch. On the mesh in use (`mesh.use`, several devices) the state lives
-  there as global arrays (what is checkpointed) and comes back as numpy.
+  each batch (in chunks of batches, on the mesh too). On the mesh in use
+  (`mesh.use`, several devices) the state lives there as global arrays
+  (what is checkpointed) and comes back as numpy.
   Returns (state, history, training seconds).
   """
   n = len(ids)
@@ -139,8 +140,9 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
     if target_fn is not None and not isinstance(x, input_pipeline.Stream):
       x = input_pipeline.Stream(input_pipeline.ArraySource(x))
     if isinstance(x, input_pipeline.Stream):
-      if mesh:
-        raise TCNError(f'{name}: streamed input runs on one device; set '
+      if mesh and jax.process_count() > 1:
+        raise TCNError(f'{name}: streamed input on a mesh runs in one '
+                       'process; with several processes set '
                        'config.mesh.data=1 and config.mesh.students=1')
       return streaming.fit_group(
           stage_dir, name=name, member_step=member_step, state=state,
@@ -148,7 +150,7 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
           batch_size=batch_size, seed=seed, strategy=strategy, val_x=val_x,
           val_targets=val_targets, val_metric=val_metric, writer=writer,
           target_fn=target_fn, start=start, history=history,
-          seconds=seconds, ckpt=ckpt)
+          seconds=seconds, ckpt=ckpt, mesh=mesh)
 
     epoch_fn = engine.make_group_epoch(member_step, n, strategy, mesh)
     apply = engine.make_apply_fn(predict, n, strategy, mesh)

@@ -1,19 +1,25 @@
 """The training loop over a streamed split (`input_pipeline.Stream`).
 
 `fit.fit_group` hands a stage here when its inputs are a `Stream`: instead
-of one compiled epoch over arrays on device, one compiled step per batch
-that Grain decodes and augments meanwhile. A step is the in-memory epoch's
-scan body (same batch order, same per-step keys), so both paths train the
-same model. Targets (teacher features, labels) stay on the host, indexed by
-the rows of the batch (a memory-mapped `.npy` pages in only those rows), or
-are computed inside the step from the batch itself (`target_fn`, e.g. the
-frozen teacher's features of the augmented images: online features).
+of one compiled epoch over arrays on device, the epoch's batches, decoded
+and augmented by Grain, are collected into chunks of up to MAX_CHUNK_STEPS
+consecutive batches (K, B, ...) and each chunk runs through one compiled
+scan, the in-memory epoch's body with a step offset (`engine.make_chunk_fn`):
+same batch order, same per-step keys, so both paths train the same model.
+A chunk is dispatched asynchronously; the previous chunk's metrics are read
+and the next chunk collected while it runs. On a mesh of several devices
+(one process) chunks are fed through `engine.MeshLayout`: batches over
+'data', members over 'students'. Targets (teacher features, labels) stay on
+the host, indexed by the rows of the chunk (a memory-mapped `.npy` pages in
+only those rows), or are computed inside the program from each batch
+(`target_fn`, e.g. the frozen teacher's features of the augmented images:
+online features).
 
 Checkpoints: after every epoch, as the in-memory path, and with the
 stream's `checkpoint_every_steps` = K also every K steps into
-`<stage>/steps/`, with the Grain iterator's state and the epoch's metrics
-so far, so a stop loses at most K steps and the resumed run equals an
-uninterrupted one bitwise.
+`<stage>/steps/` (chunks end there), with the Grain iterator's state and
+the epoch's metrics so far, so a stop loses at most K steps and the
+resumed run equals an uninterrupted one bitwise.
 """
 import dataclasses
 import mmap
@@ -28,6 +34,7 @@ import numpy as np
 
 from tcn_jax import checkpoint
 from tcn_jax import engine
+from tcn_jax import mesh as mesh_lib
 from tcn_jax import metrics
 
 
@@ -39,30 +46,6 @@ class OnlineTargets:
   argument of the compiled step, not a constant folded into it."""
   fn: Callable[[Any, Any], dict]
   context: Any
-
-
-def make_step(member_step, num_members: int, strategy: str, target_fn=None):
-  """Jitted `step(state, x, targets, context, keys, epoch, i) -> (state,
-  metrics (members,))`: one batch of the in-memory epoch's scan body. With
-  an `OnlineTargets` target_fn, its targets are added to `targets` inside
-  the step (online features)."""
-  strategy = engine.resolve_strategy(strategy)
-  if strategy == 'sharded':   # One process's devices: the vmap program.
-    strategy = 'vmap'
-
-  def step(state, xb, tb, context, keys, epoch, i):
-    if target_fn is not None:
-      tb = {**tb, **target_fn.fn(context, xb)}
-    epoch_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, epoch + 1)
-    kb = jax.vmap(jax.random.fold_in, (0, None))(epoch_keys, i)
-    if strategy == 'vmap':
-      return jax.vmap(member_step, in_axes=(0, None, 0, 0))(state, xb, tb, kb)
-    out = [member_step(s, xb, jax.tree_util.tree_map(lambda t, m=m: t[m], tb),
-                       kb[m])
-           for m, s in enumerate(engine.unstack(state, num_members))]
-    return engine.stack([s for s, _ in out]), engine.stack([m for _, m in out])
-
-  return jax.jit(step, donate_argnums=(0,))
 
 
 class StackedRows:
@@ -100,65 +83,111 @@ class StackedRows:
     return rows
 
 
+# A streamed epoch runs as chunks of consecutive batches, each one compiled
+# scan (the in-memory epoch's body) over up to this many batches and bytes.
+MAX_CHUNK_STEPS = 16
+CHUNK_BYTES = 64 << 20
+
+
 def _take(targets, index):
-  """The batch's rows of (members, N, ...) host targets."""
-  return jax.tree_util.tree_map(lambda t: jnp.asarray(np.take(t, index, 1)),
-                                targets)
+  """The rows `index` (steps, batch) of (members, N, ...) host targets, as
+  (steps, members, batch, ...) numpy."""
+  def one(t):
+    rows = np.take(t, index.reshape(-1), 1)
+    return np.swapaxes(rows.reshape((rows.shape[0],) + index.shape
+                                    + rows.shape[2:]), 0, 1)
+  return jax.tree_util.tree_map(one, targets)
+
+
+def chunk_steps(batch_bytes: int) -> int:
+  """Batches per chunk: up to MAX_CHUNK_STEPS and CHUNK_BYTES of inputs."""
+  return max(1, min(MAX_CHUNK_STEPS, CHUNK_BYTES // max(batch_bytes, 1)))
+
+
+def _chunks(batches, step, steps, k, every):
+  """(first step, [batches]) of up to k consecutive batches, ending at
+  every step checkpoint (a multiple of `every`) and at the epoch's end."""
+  while step < steps:
+    end = min(step + k, steps)
+    if every:
+      end = min(end, (step // every + 1) * every)
+    chunk = []
+    for _ in range(end - step):
+      chunk.append(next(batches))
+    yield step, chunk
+    step = end
 
 
 def fit_group(stage_dir, *, name, member_step, state, predict, x, targets,
               ids, epochs, batch_size, seed, strategy, val_x, val_targets,
               val_metric, writer, target_fn=None, start=0, history=(),
-              seconds=0.0, ckpt=None):
+              seconds=0.0, ckpt=None, mesh=None):
   """`fit.fit_group` on a `Stream` x (called by it, inside its checkpoint
   context `ckpt`, after the epoch-level resume: `start` finished epochs
-  with their `history` and `seconds`). Returns (state, history, seconds)."""
+  with their `history` and `seconds`; `mesh`: the active mesh of several
+  devices, or None). Returns (state, history, seconds)."""
   history = list(history)
   n = len(ids)
   every = x.checkpoint_every_steps
   steps_dir = stage_dir and every and os.path.join(stage_dir, 'steps')
   step_ckpt = checkpoint.StageCheckpoint(steps_dir) if steps_dir else None
+  layout = mesh and engine.MeshLayout(mesh, n, batch_size)
   try:
     step0, it_state, done = 0, None, {}
     if step_ckpt and step_ckpt.latest_epoch():
       rec = step_ckpt.record()
       if rec['epoch'] == start:   # A stop inside epoch `start`.
-        state, rec = step_ckpt.restore(state)
+        state, rec = step_ckpt.restore(
+            layout.abstract_state(state) if mesh else state)
         step0, it_state = rec['step'], rec['iterator']
         done = {k: [np.asarray(v, np.float32) for v in vs]
                 for k, vs in rec['metrics'].items()}
         seconds = rec['seconds']
         logging.info('[%s] resuming epoch %d at step %d', name, start + 1,
                      step0)
-    step_fn = make_step(member_step, n, strategy, target_fn)
+    chunk_fn = engine.make_chunk_fn(
+        member_step, n, strategy, mesh,
+        target_fn.fn if target_fn is not None else None)
     context = target_fn.context if target_fn is not None else None
-    apply = engine.make_apply_fn(predict, n, strategy)
+    apply = engine.make_apply_fn(predict, n, strategy, mesh)
     keys = engine.member_keys(seed, ids)
     steps = len(x) // batch_size
+    k = chunk_steps(batch_size * int(np.prod(x.shape[1:])) * 4)
     progress = metrics.Progress(name, epochs, start)
     for epoch in range(start, epochs):
       t0 = time.time()
       batches = x.batches(seed, epoch, batch_size, train=True, state=it_state)
-      collected = {k: list(v) for k, v in done.items()}
-      step = step0
-      for batch in batches:
-        tb = _take(targets, batch['index']) if targets else {}
-        state, m = step_fn(state, jnp.asarray(batch['image']), tb, context,
-                           keys, epoch, step)
-        for k, v in m.items():
-          collected.setdefault(k, []).append(np.asarray(v))
-        step += 1
-        if step_ckpt and step % every == 0 and step < steps:
+      collected = {key: list(v) for key, v in done.items()}
+      pending = None   # The last chunk's metrics, still being computed.
+
+      def collect(m):
+        for key, v in m.items():
+          collected.setdefault(key, []).extend(np.asarray(v))
+
+      for first, chunk in _chunks(batches, step0, steps, k, every):
+        xs = np.stack([b['image'] for b in chunk])
+        index = np.stack([b['index'] for b in chunk])
+        ts = _take(targets, index) if targets else {}
+        state, m = chunk_fn(state, xs, ts, keys, epoch, first, context)
+        if pending is not None:   # Read while this chunk runs.
+          collect(pending)
+        pending = m
+        end = first + len(chunk)
+        if step_ckpt and end % every == 0 and end < steps:
+          collect(pending)
+          pending = None
           with checkpoint.signals_deferred():
-            step_ckpt.save(epoch * steps + step, state, {
-                'epoch': epoch, 'step': step,
+            step_ckpt.save(epoch * steps + end, state, {
+                'epoch': epoch, 'step': end,
                 'iterator': batches.get_state(),
-                'metrics': {k: [v.tolist() for v in vs]
-                            for k, vs in collected.items()},
+                'metrics': {key: [v.tolist() for v in vs]
+                            for key, vs in collected.items()},
                 'seconds': seconds + time.time() - t0})
+      if pending is not None:
+        collect(pending)
       step0, it_state, done = 0, None, {}
       with checkpoint.signals_deferred():   # A stop waits for epoch + save.
-        step_metrics = {k: np.stack(v) for k, v in collected.items()}
+        step_metrics = {key: np.stack(v) for key, v in collected.items()}
         record, losses = metrics.epoch_record(
             name, epoch, ids, step_metrics, apply, state, val_x, val_targets,
             val_metric, seconds, t0, stage_dir, bool(ckpt))
@@ -167,7 +196,7 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets,
         if ckpt:
           ckpt.save(epoch + 1, state, {'history': history, 'seconds': seconds})
       metrics.report_epoch(name, ids, record, losses, writer, progress)
-    return state, history, seconds
+    return (mesh_lib.to_host(state) if mesh else state), history, seconds
   finally:
     if step_ckpt:
       step_ckpt.close()

@@ -19,6 +19,7 @@ from conftest import tiny_config
 from tcn_jax import assemble
 from tcn_jax import config as config_lib
 from tcn_jax import engine
+from tcn_jax import input_pipeline as ip
 from tcn_jax import mesh as mesh_lib
 from tcn_jax.errors import TCNError
 
@@ -92,6 +93,13 @@ def _worker(out_dir):
                                     [g.variables for g in mesh_groups])
     out[f'students{n}_val'] = float(np.max(np.abs(
         np.array(info['val_mse']) - np.array(mesh_info['val_mse']))))
+  # A streamed stage (chunks of batches fed to the mesh) vs one device.
+  stream = ip.Stream(ip.ArraySource(x))
+  one_groups, _ = tcn.train_students('C4 MP F D8r', stream, feats, 3, **kw)
+  with mesh_lib.use(mesh_lib.make_mesh(data=2, students=2)):
+    mesh_groups, _ = tcn.train_students('C4 MP F D8r', stream, feats, 3, **kw)
+  out['stream_students3'] = _max_diff([g.variables for g in one_groups],
+                                      [g.variables for g in mesh_groups])
   with open(os.path.join(out_dir, 'results.json'), 'w') as f:
     json.dump(out, f)
 
@@ -120,6 +128,7 @@ def test_mesh_equals_one_device_on_four_devices(tmp_path):
   assert out['teacher_acc'][0] == out['teacher_acc'][1], out
   for n in ('3',):
     assert out[f'students{n}'] < 1e-6 and out[f'students{n}_val'] < 1e-6, out
+  assert out['stream_students3'] < 1e-6, out
 
 
 def test_mesh_shape_from_devices():
