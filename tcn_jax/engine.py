@@ -398,22 +398,47 @@ class MeshLayout:
     return jax.tree_util.tree_map(lambda t: one(np.asarray(t)), targets)
 
 
-  def fed(self, xs, ts):
+  def process_rows(self, batch_size: int) -> tuple[int, int]:
+    """(start, stop): the rows of every global batch that this process's
+    devices hold (all of them where the batch is not split over the
+    processes), so that a stream reads only those."""
+    index = self.sharding(self.batch_axes).addressable_devices_indices_map(
+        (batch_size,))
+    rows = set()
+    for (s,) in index.values():
+      rows.update(range(*s.indices(batch_size)))
+    start, stop = min(rows), max(rows) + 1
+    if len(rows) != stop - start:   # Not one block: read every row.
+      return 0, batch_size
+    return start, stop
+
+  def fed(self, xs, ts, rows=None, batch_size=None):
     """Host batches as global arrays: xs (steps, batch, ...) over the
     batch axes; ts, a pytree of (steps, members, batch, ...), members
-    padded (copies of member 0) and split over `member_axis`. One process:
-    every row is here."""
+    padded (copies of member 0) and split over `member_axis`. xs and ts
+    hold the rows `rows` = (start, stop) of global batches of `batch_size`
+    (default: every row, one process): each process feeds only its own."""
+    start = rows[0] if rows else 0
+    size = batch_size or np.shape(xs)[1]
+
+    def local(index, axis):   # A device's block, in this process's rows.
+      s = index[axis].indices(size)
+      return index[:axis] + (slice(s[0] - start, s[1] - start),) + index[
+          axis + 1:]
+
     def one(t):
       t = np.asarray(t)
       if t.shape[1] < self.padded:
         t = np.concatenate([t, np.repeat(t[:, :1], self.padded - t.shape[1],
                                          1)], 1)
+      shape = t.shape[:2] + (size,) + t.shape[3:]
       return mesh_lib.feed(self.mesh, P(None, self.member_axis,
-                                        self.batch_axes), t.shape,
-                           lambda index: t[index])
+                                        self.batch_axes), shape,
+                           lambda index: t[local(index, 2)])
     xs = np.asarray(xs)
-    return (mesh_lib.feed(self.mesh, P(None, self.batch_axes), xs.shape,
-                          lambda index: xs[index]),
+    return (mesh_lib.feed(self.mesh, P(None, self.batch_axes),
+                          xs.shape[:1] + (size,) + xs.shape[2:],
+                          lambda index: xs[local(index, 1)]),
             jax.tree_util.tree_map(one, ts))
 
 
@@ -536,16 +561,19 @@ def make_chunk_fn(member_step, num_members: int, strategy: str,
   numpy, the steps being the epoch's offset, offset + 1, ... (their keys
   too), so chunks of an epoch give the in-memory epoch's numbers. Runs
   asynchronously: the metrics are device arrays (read them to wait). With
-  a `mesh` of several devices: `_mesh_runner`'s program (one process);
-  'sharded' on one process's devices runs as vmap. target_fn: see
-  `_batches_body`."""
+  a `mesh` of several devices: `_mesh_runner`'s program, and chunk takes
+  `rows`, `batch_size`: the rows of the global batches xs holds, with
+  several processes (`MeshLayout.fed`); 'sharded' on one process's devices
+  runs as vmap. target_fn: see `_batches_body`."""
   strategy = resolve_strategy(strategy)
   if mesh is not None and mesh.size > 1:
     run = _mesh_runner(member_step, num_members, strategy, mesh, target_fn)
 
-    def mesh_chunk(state, xs, ts, keys, epoch, offset, context):
-      return run(state, lambda layout: layout.fed(xs, ts), xs.shape[1], keys,
-                 epoch, offset, context, host_metrics=False)
+    def mesh_chunk(state, xs, ts, keys, epoch, offset, context, rows=None,
+                   batch_size=None):
+      size = batch_size or xs.shape[1]
+      return run(state, lambda layout: layout.fed(xs, ts, rows, size), size,
+                 keys, epoch, offset, context, host_metrics=False)
 
     return mesh_chunk
   if strategy == 'sharded':

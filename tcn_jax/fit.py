@@ -140,10 +140,6 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
     if target_fn is not None and not isinstance(x, input_pipeline.Stream):
       x = input_pipeline.Stream(input_pipeline.ArraySource(x))
     if isinstance(x, input_pipeline.Stream):
-      if mesh and jax.process_count() > 1:
-        raise TCNError(f'{name}: streamed input on a mesh runs in one '
-                       'process; with several processes set '
-                       'config.mesh.data=1 and config.mesh.students=1')
       return streaming.fit_group(
           stage_dir, name=name, member_step=member_step, state=state,
           predict=predict, x=x, targets=targets, ids=ids, epochs=epochs,

@@ -8,8 +8,9 @@ scan, the in-memory epoch's body with a step offset (`engine.make_chunk_fn`):
 same batch order, same per-step keys, so both paths train the same model.
 A chunk is dispatched asynchronously; the previous chunk's metrics are read
 and the next chunk collected while it runs. On a mesh of several devices
-(one process) chunks are fed through `engine.MeshLayout`: batches over
-'data', members over 'students'. Targets (teacher features, labels) stay on
+chunks are fed through `engine.MeshLayout`: batches over 'data', members
+over 'students'; with several processes each reads (decodes) and feeds only
+its own devices' rows of every batch (`MeshLayout.process_rows`). Targets (teacher features, labels) stay on
 the host, indexed by the rows of the chunk (a memory-mapped `.npy` pages in
 only those rows), or are computed inside the program from each batch
 (`target_fn`, e.g. the frozen teacher's features of the augmented images:
@@ -29,7 +30,6 @@ from typing import Any, Callable
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tcn_jax import checkpoint
@@ -152,23 +152,34 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets,
     apply = engine.make_apply_fn(predict, n, strategy, mesh)
     keys = engine.member_keys(seed, ids)
     steps = len(x) // batch_size
+    feed, process = {}, None
+    if mesh and jax.process_count() > 1:   # Read only this process's rows.
+      rows = layout.process_rows(batch_size)
+      size = rows[1] - rows[0]
+      if rows[0] % size or batch_size % size:
+        rows = (0, batch_size)
+      feed = {'rows': rows, 'batch_size': batch_size}
+      process = (rows[0] // (rows[1] - rows[0]),
+                 batch_size // (rows[1] - rows[0]))
     k = chunk_steps(batch_size * int(np.prod(x.shape[1:])) * 4)
     progress = metrics.Progress(name, epochs, start)
     for epoch in range(start, epochs):
       t0 = time.time()
-      batches = x.batches(seed, epoch, batch_size, train=True, state=it_state)
+      batches = x.batches(seed, epoch, batch_size, train=True, state=it_state,
+                          process=process)
       collected = {key: list(v) for key, v in done.items()}
       pending = None   # The last chunk's metrics, still being computed.
 
       def collect(m):
         for key, v in m.items():
-          collected.setdefault(key, []).extend(np.asarray(v))
+          collected.setdefault(key, []).extend(mesh_lib.to_host(v))
 
       for first, chunk in _chunks(batches, step0, steps, k, every):
         xs = np.stack([b['image'] for b in chunk])
         index = np.stack([b['index'] for b in chunk])
         ts = _take(targets, index) if targets else {}
-        state, m = chunk_fn(state, xs, ts, keys, epoch, first, context)
+        state, m = chunk_fn(state, xs, ts, keys, epoch, first, context,
+                            **feed)
         if pending is not None:   # Read while this chunk runs.
           collect(pending)
         pending = m

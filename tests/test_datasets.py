@@ -17,13 +17,16 @@ from tcn_jax import pipeline
 from tcn_jax.errors import TCNError
 
 CONFIGS = ['mnist', 'cifar10', 'imdb', 'imagenet']
+KD_CONFIGS = ('mnist', 'imdb')   # Images and token ids.
 
 
 def _config(name, preset):
   config = importlib.import_module(name).get_config(preset)
   config.num_students = 2
   config.data.train_size, config.data.test_size = 200, 100
-  config.kd.enabled = config.kdgan.enabled = True
+  # The KD baselines' code is the same for every dataset: two suffice (the
+  # ResNets' compiles make the others slow).
+  config.kd.enabled = config.kdgan.enabled = name in KD_CONFIGS
   config.teacher.epochs, config.students.epochs = 1, 2
   config.head.epochs, config.kd.epochs, config.kdgan.epochs = 1, 1, 1
   if name == 'mnist':   # Its smoke preset keeps the paper's (slow) nets.
@@ -55,8 +58,12 @@ def test_every_stage_on_mock_data(name, tmp_path):
   if name == 'cifar10':   # Its GAN smoke students have BatchNorm.
     _, tcn = assemble.load_tcn(os.path.join(gan_dir, 'tcn'))
     assert all('batch_stats' in g.variables for g in tcn.groups)
-  assert gan['kd'] is None and 0.0 <= ff['kd']['test_acc'] <= 1.0
-  assert 0.0 <= ff['kdgan']['test_acc'] <= 1.0
+  assert gan['kd'] is None
+  if name in KD_CONFIGS:
+    assert 0.0 <= ff['kd']['test_acc'] <= 1.0
+    assert 0.0 <= ff['kdgan']['test_acc'] <= 1.0
+  else:
+    assert ff['kd'] is None and ff['kdgan'] is None
   for r in (ff, gan):
     assert len(r['student_val_mse']) == 2
     assert all(np.isfinite(m) for m in r['student_val_mse'])

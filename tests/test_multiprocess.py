@@ -49,7 +49,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch(workdir, die=False, timeout=300):
+def _launch(workdir, die=False, timeout=300, flags=None):
   """Runs the two processes; returns [(returncode, log)]. With `die`,
   process 1 kills itself in the students stage and process 0, left waiting
   in a collective, is killed too."""
@@ -59,7 +59,7 @@ def _launch(workdir, die=False, timeout=300):
     head = ([sys.executable, '-c', _DIE_AFTER_STUDENTS_EPOCH_1]
             if die and k == 1 else [sys.executable, '-m', 'tcn_jax.main'])
     procs.append(subprocess.Popen(
-        head + FLAGS + [f'--workdir={workdir}',
+        head + (flags or FLAGS) + [f'--workdir={workdir}',
                         '--config.distributed.num_processes=2',
                         f'--config.distributed.process_id={k}',
                         f'--config.distributed.coordinator=localhost:{port}'],
@@ -140,6 +140,38 @@ def test_killed_process_resumes_from_multihost_checkpoint(two_processes,
   # The resumed run ends bitwise where the uninterrupted one did.
   assert (_results(workdir)['digests'] ==
           _results(two_processes)['digests'])
+
+
+def test_two_processes_stream_their_own_rows(tmp_path):
+  """A streamed image folder on a mesh whose 'data' axis spans the two
+  processes (each decodes and feeds only its half of every batch) trains
+  what one process trains."""
+  from test_resume import _image_folder   # pylint: disable=g-import-not-at-top
+  _image_folder(str(tmp_path / 'images'))
+  flags = [f'--config={os.path.join(ROOT, "configs/image_folder.py:smoke")}',
+           f'--config.data.dir={tmp_path / "images"}',
+           '--config.data.streaming=always', '--config.data.val_fraction=0.1',
+           '--config.num_students=2', '--config.teacher.body=C4 MP F D16r',
+           '--config.students.arch=C4 MP F D8r', '--config.teacher.epochs=1',
+           '--config.students.epochs=1', '--config.head.epochs=1',
+           *(f'--config.{s}.batch_size=4'
+             for s in ('teacher', 'students', 'head'))]
+  one = str(tmp_path / 'one')
+  run = subprocess.run([sys.executable, '-m', 'tcn_jax.main',
+                        f'--workdir={one}', *flags], cwd=ROOT, text=True,
+                       capture_output=True, env=dict(os.environ,
+                                                     JAX_PLATFORMS='cpu'))
+  assert run.returncode == 0, run.stderr[-3000:]
+  two = str(tmp_path / 'two')
+  for rc, log in _launch(two, flags=flags + ['--config.mesh.data=2',
+                                             '--config.mesh.students=1']):
+    assert rc == 0, log[-3000:]
+  assert _results(two)['mesh']['data'] == 2
+  # Gradients summed over two processes: equal to float32 rounding.
+  for a, b in zip(_variables(two), _variables(one)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  for key in ('teacher_test_acc', 'tcn_test_acc_after_finetune'):
+    assert _results(two)[key] == _results(one)[key], key
 
 
 @pytest.mark.parametrize('section,field', [
