@@ -4,12 +4,12 @@ student (n=1) or two ResNet-9 students (n=2).
 The feature is the ResNet-50's 2048-d pooled output (there is no 256-d dense
 layer in a ResNet); students regress 2048/n-wide chunks. Images are resized
 (shorter side) and centre-cropped to data.image_size. The data pipeline holds
-whole splits in memory, so full ImageNet does not fit: use data.train_size
-subsets, or feed your own arrays through the functional API. TFDS needs the
-manual download (see the error message). With --config.data.layout=folder
-and --config.data.dir=DIR an ILSVRC-layout folder (train/<wnid>/*.JPEG,
-val/<wnid>/*.JPEG) is read instead, streamed through Grain when it does not
-fit in memory. Presets: ':smoke', ':gan'.
+whole TFDS splits in memory, so full ImageNet does not fit there: use
+data.train_size subsets. TFDS needs the manual download (see the error
+message). With --config.data.layout=folder and --config.data.dir=DIR an
+ILSVRC-layout folder (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG) is read
+instead, streamed through Grain when it is larger than data.memory_limit_mb
+(or always, with data.streaming='always'). Presets: ':smoke', ':gan'.
 
 The teacher is keras.applications.ResNet50 layer for layer (its stem, the
 stride in each block's first 1x1 convolution, BatchNorm epsilon 1.001e-5), so
@@ -55,7 +55,8 @@ def get_config(preset: str = ''):
   # layout='folder': data.dir is an ILSVRC-layout folder (train/<wnid>/
   # *.JPEG, val/<wnid>/*.JPEG) read through tcn_jax.input_pipeline, streamed
   # when it does not fit (configs/image_folder.py says how).
-  c.data.update(dict(layout='', augment='', workers=0,
+  c.data.update(dict(layout='', augment='', streaming='auto',
+                     memory_limit_mb=1024, workers=0,
                      checkpoint_every_steps=0))
   t = c.teacher
   t.body, t.head_dropout = RESNET50, 0.0
