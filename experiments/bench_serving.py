@@ -168,6 +168,9 @@ def main():
   ap.add_argument('--rounds', type=int, default=8)
   ap.add_argument('--calls', default='20,2',
                   help='calls per model and path per round at batch 1, 256')
+  ap.add_argument('--suffix', default='',
+                  help='results file suffix, e.g. for a run under other '
+                  'XLA_FLAGS (recorded in the results)')
   args = ap.parse_args()
   calls = dict(zip(BATCHES, (int(c) for c in args.calls.split(','))))
   ds = tcn_jax.load_dataset('fashion_mnist')
@@ -206,7 +209,8 @@ def main():
                       paper_table5_fmnist_s=paper.TABLE5,
                       loadavg_end=bs.loadavg())
   bs.write_results(os.path.join(bs.RESULTS,
-                                f'bench_serving_{meta["backend"]}'),
+                                f'bench_serving_{meta["backend"]}'
+                                + (f'_{args.suffix}' if args.suffix else '')),
                    {'meta': meta, 'results': {str(b): r for b, r in
                                               results.items()}},
                    markdown(meta, results, rows, args, calls))
@@ -223,7 +227,9 @@ def markdown(meta, results, rows, args, calls):
            f'Device: {meta["device"]} ({meta["cpu_count"]} cores, shared; '
            f'load average {meta["loadavg_end"]} at the end, per round in '
            f'the JSON); jax {meta["jax"]}, onnxruntime '
-           f'{meta["onnxruntime"]}. Randomly initialised weights (latency '
+           f'{meta["onnxruntime"]}'
+           + (f'; XLA_FLAGS=`{meta["xla_flags"]}`' if meta['xla_flags']
+              else '') + '. Randomly initialised weights (latency '
            'does not depend on their values), real test images. Median of '
            f'{args.rounds} interleaved rounds x {calls[1]} (batch 1) / '
            f'{calls[256]} (batch 256) calls. `jit im2col`: the im2col '
