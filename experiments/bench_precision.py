@@ -31,7 +31,6 @@ import tcn_jax
 from experiments import bench_students as bs
 from experiments import common
 from tcn_jax import chunking
-from tcn_jax import engine
 from tcn_jax import losses
 from tcn_jax import models
 

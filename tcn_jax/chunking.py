@@ -19,13 +19,14 @@ block and the features are encoded block by block into another memory map.
 A new method is one `fit` function registered in `CHUNKINGS`.
 """
 import dataclasses
-import mmap
 import os
 import tempfile
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+
+from tcn_jax import input_pipeline
 
 from tcn_jax.errors import TCNError
 from tcn_jax.registry import Registry
@@ -172,15 +173,6 @@ def _blocks(features):
           for a in range(0, len(features), step)]
 
 
-def _drop_pages(a):
-  """Drops the pages of memory map `a` from this process (the OS's file
-  cache keeps them), so resident memory does not grow with the file."""
-  while a is not None and getattr(a, '_mmap', None) is None:
-    a = getattr(a, 'base', None)
-  if a is not None and hasattr(mmap, 'MADV_DONTNEED'):
-    a._mmap.madvise(mmap.MADV_DONTNEED)  # pylint: disable=protected-access
-
-
 def fit_pca_blocks(features) -> dict:
   """`fit_pca` of (N, D) features read block by block (a memory map): the
   mean and the covariance accumulated in float64 over row blocks, its
@@ -190,13 +182,13 @@ def fit_pca_blocks(features) -> dict:
   total = np.zeros(d, np.float64)
   for rows in _blocks(features):
     total += np.asarray(features[rows], np.float64).sum(0)
-    _drop_pages(features)
+    input_pipeline.drop_pages(features)
   mean = total / max(n, 1)
   cov = np.zeros((d, d), np.float64)
   for rows in _blocks(features):
     x = np.asarray(features[rows], np.float64) - mean
     cov += x.T @ x
-    _drop_pages(features)
+    input_pipeline.drop_pages(features)
   variance, vectors = np.linalg.eigh(cov / max(n - 1, 1))
   order = np.argsort(-variance, kind='stable')
   return {'mean': mean.astype(np.float32),
@@ -214,9 +206,9 @@ def encode_blocks(features, basis: dict) -> np.memmap:
                   shape=(len(features), matrix.shape[0]))
   for rows in _blocks(features):
     out[rows] = (np.asarray(features[rows]) - mean) @ matrix.T
-    _drop_pages(features)
+    input_pipeline.drop_pages(features)
   out.flush()
-  _drop_pages(out)
+  input_pipeline.drop_pages(out)
   return out
 
 

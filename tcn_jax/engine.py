@@ -397,7 +397,6 @@ class MeshLayout:
           (order.shape[0], self.padded, order.shape[1]) + t.shape[2:], get)
     return jax.tree_util.tree_map(lambda t: one(np.asarray(t)), targets)
 
-
   def process_rows(self, batch_size: int) -> tuple[int, int]:
     """(start, stop): the rows of every global batch that this process's
     devices hold (all of them where the batch is not split over the

@@ -15,7 +15,6 @@ from absl import logging
 import jax
 import numpy as np
 
-
 from tcn_jax import assemble
 from tcn_jax import checkpoint
 from tcn_jax import engine

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import io
 import math
+import mmap
 import os
 
 import grain
@@ -34,6 +35,15 @@ from tcn_jax.errors import TCNError
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 # Inception-style random-resized crop: area fraction and aspect ratio.
 CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
+
+
+def drop_pages(a):
+  """Drops the pages of memory map `a` from this process (the OS's file
+  cache keeps them), so resident memory does not grow with the file."""
+  while a is not None and getattr(a, '_mmap', None) is None:
+    a = getattr(a, 'base', None)
+  if a is not None and hasattr(mmap, 'MADV_DONTNEED'):
+    a._mmap.madvise(mmap.MADV_DONTNEED)  # pylint: disable=protected-access
 
 
 class ArraySource:

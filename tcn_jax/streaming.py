@@ -10,11 +10,11 @@ A chunk is dispatched asynchronously; the previous chunk's metrics are read
 and the next chunk collected while it runs. On a mesh of several devices
 chunks are fed through `engine.MeshLayout`: batches over 'data', members
 over 'students'; with several processes each reads (decodes) and feeds only
-its own devices' rows of every batch (`MeshLayout.process_rows`). Targets (teacher features, labels) stay on
-the host, indexed by the rows of the chunk (a memory-mapped `.npy` pages in
-only those rows), or are computed inside the program from each batch
-(`target_fn`, e.g. the frozen teacher's features of the augmented images:
-online features).
+its own devices' rows of every batch (`MeshLayout.process_rows`). Targets
+(teacher features, labels) stay on the host, indexed by the rows of the
+chunk (a memory-mapped `.npy` pages in only those rows), or are computed
+inside the program from each batch (`target_fn`, e.g. the frozen teacher's
+features of the augmented images: online features).
 
 Checkpoints: after every epoch, as the in-memory path, and with the
 stream's `checkpoint_every_steps` = K also every K steps into
@@ -23,7 +23,6 @@ the epoch's metrics so far, so a stop loses at most K steps and the
 resumed run equals an uninterrupted one bitwise.
 """
 import dataclasses
-import mmap
 import os
 import time
 from typing import Any, Callable
@@ -34,6 +33,7 @@ import numpy as np
 
 from tcn_jax import checkpoint
 from tcn_jax import engine
+from tcn_jax import input_pipeline
 from tcn_jax import mesh as mesh_lib
 from tcn_jax import metrics
 
@@ -76,10 +76,7 @@ class StackedRows:
     self._reads += 1
     if self._reads % self.RELEASE_EVERY == 0:
       for p in self.parts:
-        while p is not None and getattr(p, '_mmap', None) is None:
-          p = getattr(p, 'base', None)
-        if p is not None and hasattr(mmap, 'MADV_DONTNEED'):
-          p._mmap.madvise(mmap.MADV_DONTNEED)  # pylint: disable=protected-access
+        input_pipeline.drop_pages(p)
     return rows
 
 
@@ -155,12 +152,11 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets,
     feed, process = {}, None
     if mesh and jax.process_count() > 1:   # Read only this process's rows.
       rows = layout.process_rows(batch_size)
+      if rows[0] % (rows[1] - rows[0]) or batch_size % (rows[1] - rows[0]):
+        rows = (0, batch_size)   # Not one of equal blocks: read every row.
       size = rows[1] - rows[0]
-      if rows[0] % size or batch_size % size:
-        rows = (0, batch_size)
       feed = {'rows': rows, 'batch_size': batch_size}
-      process = (rows[0] // (rows[1] - rows[0]),
-                 batch_size // (rows[1] - rows[0]))
+      process = (rows[0] // size, batch_size // size)
     k = chunk_steps(batch_size * int(np.prod(x.shape[1:])) * 4)
     progress = metrics.Progress(name, epochs, start)
     for epoch in range(start, epochs):

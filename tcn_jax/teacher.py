@@ -14,10 +14,10 @@ from tcn_jax import checkpoint
 from tcn_jax import engine
 from tcn_jax import fit
 from tcn_jax import inputs
-from tcn_jax import layers
-from tcn_jax import mesh as mesh_lib
 from tcn_jax import keras_convert
+from tcn_jax import layers
 from tcn_jax import losses
+from tcn_jax import mesh as mesh_lib
 from tcn_jax import metrics
 from tcn_jax import models
 from tcn_jax import record
