@@ -1,6 +1,7 @@
 """Two local `jax.distributed` CPU processes (Gloo) running one program over
-a global ('data', 'students') mesh equal one process; a process killed in
-the students stage resumes from the multi-host Orbax checkpoints."""
+a global ('data', 'students') mesh equal one process, in memory and
+streamed (each process reading its own rows); a process killed inside a
+streamed students epoch resumes from the multi-host Orbax step checkpoint."""
 import json
 import os
 import socket
@@ -27,15 +28,27 @@ from tcn_jax.errors import TCNError
 FLAGS = [f'--config={SMOKE}', *TINY_FLAGS, '--config.mesh.data=1',
          '--config.mesh.students=2']
 
-# Process 1 of the killed run: SIGKILLs itself once its shard of the
-# students' epoch 1 is in the checkpoint.
-_DIE_AFTER_STUDENTS_EPOCH_1 = '''
+# The streamed runs: an image folder read through Grain, the 'data' axis
+# over the two processes (each decodes only its half of every batch), a step
+# checkpoint every 3 steps.
+STREAMED = ['--config.data.streaming=always', '--config.data.val_fraction=0.1',
+            '--config.data.checkpoint_every_steps=3',
+            '--config.num_students=2', '--config.teacher.body=C4 MP F D16r',
+            '--config.students.arch=C4 MP F D8r', '--config.teacher.epochs=1',
+            '--config.students.epochs=1', '--config.head.epochs=1',
+            *(f'--config.{s}.batch_size=4'
+              for s in ('teacher', 'students', 'head'))]
+DATA2 = ['--config.mesh.data=2', '--config.mesh.students=1']
+
+# Process 1 of the killed run: SIGKILLs itself once the students' first step
+# checkpoint (inside epoch 1) is written.
+_DIE_IN_STUDENTS_EPOCH_1 = '''
 import os, runpy, signal, sys
 from tcn_jax import checkpoint
 save = checkpoint.StageCheckpoint.save
 def save_then_die(self, epoch, state, record):
   save(self, epoch, state, record)
-  if '/students/' in self.directory and epoch == 1:
+  if '/students/' in self.directory and self.directory.endswith('steps'):
     os.kill(os.getpid(), signal.SIGKILL)
 checkpoint.StageCheckpoint.save = save_then_die
 sys.argv = ['tcn_jax.main'] + sys.argv[1:]
@@ -56,7 +69,7 @@ def _launch(workdir, die=False, timeout=300, flags=None):
   port = _free_port()
   procs = []
   for k in range(2):
-    head = ([sys.executable, '-c', _DIE_AFTER_STUDENTS_EPOCH_1]
+    head = ([sys.executable, '-c', _DIE_IN_STUDENTS_EPOCH_1]
             if die and k == 1 else [sys.executable, '-m', 'tcn_jax.main'])
     procs.append(subprocess.Popen(
         head + (flags or FLAGS) + [f'--workdir={workdir}',
@@ -125,53 +138,53 @@ def test_two_processes_equal_one(two_processes, tmp_path):
                              rtol=1e-5)
 
 
-@needs_fmnist
-def test_killed_process_resumes_from_multihost_checkpoint(two_processes,
-                                                          tmp_path):
-  workdir = str(tmp_path / 'run')
-  (rc0, _), (rc1, log1) = _launch(workdir, die=True)
-  assert (rc0, rc1) == (-9, -9), log1[-3000:]
-  assert not os.path.exists(os.path.join(workdir, 'results.json'))
-  outs = _launch(workdir)
-  for rc, log in outs:
-    assert rc == 0, log[-3000:]
-    assert '[teacher] resuming after epoch 2/2' in log   # Finished.
-    assert '[students[0]] resuming after epoch 1/2' in log, log[-3000:]
-  # The resumed run ends bitwise where the uninterrupted one did.
-  assert (_results(workdir)['digests'] ==
-          _results(two_processes)['digests'])
-
-
-def test_two_processes_stream_their_own_rows(tmp_path):
-  """A streamed image folder on a mesh whose 'data' axis spans the two
-  processes (each decodes and feeds only its half of every batch) trains
-  what one process trains."""
+@pytest.fixture(scope='module')
+def streamed(tmp_path_factory):
+  """(flags, one-process workdir, two-process workdir) of a streamed run."""
   from test_resume import _image_folder   # pylint: disable=g-import-not-at-top
-  _image_folder(str(tmp_path / 'images'))
+  root = tmp_path_factory.mktemp('streamed')
+  _image_folder(str(root / 'images'))
   flags = [f'--config={os.path.join(ROOT, "configs/image_folder.py:smoke")}',
-           f'--config.data.dir={tmp_path / "images"}',
-           '--config.data.streaming=always', '--config.data.val_fraction=0.1',
-           '--config.num_students=2', '--config.teacher.body=C4 MP F D16r',
-           '--config.students.arch=C4 MP F D8r', '--config.teacher.epochs=1',
-           '--config.students.epochs=1', '--config.head.epochs=1',
-           *(f'--config.{s}.batch_size=4'
-             for s in ('teacher', 'students', 'head'))]
-  one = str(tmp_path / 'one')
+           f'--config.data.dir={root / "images"}', *STREAMED]
+  one, two = str(root / 'one'), str(root / 'two')
   run = subprocess.run([sys.executable, '-m', 'tcn_jax.main',
                         f'--workdir={one}', *flags], cwd=ROOT, text=True,
                        capture_output=True, env=dict(os.environ,
                                                      JAX_PLATFORMS='cpu'))
   assert run.returncode == 0, run.stderr[-3000:]
-  two = str(tmp_path / 'two')
-  for rc, log in _launch(two, flags=flags + ['--config.mesh.data=2',
-                                             '--config.mesh.students=1']):
+  for rc, log in _launch(two, flags=flags + DATA2):
     assert rc == 0, log[-3000:]
+  return flags, one, two
+
+
+def test_two_processes_stream_their_own_rows(streamed):
+  """A streamed image folder on a mesh whose 'data' axis spans the two
+  processes (each decodes and feeds only its half of every batch) trains
+  what one process trains."""
+  _, one, two = streamed
   assert _results(two)['mesh']['data'] == 2
   # Gradients summed over two processes: equal to float32 rounding.
   for a, b in zip(_variables(two), _variables(one)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
   for key in ('teacher_test_acc', 'tcn_test_acc_after_finetune'):
     assert _results(two)[key] == _results(one)[key], key
+
+
+def test_killed_process_resumes_from_multihost_checkpoint(streamed, tmp_path):
+  """SIGKILL of one process inside the students' streamed epoch: the rerun
+  of both resumes at the multi-host step checkpoint (state and iterator
+  position) and ends bitwise where the uninterrupted run did."""
+  flags, _, two = streamed
+  workdir = str(tmp_path / 'run')
+  (rc0, _), (rc1, log1) = _launch(workdir, die=True, flags=flags + DATA2)
+  assert (rc0, rc1) == (-9, -9), log1[-3000:]
+  assert not os.path.exists(os.path.join(workdir, 'results.json'))
+  outs = _launch(workdir, flags=flags + DATA2)
+  for rc, log in outs:
+    assert rc == 0, log[-3000:]
+    assert '[teacher] resuming after epoch 1/1' in log   # Finished.
+    assert '[students[0]] resuming epoch 1 at step 3' in log, log[-3000:]
+  assert _results(workdir)['digests'] == _results(two)['digests']
 
 
 @pytest.mark.parametrize('section,field', [
