@@ -61,8 +61,8 @@ def _student_group(jax, ids, x):
 
 def _time_epochs(jax, epoch_fn, state, x, targets, keys, steps, repeats):
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from tcn_jax import engine  # pylint: disable=g-import-not-at-top
-  order = engine.batch_order(0, 0, steps * BATCH, BATCH)
+  from tcn_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  order = input_pipeline.batch_order(0, 0, steps * BATCH, BATCH)
   state, m = epoch_fn(state, x, targets, order, keys, 0)
   jax.block_until_ready(m)
   times = []

@@ -149,7 +149,7 @@ def consumption(steps):
   2 students, batch 128, on device arrays: no input cost)."""
   import jax
   import jax.numpy as jnp
-  from tcn_jax import engine, fit, losses
+  from tcn_jax import engine, fit, input_pipeline, losses
   from tcn_jax import assemble
   groups = assemble.group_students([STUDENT] * N_STUDENTS,
                                    [FEATURE_DIM // N_STUDENTS] * N_STUDENTS,

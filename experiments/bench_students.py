@@ -57,6 +57,7 @@ import tcn_jax
 from tcn_jax import chunking
 from tcn_jax import engine
 from tcn_jax import fit
+from tcn_jax import input_pipeline
 from tcn_jax import layers
 from tcn_jax import losses
 from tcn_jax import models
@@ -186,7 +187,7 @@ class Group:
     return self.loss(pred, tb)
 
   def order(self, steps):
-    return engine.batch_order(0, self.epoch, len(self.x), self.batch)[:steps]
+    return input_pipeline.batch_order(0, self.epoch, len(self.x), self.batch)[:steps]
 
   def run(self):
     self.params, self.opt_state, loss = self.epoch_fn(

@@ -8,6 +8,7 @@ import numpy as np
 from tcn_jax import checkpoint
 from tcn_jax import engine
 from tcn_jax import fit
+from tcn_jax import input_pipeline
 from tcn_jax import kdgan as kdgan_lib
 from tcn_jax import losses
 from tcn_jax import mesh as mesh_lib
@@ -110,7 +111,7 @@ def run_stage(run: record.Run, stage: str, teacher: record.Teacher,
       < c[stage].epochs):
     predict_teacher = mesh_lib.forward(teacher.model.apply,
                                        teacher.variables)
-    logits = engine.batched(predict_teacher, ds.train.x, c.eval_batch_size)
+    logits = input_pipeline.batched(predict_teacher, ds.train.x, c.eval_batch_size)
   common = dict(epochs=c[stage].epochs, temperature=k.temperature,
                 alpha=k.alpha, batch_size=k.batch_size, optimizer=k.optimizer,
                 learning_rate=k.learning_rate, seed=c.seed,

@@ -79,16 +79,6 @@ def init_group(init_fn, seed: int, ids):
   return stack([init_fn(jax.random.fold_in(k, 0)) for k in keys])
 
 
-def batch_order(seed: int, epoch: int, n: int, batch_size: int) -> np.ndarray:
-  """The epoch's shuffled batches (steps, batch) of indices; drops the tail."""
-  steps = n // batch_size
-  if steps == 0:
-    raise TCNError(f'batch size {batch_size} is larger than the {n} '
-                   'training examples')
-  perm = np.random.default_rng([seed, epoch]).permutation(n)
-  return perm[:steps * batch_size].reshape(steps, batch_size).astype(np.int32)
-
-
 def gradient_step(loss_fn, tx: optax.GradientTransformation):
   """A member step for `make_group_epoch`: one optimizer step on loss_fn.
 
@@ -619,21 +609,3 @@ def _mesh_apply(apply_fn, num_members, mesh, vmapped):
     return out[:num_members, :len(x)]
 
   return apply
-
-
-def batched(fn, x: np.ndarray, batch_size: int = 1000, axis: int = 0):
-  """Applies jitted `fn` over `x` in fixed-size batches (last one padded);
-  x is an array or a streamed split (`input_pipeline.Stream`, read in
-  order through Grain)."""
-  outs = []
-  if hasattr(x, 'in_order'):   # A Stream (not imported: it imports engine).
-    batches = (b['image'] for b in x.in_order(batch_size))
-  else:
-    batches = (x[s:s + batch_size] for s in range(0, len(x), batch_size))
-  for xb in batches:
-    pad = batch_size - len(xb)
-    if pad:
-      xb = np.concatenate([xb, np.repeat(xb[-1:], pad, 0)])
-    out = np.asarray(fn(xb))
-    outs.append(np.take(out, np.arange(batch_size - pad), axis=axis))
-  return np.concatenate(outs, axis=axis)

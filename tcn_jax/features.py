@@ -16,6 +16,7 @@ import numpy as np
 from tcn_jax import checkpoint
 from tcn_jax import data as data_lib
 from tcn_jax import engine
+from tcn_jax import input_pipeline
 from tcn_jax import inputs
 from tcn_jax import layers
 from tcn_jax import models
@@ -46,7 +47,7 @@ def teacher_features(teacher, variables, x,
   fn = jax.jit(lambda xb: teacher.apply(variables, xb,
                                         method=teacher.features))
   if hasattr(x, 'in_order'):   # Streams are read (and checked) in batches.
-    return engine.batched(fn, x, batch_size)
+    return input_pipeline.batched(fn, x, batch_size)
   x = inputs.batch('teacher_features', 'x', x,
                    spec=getattr(teacher, 'body', None))
   inputs.fits('teacher_features', 'x', x, fn)
@@ -55,7 +56,7 @@ def teacher_features(teacher, variables, x,
     apply = mesh_lib.data_parallel(
         lambda v, xb: teacher.apply(v, xb, method=teacher.features), mesh)
     fn = lambda xb: apply(variables, xb)  # pylint: disable=unnecessary-lambda-assignment
-  return engine.batched(fn, np.asarray(x), batch_size)
+  return input_pipeline.batched(fn, np.asarray(x), batch_size)
 
 
 def choose_mode(run: record.Run) -> tuple[str, str]:

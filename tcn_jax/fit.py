@@ -159,7 +159,7 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
     for epoch in range(start, epochs):
       with checkpoint.signals_deferred():   # A stop waits for epoch + save.
         t0 = time.time()
-        order = engine.batch_order(seed, epoch, len(x), batch_size)
+        order = input_pipeline.batch_order(seed, epoch, len(x), batch_size)
         state, step_metrics = epoch_fn(state, x_dev, t_dev, order, keys, epoch)
         step_metrics = {k: np.asarray(v) for k, v in step_metrics.items()}
         record, losses = metrics.epoch_record(

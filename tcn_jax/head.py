@@ -75,7 +75,7 @@ def finetune_head(tcn, ds, *, epochs, batch_size=128, optimizer='adam',
   # data-parallel; on one device the plain jitted programs.
   student_outputs = mesh_lib.forward(outputs, students,
                                      lambda xb: outputs(students, xb))
-  feats = {s: engine.batched(student_outputs, getattr(ds, s).x,
+  feats = {s: input_pipeline.batched(student_outputs, getattr(ds, s).x,
                              eval_batch_size)
            for s in splits if s != 'train' or not streamed}
   with contextlib.ExitStack() as stack:
@@ -127,7 +127,7 @@ def _train(tcn, ds, feats, stage_dir, *, epochs, batch_size, optimizer,
            learning_rate, seed, eval_batch_size, writer):
   """Tests, fine-tunes and tests the head on the students' outputs."""
   head = assemble.tcn_head(tcn)
-  logits = lambda v, f: engine.batched(
+  logits = lambda v, f: input_pipeline.batched(
       mesh_lib.forward(head.apply, v), f, eval_batch_size)
   test_acc = lambda v: metrics.accuracy(logits(v, feats['test']), ds.test.y)
   before = test_acc(tcn.head_variables)

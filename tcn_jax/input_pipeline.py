@@ -9,7 +9,7 @@ split, and a `Transform` (decode, resize + centre crop; random-resized crop
 and flip for training). It behaves like the (N, H, W, C) float32 array the
 in-memory path uses where a stage only needs a few rows (`len`, `shape`,
 `x[a:b]`), and `Stream.batches` gives one epoch's training batches through
-Grain: the batch order is `engine.batch_order(seed, epoch)`, the same
+Grain: the batch order is `batch_order(seed, epoch)`, the same
 batches as the in-memory path; augmentation draws from a seed of (seed,
 epoch, row), so the batches do not depend on the number of workers; each
 process reads its own slice of every global batch (multi-host); the
@@ -29,7 +29,6 @@ import grain
 import jax
 import numpy as np
 
-from tcn_jax import engine
 from tcn_jax.errors import TCNError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
@@ -429,7 +428,7 @@ class Stream:
               train: bool = True, state=None, process=None):
     """One epoch's training batches: an iterator of dicts {'image' (B, H,
     W, C) float32, 'label' (B,), 'index' (B,) positions in the split} in
-    `engine.batch_order(seed, epoch)`'s order (the in-memory path's), the
+    `batch_order(seed, epoch)`'s order (the in-memory path's), the
     tail dropped; with several processes, process k's slice of each global
     batch (`process`: (index, count), default JAX's). `state`: a
     `get_state()` of an earlier iterator of the same epoch, to go on from.
@@ -439,7 +438,7 @@ class Stream:
       raise TCNError(f'batch size {batch_size} does not split over {p} '
                      'processes')
     local = batch_size // p
-    order = engine.batch_order(seed, epoch, len(self), batch_size)
+    order = batch_order(seed, epoch, len(self), batch_size)
     order = order[:, k * local:(k + 1) * local].reshape(-1)
     it = iter(self._dataset(order, train, seed, epoch, local, True))
     if state is not None:
@@ -452,3 +451,30 @@ class Stream:
     return iter(self._dataset(np.arange(len(self)), False, 0, 0, batch_size,
                               False))
 
+
+def batch_order(seed: int, epoch: int, n: int, batch_size: int) -> np.ndarray:
+  """The epoch's shuffled batches (steps, batch) of indices; drops the tail."""
+  steps = n // batch_size
+  if steps == 0:
+    raise TCNError(f'batch size {batch_size} is larger than the {n} '
+                   'training examples')
+  perm = np.random.default_rng([seed, epoch]).permutation(n)
+  return perm[:steps * batch_size].reshape(steps, batch_size).astype(np.int32)
+
+
+def batched(fn, x: np.ndarray, batch_size: int = 1000, axis: int = 0):
+  """Applies jitted `fn` over `x` in fixed-size batches (last one padded);
+  x is an array or a streamed split (`input_pipeline.Stream`, read in
+  order through Grain)."""
+  outs = []
+  if isinstance(x, Stream):
+    batches = (b['image'] for b in x.in_order(batch_size))
+  else:
+    batches = (x[s:s + batch_size] for s in range(0, len(x), batch_size))
+  for xb in batches:
+    pad = batch_size - len(xb)
+    if pad:
+      xb = np.concatenate([xb, np.repeat(xb[-1:], pad, 0)])
+    out = np.asarray(fn(xb))
+    outs.append(np.take(out, np.arange(batch_size - pad), axis=axis))
+  return np.concatenate(outs, axis=axis)

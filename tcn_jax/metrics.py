@@ -6,8 +6,8 @@ import time
 from absl import logging
 import numpy as np
 
-from tcn_jax import engine
 from tcn_jax.errors import TCNError
+from tcn_jax import input_pipeline
 from tcn_jax import inputs
 
 
@@ -33,7 +33,7 @@ def evaluate(predict, x, y, batch_size: int = 1000) -> float:
   """
   x = inputs.batch('evaluate', 'x', x)
   y = inputs.labels('evaluate', 'y', y, len(x), None)
-  return accuracy(engine.batched(predict, x, batch_size), y)
+  return accuracy(input_pipeline.batched(predict, x, batch_size), y)
 
 
 class Writer:
@@ -81,7 +81,7 @@ def epoch_record(name, epoch, ids, step_metrics, apply, state, val_x,
         f'non-finite loss in stage {name}, member {ids[member]}, epoch '
         f'{epoch + 1}, step {step}; last good checkpoint: '
         + (f'epoch {epoch} in {stage_dir}' if epoch and saved else 'none'))
-  preds = engine.batched(lambda xb: apply(state, xb), val_x, axis=1)
+  preds = input_pipeline.batched(lambda xb: apply(state, xb), val_x, axis=1)
   val = [val_metric(preds[m], val_targets[m]) for m in range(len(ids))]
   record = {'epoch': epoch + 1, 'train_loss': losses.mean(0).tolist(),
             'val': val, 'seconds': seconds + time.time() - t0}

@@ -6,6 +6,7 @@ import optax
 import pytest
 
 from tcn_jax import engine
+from tcn_jax import input_pipeline
 from tcn_jax import losses as losses_lib
 from tcn_jax import models
 from tcn_jax.errors import TCNError
@@ -32,7 +33,7 @@ def train_group(ids, strategy, epochs=2, n_data=96, batch=32):
   keys = engine.member_keys(7, ids)
   losses = []
   for e in range(epochs):
-    order = engine.batch_order(3, e, n_data, batch)
+    order = input_pipeline.batch_order(3, e, n_data, batch)
     params, opt_state, l = epoch_fn(params, opt_state, jnp.asarray(x),
                                     jnp.asarray(targets), order, keys, e)
     losses.append(np.asarray(l))
@@ -63,13 +64,13 @@ def test_members_differ_and_losses_fall():
 
 
 def test_batch_order_is_seeded_and_drops_tail():
-  a = engine.batch_order(0, 1, 100, 32)
+  a = input_pipeline.batch_order(0, 1, 100, 32)
   assert a.shape == (3, 32) and len(set(a.ravel())) == 96
-  np.testing.assert_array_equal(a, engine.batch_order(0, 1, 100, 32))
-  assert not np.array_equal(a, engine.batch_order(0, 2, 100, 32))
-  assert not np.array_equal(a, engine.batch_order(1, 1, 100, 32))
+  np.testing.assert_array_equal(a, input_pipeline.batch_order(0, 1, 100, 32))
+  assert not np.array_equal(a, input_pipeline.batch_order(0, 2, 100, 32))
+  assert not np.array_equal(a, input_pipeline.batch_order(1, 1, 100, 32))
   with pytest.raises(TCNError, match='batch size'):
-    engine.batch_order(0, 0, 10, 32)
+    input_pipeline.batch_order(0, 0, 10, 32)
 
 
 def test_strategy_resolution():

@@ -8,6 +8,7 @@ import pytest
 from tcn_jax import chunking
 from tcn_jax import engine
 from tcn_jax import gan
+from tcn_jax import input_pipeline
 from tcn_jax import losses
 from tcn_jax import models
 from tcn_jax import pipeline
@@ -42,7 +43,7 @@ def _run(ids, strategy, epochs=2, tx=None, **kw):
   metrics = []
   for e in range(epochs):
     state, m = epoch(state, x, {'chunk': chunks},
-                     engine.batch_order(1, e, len(x), 16), keys, e)
+                     input_pipeline.batch_order(1, e, len(x), 16), keys, e)
     metrics.append(m)
   return state, jax.tree_util.tree_map(lambda *a: np.concatenate(a), *metrics)
 
@@ -78,7 +79,7 @@ def test_without_adversarial_term_student_output_equals_ff():
   epoch = engine.make_epoch_fn(loss_fn, tx, 2, 'unrolled')
   for e in range(2):
     params, opt_state, _ = epoch(params, opt_state, x, chunks,
-                                 engine.batch_order(1, e, len(x), 16), keys, e)
+                                 input_pipeline.batch_order(1, e, len(x), 16), keys, e)
   jax.tree_util.tree_map(
       lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), state['g'],
       params)
