@@ -77,13 +77,11 @@ def train_kdgan_student(spec, teacher_logits, teacher_feats, ds, *, epochs,
           ds.num_classes, adv_weight=adv_weight,
           gumbel_temperature=gumbel_temperature),
       state=engine.init_group(init_fn, seed, [0]),
-      predict=lambda s, xb: model.apply({'params': s['c'], **s['c_state']},
-                                        xb),
+      predict=lambda s, xb: model.apply(s.variables(), xb),
       x=ds.train.x, targets=targets, ids=[0], epochs=epochs,
       batch_size=batch_size, seed=seed, strategy='auto', val_x=ds.val.x,
       val_targets=ds.val.y[None], val_metric=metrics.accuracy, writer=writer)
-  state = engine.unstack(state, 1)[0]
-  return model, {'params': state['c'], **state['c_state']}, {
+  return model, engine.unstack(state.variables(), 1)[0], {
       'history': history, 'seconds': seconds}
 
 

@@ -222,6 +222,11 @@ class StageCheckpoint:
         raise TCNError(damaged.format(_first_line(e))) from None
     return out.state, out.record
 
+  def stored_keys(self) -> set:
+    """The top-level keys of the latest epoch's stored state."""
+    tree = self.manager.item_metadata(self.latest_epoch())['state'].tree
+    return set(tree)
+
   def record(self) -> dict:
     """The JSON record of the latest epoch (no arrays are read)."""
     return self.manager.restore(self.latest_epoch(), args=ocp.args.Composite(

@@ -1,17 +1,38 @@
-"""The training loop shared by every stage: a stacked group of models
-trained for some epochs by the engine, checkpointed after each epoch.
+"""The training loop of every stage: the teacher, FF and GAN students, the
+head, the KD and KDGAN baselines.
 
-`fit` trains Flax models on a loss; `fit_group` any per-member step (GAN
-students, KDGAN). Both resume from their stage directory and log, validate
-and write TensorBoard scalars per epoch. Optimizers are picked by name from
-`OPTIMIZERS` (Keras' defaults).
+`fit_group` trains a stacked group (`state.MemberState`) for some epochs
+with an `engine.Trainer`, resuming from its stage directory, and logs,
+validates and writes TensorBoard scalars per epoch; `fit` is it for Flax
+models on a loss. Its inputs are a batch source:
+
+  in-memory arrays  each epoch is one chunk, `batch_order(seed, epoch)`
+                    gathered on device (`engine.Resident`);
+  a `Stream`        the epoch's batches, decoded and augmented by Grain,
+                    in chunks of up to MAX_CHUNK_STEPS consecutive batches
+                    (`engine.Fed`), the next chunk collected while the last
+                    one runs; targets stay on the host, indexed by each
+                    chunk's rows (a memory-mapped `.npy` pages in only
+                    those), or are computed inside the program from each
+                    batch (`OnlineTargets`: online features). With several
+                    processes each reads only its own devices' rows.
+
+Both train the same batches with the same per-step keys. Checkpoints: after
+every epoch, and with a stream's `checkpoint_every_steps` = K every K steps
+into `<stage>/steps/` (chunks end there) with the Grain iterator's state
+and the epoch's metrics so far, so a resumed run equals an uninterrupted
+one bitwise. Stop signals wait for the chunk in progress and its
+checkpoint. Optimizers are picked by name from `OPTIMIZERS` (Keras'
+defaults).
 """
 import contextlib
+import dataclasses
+import os
 import time
+from typing import Any, Callable
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -22,7 +43,7 @@ from tcn_jax import inputs
 from tcn_jax import mesh as mesh_lib
 from tcn_jax import metrics
 from tcn_jax import models
-from tcn_jax import streaming
+from tcn_jax import state as state_lib
 from tcn_jax.errors import TCNError
 from tcn_jax.registry import Registry
 
@@ -33,6 +54,10 @@ OPTIMIZERS.register('adam', lambda lr: optax.adam(lr, eps=1e-7))
 OPTIMIZERS.register('nadam', lambda lr: optax.nadam(lr, eps=1e-7))
 OPTIMIZERS.register('sgd', lambda lr: optax.sgd(lr, momentum=0.9,
                                                  nesterov=True))
+# A streamed epoch runs as chunks of consecutive batches, each one compiled
+# scan over up to this many batches and bytes.
+MAX_CHUNK_STEPS = 16
+CHUNK_BYTES = 64 << 20
 
 
 def make_optimizer(name: str, learning_rate, field: str):
@@ -46,6 +71,16 @@ def stage_seed(seed: int, stage: str) -> int:
   """The seed of one stage, derived from the run's seed."""
   return int(np.random.SeedSequence([seed, STAGES.index(stage)])
              .generate_state(1)[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineTargets:
+  """Targets computed from each batch inside the step: fn(context, x) ->
+  a dict of (members, B, ...) targets, e.g. a frozen teacher's features of
+  the (augmented) batch; `context` (the teacher's variables) is an
+  argument of the compiled step, not a constant folded into it."""
+  fn: Callable[[Any, Any], dict]
+  context: Any
 
 
 def fit(stage_dir, *, name, model, loss, tx, variables, x, targets, ids,
@@ -74,18 +109,15 @@ def fit(stage_dir, *, name, model, loss, tx, variables, x, targets, ids,
     def loss_fn(p, xb, tb, key):
       return objective(p, apply_train(p, {}, xb, key)[0], tb)
 
-  state = {'params': params, 'opt_state': jax.vmap(tx.init)(params)}
-  if model_state:
-    state['model_state'] = model_state
+  state = state_lib.MemberState(params, jax.vmap(tx.init)(params),
+                                model_state)
   state, history, seconds = fit_group(
       stage_dir, name=name, member_step=engine.gradient_step(loss_fn, tx),
-      state=state, predict=lambda s, xb: model.apply(
-          {'params': s['params'], **s.get('model_state', {})}, xb), x=x,
-      targets=targets, ids=ids, epochs=epochs, batch_size=batch_size,
+      state=state, predict=lambda s, xb: model.apply(s.variables(), xb),
+      x=x, targets=targets, ids=ids, epochs=epochs, batch_size=batch_size,
       seed=seed, strategy=strategy, val_x=val_x, val_targets=val_targets,
       val_metric=val_metric, writer=writer, target_fn=target_fn)
-  variables = {'params': state['params'], **state.get('model_state', {})}
-  return variables, history, seconds
+  return state.variables(), history, seconds
 
 
 def check_inputs(name, epochs, x, targets):
@@ -102,6 +134,76 @@ def check_inputs(name, epochs, x, targets):
                      'features and labels need one row per input')
 
 
+class _Arrays:
+  """In-memory inputs: each epoch is one chunk (no step checkpoints)."""
+  every = 0
+
+  def __init__(self, x, targets, batch_size, seed):
+    self.x, self.targets = x, targets
+    self.batch_size, self.seed = batch_size, seed
+    self.steps = len(x) // batch_size
+
+  def epoch(self, epoch, step0, position):
+    del step0, position
+    order = input_pipeline.batch_order(self.seed, epoch, len(self.x),
+                                       self.batch_size)
+    yield 0, engine.Resident(self.x, self.targets, order)
+
+  def position(self):
+    return None
+
+
+def _take(targets, index):
+  """The rows `index` (steps, batch) of (members, N, ...) host targets, as
+  (steps, members, batch, ...) numpy."""
+  def one(t):
+    rows = np.take(t, index.reshape(-1), 1)
+    return np.swapaxes(rows.reshape((rows.shape[0],) + index.shape
+                                    + rows.shape[2:]), 0, 1)
+  return jax.tree_util.tree_map(one, targets)
+
+
+class _Streamed:
+  """A `Stream`'s epochs in chunks of consecutive batches, ending at every
+  step checkpoint (a multiple of `every`) and at the epoch's end."""
+
+  def __init__(self, x, targets, batch_size, seed, layout):
+    self.x, self.targets = x, targets
+    self.batch_size, self.seed = batch_size, seed
+    self.steps = len(x) // batch_size
+    self.every = x.checkpoint_every_steps
+    self.k = max(1, min(MAX_CHUNK_STEPS, CHUNK_BYTES // max(
+        batch_size * int(np.prod(x.shape[1:])) * 4, 1)))
+    self.feed, self.process = {}, None
+    if layout.mesh.size > 1 and jax.process_count() > 1:   # Own rows only.
+      rows = layout.process_rows(batch_size)
+      if rows[0] % (rows[1] - rows[0]) or batch_size % (rows[1] - rows[0]):
+        rows = (0, batch_size)   # Not one of equal blocks: read every row.
+      size = rows[1] - rows[0]
+      self.feed = {'rows': rows, 'batch_size': batch_size}
+      self.process = (rows[0] // size, batch_size // size)
+    self._batches = None
+
+  def epoch(self, epoch, step0, position):
+    self._batches = batches = self.x.batches(
+        self.seed, epoch, self.batch_size, train=True, state=position,
+        process=self.process)
+    step = step0
+    while step < self.steps:
+      end = min(step + self.k, self.steps)
+      if self.every:
+        end = min(end, (step // self.every + 1) * self.every)
+      chunk = [next(batches) for _ in range(end - step)]
+      index = np.stack([b['index'] for b in chunk])
+      yield step, engine.Fed(np.stack([b['image'] for b in chunk]),
+                             _take(self.targets, index) if self.targets
+                             else {}, **self.feed)
+      step = end
+
+  def position(self):
+    return self._batches.get_state()
+
+
 def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
               epochs, batch_size, seed, strategy, val_x, val_targets,
               val_metric, writer, target_fn=None):
@@ -109,65 +211,99 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
   `stage_dir` (per-epoch checkpoints of the whole state).
 
   member_step(state, x, target, key) -> (state, metrics dict with 'loss');
-  targets: a dict of (members, N, ...) arrays, one member's rows of which
-  are a step's `target` (see `tcn_jax.losses`); predict(member_state, x) is
-  scored by val_metric(pred, target) per member
-  after each epoch. Without stage_dir nothing is saved; without writer
-  nothing goes to TensorBoard. A `input_pipeline.Stream` x is trained
-  batch by batch as it is read (`tcn_jax.streaming`), as is any x with a
-  `streaming.OnlineTargets` target_fn, which adds targets computed from
-  each batch (in chunks of batches, on the mesh too). On the mesh in use
-  (`mesh.use`, several devices) the state lives there as global arrays
-  (what is checkpointed) and comes back as numpy.
-  Returns (state, history, training seconds).
+  state: a stacked `MemberState`; targets: a dict of (members, N, ...)
+  arrays, one member's rows of which are a step's `target` (see
+  `tcn_jax.losses`); predict(member_state, x) is scored by
+  val_metric(pred, target) per member after each epoch. Without stage_dir
+  nothing is saved; without writer nothing goes to TensorBoard. x: arrays
+  or a `input_pipeline.Stream`; a target_fn (`OnlineTargets`) adds targets
+  computed from each batch (arrays are then read as a Stream). On a mesh
+  of several devices (`mesh.use`) the state lives there as global arrays
+  (what is checkpointed). Returns (state as numpy, history, training
+  seconds).
   """
   n = len(ids)
   check_inputs(name, epochs, x, targets)
-  mesh = mesh_lib.active()
-  layout = mesh and engine.MeshLayout(mesh, n, batch_size)
-  home = mesh_lib.to_host if mesh else lambda s: s
-  with (checkpoint.StageCheckpoint(stage_dir) if stage_dir
-        else contextlib.nullcontext()) as ckpt:
+  trainer = engine.Trainer(member_step, n, strategy,
+                           target_fn=target_fn and target_fn.fn)
+  layout = trainer.layout(batch_size)
+  abstract = layout.abstract_state
+  with contextlib.ExitStack() as stack:
+    ckpt = stage_dir and stack.enter_context(
+        checkpoint.StageCheckpoint(stage_dir))
     start = ckpt.latest_epoch() if ckpt else 0
     history, seconds = [], 0.0
     if start:
-      state, record = ckpt.restore(
-          layout.abstract_state(state) if mesh else state)
+      state, record = state_lib.restore(ckpt, state, abstract)
       history, seconds = record['history'], record['seconds']
       logging.info('[%s] resuming after epoch %d/%d', name, start, epochs)
     if start >= epochs:
-      return home(state), history, seconds
+      return mesh_lib.to_host(state), history, seconds
     if target_fn is not None and not isinstance(x, input_pipeline.Stream):
       x = input_pipeline.Stream(input_pipeline.ArraySource(x))
-    if isinstance(x, input_pipeline.Stream):
-      return streaming.fit_group(
-          stage_dir, name=name, member_step=member_step, state=state,
-          predict=predict, x=x, targets=targets, ids=ids, epochs=epochs,
-          batch_size=batch_size, seed=seed, strategy=strategy, val_x=val_x,
-          val_targets=val_targets, val_metric=val_metric, writer=writer,
-          target_fn=target_fn, start=start, history=history,
-          seconds=seconds, ckpt=ckpt, mesh=mesh)
-
-    epoch_fn = engine.make_group_epoch(member_step, n, strategy, mesh)
-    apply = engine.make_apply_fn(predict, n, strategy, mesh)
+    source = (_Streamed(x, targets, batch_size, seed, layout)
+              if isinstance(x, input_pipeline.Stream)
+              else _Arrays(x, targets, batch_size, seed))
+    if not source.steps:
+      raise TCNError(f'batch size {batch_size} is larger than the {len(x)} '
+                     'training examples')
+    steps_dir = stage_dir and source.every and os.path.join(stage_dir,
+                                                            'steps')
+    step_ckpt = steps_dir and stack.enter_context(
+        checkpoint.StageCheckpoint(steps_dir))
+    step0, position, done = 0, None, {}
+    if step_ckpt and step_ckpt.latest_epoch():
+      rec = step_ckpt.record()
+      if rec['epoch'] == start:   # A stop inside epoch `start`.
+        state, rec = state_lib.restore(step_ckpt, state, abstract)
+        step0, position = rec['step'], rec['iterator']
+        done = {k: [np.asarray(v, np.float32) for v in vs]
+                for k, vs in rec['metrics'].items()}
+        seconds = rec['seconds']
+        logging.info('[%s] resuming epoch %d at step %d', name, start + 1,
+                     step0)
+    context = target_fn.context if target_fn is not None else None
+    apply = engine.make_apply_fn(predict, n, strategy, trainer.mesh)
     keys = engine.member_keys(seed, ids)
-    # On a mesh each epoch's batches are fed from host memory.
-    x_dev = np.asarray(x) if mesh else jnp.asarray(x)
-    t_dev = jax.tree_util.tree_map(np.asarray if mesh else jnp.asarray,
-                                   targets)
-    progress = metrics.Progress(name, epochs, start, len(x) // batch_size)
+    progress = metrics.Progress(name, epochs, start, source.steps)
     for epoch in range(start, epochs):
-      with checkpoint.signals_deferred():   # A stop waits for epoch + save.
-        t0 = time.time()
-        order = input_pipeline.batch_order(seed, epoch, len(x), batch_size)
-        state, step_metrics = epoch_fn(state, x_dev, t_dev, order, keys, epoch)
-        step_metrics = {k: np.asarray(v) for k, v in step_metrics.items()}
-        record, losses = metrics.epoch_record(
-            name, epoch, ids, step_metrics, apply, state, val_x, val_targets,
-            val_metric, seconds, t0, stage_dir, bool(ckpt))
-        seconds = record['seconds']
-        history.append(record)
-        if ckpt:
-          ckpt.save(epoch + 1, state, {'history': history, 'seconds': seconds})
+      t0 = time.time()
+      collected = {k: list(v) for k, v in done.items()}
+      pending = None   # The last chunk's metrics, still being computed.
+
+      def collect(m):
+        for k, v in mesh_lib.to_host(m).items():
+          collected.setdefault(k, []).extend(v)
+
+      for first, batches in source.epoch(epoch, step0, position):
+        with checkpoint.signals_deferred():   # A stop waits for the chunk.
+          state, m = trainer(state, batches, keys, epoch, first, context)
+          if pending is not None:   # Read while this chunk runs.
+            collect(pending)
+          pending = m
+          end = first + len(batches[0] if isinstance(
+              batches, engine.Fed) else batches.order)
+          if end == source.steps:   # The epoch's end: record and save.
+            collect(pending)
+            step_metrics = {k: np.stack(v) for k, v in collected.items()}
+            record, losses = metrics.epoch_record(
+                name, epoch, ids, step_metrics, apply, state, val_x,
+                val_targets, val_metric, seconds, t0, stage_dir, bool(ckpt))
+            seconds = record['seconds']
+            history.append(record)
+            if ckpt:
+              ckpt.save(epoch + 1, state_lib.to_tree(state),
+                        {'history': history, 'seconds': seconds})
+          elif step_ckpt and end % source.every == 0:
+            collect(pending)
+            pending = None
+            step_ckpt.save(epoch * source.steps + end,
+                           state_lib.to_tree(state), {
+                               'epoch': epoch, 'step': end,
+                               'iterator': source.position(),
+                               'metrics': {k: [v.tolist() for v in vs]
+                                           for k, vs in collected.items()},
+                               'seconds': seconds + time.time() - t0})
+      step0, position, done = 0, None, {}
       metrics.report_epoch(name, ids, record, losses, writer, progress)
-    return home(state), history, seconds
+    return mesh_lib.to_host(state), history, seconds

@@ -20,6 +20,7 @@ import jax
 import optax
 
 from tcn_jax.errors import TCNError
+from tcn_jax.state import MemberState
 from tcn_jax.losses import bce
 from tcn_jax.losses import mse
 
@@ -48,18 +49,19 @@ class Discriminator(nn.Module):
     return logit, nn.relu(recon) if self.recon_relu else recon
 
 
-def init_state(student, disc, g_tx, d_tx, key, x_example):
-  """One member's state: student and discriminator params, their batch
-  statistics ('g_state' is empty for students without BatchNorm), and both
-  optimizers' states."""
+def init_state(student, disc, g_tx, d_tx, key, x_example) -> MemberState:
+  """One member's state: the student's params, optimizer state and batch
+  statistics (empty for students without BatchNorm); extras: the
+  discriminator's params 'd', batch statistics 'd_stats' and optimizer
+  state 'd_opt'."""
   k_g, k_d = jax.random.split(key)
   g_vars = student.init(k_g, x_example)
   g = g_vars['params']
   g_state = {k: v for k, v in g_vars.items() if k != 'params'}
   d_vars = disc.init(k_d, student.apply(g_vars, x_example))
-  return {'g': g, 'g_state': g_state, 'g_opt': g_tx.init(g),
-          'd': d_vars['params'],
-          'd_stats': d_vars['batch_stats'], 'd_opt': d_tx.init(d_vars['params'])}
+  return MemberState(g, g_tx.init(g), g_state, {
+      'd': d_vars['params'], 'd_stats': d_vars['batch_stats'],
+      'd_opt': d_tx.init(d_vars['params'])})
 
 
 def make_member_step(student, disc, g_tx, d_tx, *, mse_target='student_output',
@@ -83,35 +85,36 @@ def make_member_step(student, disc, g_tx, d_tx, *, mse_target='student_output',
     return bce(logit, label) + mse(recon, chunk), upd['batch_stats']
 
   def d_step(state, inp, label, chunk):
+    e = state.extras
     (loss, stats), grads = jax.value_and_grad(d_loss, has_aux=True)(
-        state['d'], state['d_stats'], inp, label, chunk)
-    updates, d_opt = d_tx.update(grads, state['d_opt'], state['d'])
-    return dict(state, d=optax.apply_updates(state['d'], updates),
-                d_stats=stats, d_opt=d_opt), loss
+        e['d'], e['d_stats'], inp, label, chunk)
+    updates, d_opt = d_tx.update(grads, e['d_opt'], e['d'])
+    return state.replace(extras=dict(
+        e, d=optax.apply_updates(e['d'], updates), d_stats=stats,
+        d_opt=d_opt)), loss
 
   def g_loss(g, state, x, target, key):
     pred, g_state = student.apply(
-        {'params': g, **state['g_state']}, x, train=True,
-        rngs={'dropout': key}, mutable=list(state['g_state']))
-    logit, recon = disc.apply({'params': state['d'],
-                               'batch_stats': state['d_stats']}, pred)
+        {'params': g, **state.model_state}, x, train=True,
+        rngs={'dropout': key}, mutable=list(state.model_state))
+    logit, recon = disc.apply({'params': state.extras['d'],
+                               'batch_stats': state.extras['d_stats']}, pred)
     out = pred if mse_target == 'student_output' else recon
     loss = adv_weight * bce(logit, 1.0) + mse_weight * regression(out, target)
     return loss, (mse(pred, target['chunk']), g_state)
 
   def member_step(state, x, target, key):
     chunk = target['chunk']
-    fake = jax.lax.stop_gradient(
-        student.apply({'params': state['g'], **state['g_state']}, x))
+    fake = jax.lax.stop_gradient(student.apply(state.variables(), x))
     state, real_loss = d_step(state, chunk, 1.0, chunk)
     state, fake_loss = d_step(state, fake, 0.0, chunk)
     for k in range(g_steps_per_d_step):
       g_key = key if k == 0 else jax.random.fold_in(key, k)
       (loss, (direct, g_state)), grads = jax.value_and_grad(
-          g_loss, has_aux=True)(state['g'], state, x, target, g_key)
-      updates, g_opt = g_tx.update(grads, state['g_opt'], state['g'])
-      state = dict(state, g=optax.apply_updates(state['g'], updates),
-                   g_state=g_state, g_opt=g_opt)
+          g_loss, has_aux=True)(state.params, state, x, target, g_key)
+      updates, g_opt = g_tx.update(grads, state.opt_state, state.params)
+      state = state.replace(params=optax.apply_updates(state.params, updates),
+                            model_state=g_state, opt_state=g_opt)
     # 'loss' is the student's (generator's) loss, as for FF students.
     return state, {'loss': loss, 'd_loss': (real_loss + fake_loss) / 2,
                    'mse': direct}

@@ -478,3 +478,35 @@ def batched(fn, x: np.ndarray, batch_size: int = 1000, axis: int = 0):
     out = np.asarray(fn(xb))
     outs.append(np.take(out, np.arange(batch_size - pad), axis=axis))
   return np.concatenate(outs, axis=axis)
+
+
+class StackedRows:
+  """(members, N, ...) targets stacked from per-member (N, ...) arrays, only
+  where a batch reads them: memory-mapped features stay on disk.
+
+  Has what the training loop uses of an array: shape, ndim, dtype and
+  `take(index, axis=1)` (what np.take calls)."""
+
+  RELEASE_EVERY = 64   # Batches between dropping read pages (see take).
+
+  def __init__(self, parts):
+    self.parts = list(parts)
+    first = self.parts[0]
+    self.shape = (len(self.parts),) + tuple(first.shape)
+    self.ndim, self.dtype = len(self.shape), first.dtype
+    self._reads = 0
+
+  def take(self, indices, axis=None, out=None, mode='raise'):
+    """The rows `indices` of every part, stacked. Every RELEASE_EVERY calls
+    the pages read from memory-mapped parts are dropped from this process
+    (madvise DONTNEED; the OS's file cache keeps them), so resident memory
+    does not grow with the file over an epoch."""
+    del out, mode
+    if axis != 1:
+      raise ValueError('StackedRows are read by rows (axis 1)')
+    rows = np.stack([np.asarray(p[np.asarray(indices)]) for p in self.parts])
+    self._reads += 1
+    if self._reads % self.RELEASE_EVERY == 0:
+      for p in self.parts:
+        drop_pages(p)
+    return rows

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from tcn_jax.losses import bce
+from tcn_jax.state import MemberState
 
 
 class LabelDiscriminator(nn.Module):
@@ -51,15 +52,17 @@ def gumbel_softmax_st(key, logits, temperature: float):
 
 def init_state(classifier, disc, c_tx, d_tx, key, x_example, feature_dim,
                num_classes):
-  """One member's state: classifier variables and both optimizer states."""
+  """One member's state: the classifier's params, optimizer state and model
+  state; extras: the discriminator's params 'd' and optimizer state
+  'd_opt'."""
   k_c, k_d = jax.random.split(key)
   c_vars = classifier.init(k_c, x_example)
   c = c_vars['params']
   d = disc.init(k_d, jnp.zeros((1, feature_dim)),
                 jnp.zeros((1, num_classes)))['params']
-  return {'c': c, 'c_state': {k: v for k, v in c_vars.items()
-                              if k != 'params'},
-          'c_opt': c_tx.init(c), 'd': d, 'd_opt': d_tx.init(d)}
+  return MemberState(c, c_tx.init(c), {k: v for k, v in c_vars.items()
+                                       if k != 'params'},
+                     {'d': d, 'd_opt': d_tx.init(d)})
 
 
 def make_member_step(classifier, disc, c_tx, d_tx, kd_loss, num_classes, *,
@@ -83,23 +86,25 @@ def make_member_step(classifier, disc, c_tx, d_tx, kd_loss, num_classes, *,
   def c_loss(c, state, x, target, key):
     feature = target['feature']
     k_drop, k_gumbel = jax.random.split(key)
-    logits, c_state = classify(c, state['c_state'], x, k_drop)
+    logits, c_state = classify(c, state.model_state, x, k_drop)
     sample = gumbel_softmax_st(k_gumbel, logits, gumbel_temperature)
-    adv = bce(disc.apply({'params': state['d']}, feature, sample), 1.0)
+    adv = bce(disc.apply({'params': state.extras['d']}, feature, sample), 1.0)
     kd = kd_loss(logits, target)
     return kd + adv_weight * adv, (c_state, kd, sample)
 
   def member_step(state, x, target, key):
     (loss, (c_state, kd, sample)), grads = jax.value_and_grad(
-        c_loss, has_aux=True)(state['c'], state, x, target, key)
-    updates, c_opt = c_tx.update(grads, state['c_opt'], state['c'])
+        c_loss, has_aux=True)(state.params, state, x, target, key)
+    updates, c_opt = c_tx.update(grads, state.opt_state, state.params)
     real = jax.nn.one_hot(target['label'], num_classes)
+    d = state.extras['d']
     dl, d_grads = jax.value_and_grad(d_loss)(
-        state['d'], target['feature'], real, jax.lax.stop_gradient(sample))
-    d_updates, d_opt = d_tx.update(d_grads, state['d_opt'], state['d'])
-    return dict(state, c=optax.apply_updates(state['c'], updates),
-                c_state=c_state, c_opt=c_opt,
-                d=optax.apply_updates(state['d'], d_updates),
-                d_opt=d_opt), {'loss': loss, 'kd_loss': kd, 'd_loss': dl}
+        d, target['feature'], real, jax.lax.stop_gradient(sample))
+    d_updates, d_opt = d_tx.update(d_grads, state.extras['d_opt'], d)
+    return state.replace(
+        params=optax.apply_updates(state.params, updates),
+        model_state=c_state, opt_state=c_opt,
+        extras={'d': optax.apply_updates(d, d_updates), 'd_opt': d_opt}), {
+            'loss': loss, 'kd_loss': kd, 'd_loss': dl}
 
   return member_step

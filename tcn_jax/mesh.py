@@ -21,6 +21,7 @@ those of the single-device programs.
 import contextlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -204,3 +205,134 @@ def describe(mesh: Mesh | None) -> dict:
           'devices': mesh.size,
           'processes': len({d.process_index for d in mesh.devices.flat})}
 
+
+class Layout:
+  """Where a group's arrays live on a ('data', 'students') mesh.
+
+  Members are split over 'students' (padded with copies of member 0 to a
+  multiple of its size) when the group has several and the axis several
+  devices; otherwise they are replicated and a batch that divides the whole
+  mesh is split over both axes (a single model uses every device). Batches
+  are split over 'data' (and then 'students').
+  """
+
+  def __init__(self, mesh: Mesh, num_members: int, batch_size: int):
+    self.mesh, self.num_members = mesh, num_members
+    s = mesh.shape[STUDENTS]
+    self.member_axis = (STUDENTS if num_members > 1 and s > 1
+                        else None)
+    self.padded = (padded_members(num_members, mesh)
+                   if self.member_axis else num_members)
+    self.batch_axes = (DATA,)
+    if self.member_axis is None and batch_size % mesh.size == 0:
+      self.batch_axes = AXES
+    self.batch_devices = int(np.prod([mesh.shape[a]
+                                      for a in self.batch_axes]))
+    # The state between epochs (what is checkpointed): unpadded, members
+    # split over 'students' when they divide it, else replicated.
+    self.state_spec = P(self.member_axis if self.padded == num_members
+                        else None)
+
+  def sharding(self, *spec):
+    return NamedSharding(self.mesh, P(*spec))
+
+  def abstract_state(self, state):
+    """`state`'s shapes and dtypes in `state_spec` (a restore target)."""
+    sharding = self.sharding(*self.state_spec)
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype,
+                                       sharding=sharding), state)
+
+  def place_state(self, state):
+    """`state` (any arrays: host, one device, another layout) as global
+    arrays in `state_spec`."""
+    target = self.sharding(*self.state_spec)
+
+    def place(a):
+      if isinstance(a, jax.Array) and a.sharding == target:
+        return a
+      return put(self.mesh, self.state_spec,
+                          np.asarray(to_host(a)))
+    return jax.tree_util.tree_map(place, state)
+
+  def pad(self, state):
+    """`state` with copies of member 0 up to `padded` members, split over
+    `member_axis` (the program's input)."""
+    if not hasattr(self, '_pad'):
+      self._pad = jax.jit(lambda t: jax.tree_util.tree_map(
+          lambda a: jnp.concatenate(
+              [a, jnp.repeat(a[:1], self.padded - a.shape[0], axis=0)]), t),
+                          out_shardings=self.sharding(self.member_axis))
+    return self._pad(state)
+
+  def cut(self, state, num_members: int):
+    """`state` without its padding, in `state_spec`."""
+    if not hasattr(self, '_cut'):
+      self._cut = jax.jit(lambda t: jax.tree_util.tree_map(
+          lambda a: a[:num_members], t),
+                          out_shardings=self.sharding(*self.state_spec))
+    return self._cut(state)
+
+  def batches(self, x, order):
+    """The epoch's (steps, batch, ...) inputs, this process's rows only."""
+    def get(index):
+      return x[order[index[0]][:, index[1]]][(slice(None),) * 2 + index[2:]]
+    return feed(self.mesh, P(None, self.batch_axes),
+                         order.shape + x.shape[1:], get)
+
+  def member_batches(self, targets, order):
+    """(steps, padded members, batch, ...) of each (members, N, ...) target."""
+    def one(t):
+      def get(index):
+        rows = order[index[0]][:, index[2]]
+        members = np.arange(self.padded)[index[1]]
+        members = np.where(members < len(t), members, 0)   # Dummies: member 0.
+        block = t[members][:, rows]                  # (m, steps, batch, ...)
+        return np.moveaxis(block, 0, 1)[(slice(None),) * 3 + index[3:]]
+      return feed(
+          self.mesh, P(None, self.member_axis, self.batch_axes),
+          (order.shape[0], self.padded, order.shape[1]) + t.shape[2:], get)
+    return jax.tree_util.tree_map(lambda t: one(np.asarray(t)), targets)
+
+  def process_rows(self, batch_size: int) -> tuple[int, int]:
+    """(start, stop): the rows of every global batch that this process's
+    devices hold (all of them where the batch is not split over the
+    processes), so that a stream reads only those."""
+    index = self.sharding(self.batch_axes).addressable_devices_indices_map(
+        (batch_size,))
+    rows = set()
+    for (s,) in index.values():
+      rows.update(range(*s.indices(batch_size)))
+    start, stop = min(rows), max(rows) + 1
+    if len(rows) != stop - start:   # Not one block: read every row.
+      return 0, batch_size
+    return start, stop
+
+  def fed(self, xs, ts, rows=None, batch_size=None):
+    """Host batches as global arrays: xs (steps, batch, ...) over the
+    batch axes; ts, a pytree of (steps, members, batch, ...), members
+    padded (copies of member 0) and split over `member_axis`. xs and ts
+    hold the rows `rows` = (start, stop) of global batches of `batch_size`
+    (default: every row, one process): each process feeds only its own."""
+    start = rows[0] if rows else 0
+    size = batch_size or np.shape(xs)[1]
+
+    def local(index, axis):   # A device's block, in this process's rows.
+      s = index[axis].indices(size)
+      return index[:axis] + (slice(s[0] - start, s[1] - start),) + index[
+          axis + 1:]
+
+    def one(t):
+      t = np.asarray(t)
+      if t.shape[1] < self.padded:
+        t = np.concatenate([t, np.repeat(t[:, :1], self.padded - t.shape[1],
+                                         1)], 1)
+      shape = t.shape[:2] + (size,) + t.shape[3:]
+      return feed(self.mesh, P(None, self.member_axis,
+                                        self.batch_axes), shape,
+                           lambda index: t[local(index, 2)])
+    xs = np.asarray(xs)
+    return (feed(self.mesh, P(None, self.batch_axes),
+                          xs.shape[:1] + (size,) + xs.shape[2:],
+                          lambda index: xs[local(index, 1)]),
+            jax.tree_util.tree_map(one, ts))

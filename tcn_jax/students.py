@@ -19,12 +19,12 @@ from tcn_jax import data as data_lib
 from tcn_jax import engine
 from tcn_jax import fit
 from tcn_jax import gan as gan_lib
+from tcn_jax import input_pipeline
 from tcn_jax import inputs
 from tcn_jax import losses
 from tcn_jax import metrics
 from tcn_jax import models
 from tcn_jax import record
-from tcn_jax import streaming
 from tcn_jax import teacher as teacher_lib
 from tcn_jax import workdir as workdir_lib
 from tcn_jax.errors import TCNError
@@ -32,8 +32,8 @@ from tcn_jax.errors import TCNError
 
 def _targets(loss_name, encoded, chunks, bounds, member_ids, lazy=False):
   """The group's member-stacked target dict (see `tcn_jax.losses`); `lazy`
-  (streamed inputs): `streaming.StackedRows`, read batch by batch."""
-  stack = streaming.StackedRows if lazy else np.stack
+  (streamed inputs): `input_pipeline.StackedRows`, read batch by batch."""
+  stack = input_pipeline.StackedRows if lazy else np.stack
   targets = {'chunk': stack([chunks[i] for i in member_ids])}
   if losses.STUDENT_LOSSES.get(loss_name).needs_feature:
     n = len(encoded)
@@ -62,7 +62,7 @@ def _online_targets(online, loss_name, bounds, member_ids):
     return targets
 
   basis = online['chunker'].basis
-  return streaming.OnlineTargets(fn, {
+  return fit.OnlineTargets(fn, {
       'teacher': online['variables'],
       'basis': None if basis is None else {k: jnp.asarray(basis[k])
                                            for k in ('mean', 'matrix')}})
@@ -184,9 +184,9 @@ def train_students(specs, x, features, num_students, *, epochs,
               adv_weight=gan['adv_weight'], mse_weight=gan['mse_weight'],
               g_steps_per_d_step=gan['g_steps_per_d_step'],
               regression=regression),
-          predict=lambda s, xb, model=model: model.apply(
-              {'params': s['g'], **s['g_state']}, xb), **common)
-      group.variables = {'params': state['g'], **state['g_state']}
+          predict=lambda s, xb, model=model: model.apply(s.variables(), xb),
+          **common)
+      group.variables = state.variables()
     for i, mid in enumerate(group.member_ids):
       val_mse[mid] = [h['val'][i] for h in hist] if val is not None else []
     histories.append(hist)

@@ -21,6 +21,7 @@ from tcn_jax import mesh as mesh_lib
 from tcn_jax import metrics
 from tcn_jax import models
 from tcn_jax import record
+from tcn_jax import state as state_lib
 from tcn_jax import workdir as workdir_lib
 from tcn_jax.errors import TCNError
 
@@ -98,9 +99,8 @@ def load_teacher(path: str, teacher, x_example):
   template = jax.eval_shape(lambda: teacher.init(jax.random.key(0),
                                                  x_example))
   with checkpoint.StageCheckpoint(where, read_only=True) as ckpt:
-    state, _ = ckpt.restore()   # fit's state: params, opt_state, ...
-  stacked = {'params': state['params'], **state.get('model_state', {})}
-  variables = engine.unstack(stacked, 1)[0]
+    state, _ = ckpt.restore()   # A MemberState's tree (state.to_tree).
+  variables = engine.unstack(state_lib.from_tree(state).variables(), 1)[0]
   got = checkpoint.shapes(variables)
   want = checkpoint.shapes(template)
   if got != want:
