@@ -15,6 +15,7 @@ from tcn_jax import pipeline
 from tcn_jax import students as students_lib
 from conftest import needs_fmnist
 from tcn_jax.errors import TCNError
+from test_engine import make_epoch_fn
 
 SPEC = 'C4 MP F D8r Do.1'
 
@@ -69,19 +70,19 @@ def test_without_adversarial_term_student_output_equals_ff():
   tx = optax.adam(1e-3)
   state, _ = _run([0, 1], 'unrolled', tx=tx, adv_weight=0.0)
   params = engine.stack([gan.init_state(student, gan.Discriminator((16, 32), 6),
-                                        tx, tx, k, x[:2])['g'] for k in keys])
+                                        tx, tx, k, x[:2]).params for k in keys])
   opt_state = jax.vmap(tx.init)(params)
 
   def loss_fn(p, xb, tb, key):
     pred = student.apply({'params': p}, xb, train=True, rngs={'dropout': key})
     return losses.mse(pred, tb)
 
-  epoch = engine.make_epoch_fn(loss_fn, tx, 2, 'unrolled')
+  epoch = make_epoch_fn(loss_fn, tx, 2, 'unrolled')
   for e in range(2):
     params, opt_state, _ = epoch(params, opt_state, x, chunks,
                                  input_pipeline.batch_order(1, e, len(x), 16), keys, e)
   jax.tree_util.tree_map(
-      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), state['g'],
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), state.params,
       params)
 
 

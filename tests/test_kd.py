@@ -9,6 +9,7 @@ from tcn_jax import engine
 from tcn_jax import fit
 from tcn_jax import kdgan
 from tcn_jax import losses
+from tcn_jax.state import MemberState
 from tcn_jax import pipeline
 
 
@@ -58,7 +59,7 @@ def _kdgan_vs_kd(adv_weight, steps=3):
       lambda p, xb, tb, key: loss(net.apply(
           {'params': p}, xb, train=True, rngs={'dropout': jax.random.split(
               key)[0]}), tb), tx))
-  kd_state = {'params': state['c'], 'opt_state': state['c_opt']}
+  kd_state = MemberState(state.params, state.opt_state)
   target = {'logits': t_logits, 'feature': feats, 'label': labels}
   for i in range(steps):
     key = jax.random.key(10 + i)
@@ -70,14 +71,14 @@ def _kdgan_vs_kd(adv_weight, steps=3):
 
 def test_kdgan_without_adversary_is_kd_and_with_it_differs():
   state, kd_state, metrics = _kdgan_vs_kd(0.0)
-  for a, b in zip(jax.tree_util.tree_leaves(state['c']),
-                  jax.tree_util.tree_leaves(kd_state['params'])):
+  for a, b in zip(jax.tree_util.tree_leaves(state.params),
+                  jax.tree_util.tree_leaves(kd_state.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert np.isfinite(float(metrics['d_loss']))
   state, kd_state, _ = _kdgan_vs_kd(1.0)
   assert any(not np.allclose(a, b) for a, b in zip(
-      jax.tree_util.tree_leaves(state['c']),
-      jax.tree_util.tree_leaves(kd_state['params'])))
+      jax.tree_util.tree_leaves(state.params),
+      jax.tree_util.tree_leaves(kd_state.params)))
 
 
 def test_logit_matching_loss():

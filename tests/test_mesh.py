@@ -49,7 +49,7 @@ def _worker(out_dir):
   mesh = mesh_lib.make_mesh(data=-1)
   with mesh_lib.use(mesh):
     four, four_info = tcn.train_teacher(teacher, ds, **kw)
-    out['teacher_batch_devices'] = engine.MeshLayout(mesh, 1, 64).batch_devices
+    out['teacher_batch_devices'] = mesh_lib.Layout(mesh, 1, 64).batch_devices
     feats_mesh = tcn.teacher_features(teacher, four, ds.val.x[:99], 50)
   out['teacher'] = _max_diff(one, four)
   out['teacher_loss'] = abs(one_info['history'][-1]['train_loss'][0]

@@ -185,7 +185,7 @@ def test_flip_augmentation_targets_and_steps(tmp_path):
                            c.head_bn)
   with checkpoint.StageCheckpoint(str(tmp_path / 'teacher')) as ckpt:
     state, _ = ckpt.restore()
-  variables = engine.unstack({'params': state['params']}, 1)[0]
+  variables = {'params': engine.unstack(state['params'], 1)[0]}
   np.testing.assert_allclose(
       flip_feats, features.teacher_features(teacher, variables,
                                             data.hflip(ds.train.x)),

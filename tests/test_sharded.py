@@ -1,4 +1,5 @@
-"""The 'sharded' strategy: members split over devices equal vmap / unrolled.
+"""The 'sharded' strategy (every local device on the mesh's 'students' axis,
+through the one engine): members split over devices equal vmap / unrolled.
 
 Several CPU devices need XLA_FLAGS set before jax is imported, so the
 multi-device checks run in a subprocess with 4 host devices.
@@ -17,6 +18,7 @@ from conftest import ROOT
 from conftest import SMOKE
 from conftest import TINY_FLAGS
 from tcn_jax import engine
+from tcn_jax import mesh as mesh_lib
 from tcn_jax import models
 from test_engine import SPEC
 from test_engine import train_group
@@ -47,8 +49,9 @@ def _worker():
     ids = list(range(n))
     sharded, sharded_losses = train_group(ids, 'sharded')
     leaf = jax.tree_util.tree_leaves(sharded)[0]
-    mesh, padded = engine.member_mesh(n)
-    row = {'mesh': mesh.size, 'padded': padded, 'shape': leaf.shape[0],
+    layout = mesh_lib.Layout(engine.group_mesh('sharded'), n, 32)
+    row = {'mesh': layout.mesh.size, 'padded': layout.padded,
+           'shape': leaf.shape[0],
            'result_devices': len(leaf.sharding.device_set)}
     for other in ('vmap', 'unrolled') if n < 5 else ('vmap',):
       params, losses = train_group(ids, other)
@@ -78,28 +81,20 @@ def test_sharded_equals_vmap_and_unrolled_on_four_devices():
   line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')][-1]
   out = json.loads(line[len('RESULT '):])
   assert out['devices'] == 4
-  # n=4: one member per device; n=3: 3 devices; n=5: 3 devices x 2 members
-  # with one dummy member (a copy of member 0) that is dropped.
+  # Members are padded to a multiple of the 4 devices with dummies (copies
+  # of member 0) that are dropped: n=3 -> 4, n=5 -> 8.
   assert (out['4']['mesh'], out['4']['padded']) == (4, 4)
-  assert (out['3']['mesh'], out['3']['padded']) == (3, 3)
-  assert (out['5']['mesh'], out['5']['padded']) == (3, 6)
+  assert (out['3']['mesh'], out['3']['padded']) == (4, 4)
+  assert (out['5']['mesh'], out['5']['padded']) == (4, 8)
   for n in ('4', '3', '5'):
     assert 'unrolled' in out[n] or n == '5'
-    # Results come back unpadded and on one device (portable checkpoints).
-    assert (out[n]['shape'], out[n]['result_devices']) == (int(n), 1)
+    # Results come back unpadded: split over the devices where the members
+    # divide them, else replicated (every device holds the whole state).
+    assert out[n]['shape'] == int(n)
+    assert out[n]['result_devices'] == 4
     for key, diff in out[n].items():
       if key.startswith(('vmap', 'unrolled', 'apply')):
         assert diff < 1e-6, (n, key, out[n])
-
-
-def test_member_mesh_splits_with_fewest_members_per_device():
-  devices = [jax.devices()[0]] * 4   # Only the count matters here.
-  for n, (used, padded) in {1: (1, 1), 2: (2, 2), 3: (3, 3), 4: (4, 4),
-                            5: (3, 6), 6: (3, 6), 7: (4, 8), 9: (3, 9),
-                            8: (4, 8)}.items():
-    mesh, got = engine.member_mesh(n, devices)
-    assert (mesh.size, got) == (used, padded), n
-    assert padded - n < padded // used   # Fewer dummies than per device.
 
 
 def test_sharded_on_one_device_is_vmap():
