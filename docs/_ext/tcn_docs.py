@@ -15,11 +15,6 @@ import os
 import re
 import shutil
 
-from docutils import nodes
-from docutils.statemachine import StringList
-from sphinx.errors import ExtensionError
-from sphinx.util.docutils import SphinxDirective
-
 DOCS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT = os.path.dirname(DOCS)
 
@@ -88,6 +83,9 @@ def _write_if_changed(path, text):
 
 
 def generate(app, config=None):
+  """`config-inited`: checks the docstrings, writes api/index.rst and copies
+  the notebooks."""
+  from sphinx.errors import ExtensionError  # pylint: disable=g-import-not-at-top
   del config
   missing = missing_docstrings()
   if missing:
@@ -119,14 +117,23 @@ def presets_table() -> list[str]:
   return rows
 
 
-class PresetsTable(SphinxDirective):
-  """`{tcn-presets}`: the preset registry's table, parsed as MyST."""
+def _presets_directive():
+  """The `{tcn-presets}` directive: the preset registry's table, parsed as
+  MyST (Sphinx is imported only here, so the tests import this module
+  without it)."""
+  from docutils import nodes  # pylint: disable=g-import-not-at-top
+  from docutils.statemachine import StringList  # pylint: disable=g-import-not-at-top
+  from sphinx.util.docutils import SphinxDirective  # pylint: disable=g-import-not-at-top
 
-  def run(self):
-    container = nodes.container()
-    self.state.nested_parse(StringList(presets_table(), self.get_source_info()[0]),
-                            self.content_offset, container)
-    return container.children
+  class PresetsTable(SphinxDirective):
+
+    def run(self):
+      container = nodes.container()
+      self.state.nested_parse(
+          StringList(presets_table(), self.get_source_info()[0]),
+          self.content_offset, container)
+      return container.children
+  return PresetsTable
 
 
 # The docstrings' house style, read as reST: "`Split`s" (a role followed by a
@@ -201,5 +208,5 @@ def setup(app):
   app.connect('autodoc-process-docstring', house_style, priority=400)
   app.connect('source-read', repository_links)
   app.connect('include-read', include_links)
-  app.add_directive('tcn-presets', PresetsTable)
+  app.add_directive('tcn-presets', _presets_directive())
   return {'parallel_read_safe': True, 'parallel_write_safe': True}
