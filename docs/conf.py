@@ -45,12 +45,14 @@ source_suffix = {'.rst': 'restructuredtext', '.md': 'myst-nb',
                  '.ipynb': 'myst-nb'}
 exclude_patterns = ['_build', 'README.md', '**.ipynb_checkpoints']
 
+templates_path = ['_templates']
 autosummary_generate = True
 autodoc_typehints = 'description'
 autodoc_member_order = 'bysource'
-autodoc_default_options = {'members': False}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
+# Attributes: sections as fields, so dataclass fields are not described twice.
+napoleon_use_ivar = True
 
 html_theme = 'sphinx_book_theme'
 html_title = 'tcn_jax'
