@@ -58,3 +58,8 @@ html_theme = 'sphinx_book_theme'
 html_title = 'tcn_jax'
 html_theme_options = {'repository_url': REPOSITORY, 'use_repository_button': True,
                       'show_toc_level': 2}
+
+# A reference to a tcn_jax name that has no entry fails the build (-W); names
+# of other libraries (no intersphinx here: it cannot fetch) are not checked.
+nitpicky = True
+nitpick_ignore_regex = [(r'py:.*', r'(?!tcn_jax\.).*')]
