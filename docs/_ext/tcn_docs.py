@@ -2,7 +2,8 @@
 
 - `api/index.rst`: an autosummary of every public name of `tcn_jax`
   (`tcn_jax.__all__` when it exists, else the names `tcn_jax/__init__.py`
-  imports or defines); a public name without a docstring stops the build.
+  imports or defines); a public name without a docstring is a warning, so
+  the build with -W (CI) fails.
 - `notebooks/*.ipynb`: copies of the repository's notebooks (rendered, not
   executed).
 - the `tcn-presets` directive: the presets table from `tcn_jax.presets`.
@@ -85,12 +86,13 @@ def _write_if_changed(path, text):
 def generate(app, config=None):
   """`config-inited`: checks the docstrings, writes api/index.rst and copies
   the notebooks."""
-  from sphinx.errors import ExtensionError  # pylint: disable=g-import-not-at-top
+  from sphinx.util import logging  # pylint: disable=g-import-not-at-top
   del config
-  missing = missing_docstrings()
-  if missing:
-    raise ExtensionError(
-        'public names of tcn_jax without a docstring: ' + ', '.join(missing))
+  for name in missing_docstrings():   # -W (CI) makes each one an error.
+    logging.getLogger(__name__).warning(
+        'tcn_jax.%s is a public name without a docstring: write one (Args:, '
+        'Returns:) where it is defined', name, type='tcn_docs',
+        subtype='docstring')
   names = public_names()
   _write_if_changed(os.path.join(app.srcdir, 'api', 'index.rst'),
                     API_HEADER + ''.join(f'   {n}\n' for n in names))
