@@ -55,7 +55,8 @@ def _student_group(jax, ids, x):
     pred = model.apply({'params': p}, xb, train=True, rngs={'dropout': key})
     return losses.mse(pred, tb)
 
-  state = {'params': params, 'opt_state': jax.vmap(tx.init)(params)}
+  from tcn_jax.state import MemberState  # pylint: disable=g-import-not-at-top
+  state = MemberState(params, jax.vmap(tx.init)(params))
   return model, engine.gradient_step(loss_fn, tx), state
 
 

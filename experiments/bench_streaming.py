@@ -12,8 +12,9 @@
    flip to 32 x 32) by Stream.batches with reader threads and with worker
    processes, beside the images/s the students' training steps consume.
 4. Fashion-MNIST students (the paper's n = 4, batch 128): step time of the
-   streamed path (the training arrays read through Grain, one compiled step
-   per batch) beside the in-memory path (one compiled epoch), interleaved.
+   streamed path (the training arrays read through Grain, in chunks of
+   batches through the same loop and program) beside the in-memory path
+   (one chunk per epoch), interleaved.
 
 Writes experiments/results/streaming_cpu.{md,json} with os.getloadavg()
 before and after each measurement (the machine is shared; run it under
@@ -167,9 +168,12 @@ def consumption(steps):
   def loss_fn(p, xb, t, key):
     return loss(model.apply({'params': p}, xb, train=True,
                             rngs={'dropout': key}), t)
-  state = {'params': params, 'opt_state': jax.vmap(tx.init)(params)}
-  chunk = engine.make_chunk_fn(engine.gradient_step(loss_fn, tx), N_STUDENTS,
-                               'auto')
+  from tcn_jax.state import MemberState
+  state = MemberState(params, jax.vmap(tx.init)(params))
+  trainer = engine.Trainer(engine.gradient_step(loss_fn, tx), N_STUDENTS,
+                           'auto')
+  chunk = lambda state, xs, ts, keys, epoch, offset, context: trainer(
+      state, engine.Fed(xs, ts), keys, epoch, offset, context)
   xs = np.asarray(x)[None]
   ts = {k: np.asarray(v)[None] for k, v in tb.items()}
   keys = engine.member_keys(0, group.member_ids)

@@ -61,6 +61,7 @@ from tcn_jax import input_pipeline
 from tcn_jax import layers
 from tcn_jax import losses
 from tcn_jax import models
+from tcn_jax.state import MemberState
 
 RESULTS = common.RESULTS
 BATCH = 128
@@ -201,14 +202,15 @@ class Group:
     """Seconds to lower and compile the jitted group epoch that
     make_epoch_fn runs (ahead of time, for `steps` steps); None where the
     strategy's epoch is not one jitted function ('sharded' on a mesh)."""
-    fn = engine.make_group_epoch(engine.gradient_step(self.loss_fn, self.tx),
-                                 len(self.ids), self.strategy)
-    if not hasattr(fn, 'lower'):
+    trainer = engine.Trainer(engine.gradient_step(self.loss_fn, self.tx),
+                             len(self.ids), self.strategy)
+    if trainer.mesh.size > 1:
       return None
-    state = {'params': self.params, 'opt_state': self.opt_state}
+    _, fn = trainer.program(self.batch, True)
+    state = MemberState(self.params, self.opt_state)
     t = time.perf_counter()
-    fn.lower(state, self.x, self.targets, self.order(self.steps), self.keys,
-             0).compile()
+    fn.lower(state, (self.x, self.targets, self.order(self.steps)),
+             self.keys, 0, 0, None).compile()
     return time.perf_counter() - t
 
   def flops_per_step(self):
@@ -352,8 +354,8 @@ def analyze(x, repeats, n=4):
       rng.standard_normal((1, len(x), width), np.float32), 0))
   base = student_group(spec, width, [0], 'auto', x, targets, 1)
   step = engine.gradient_step(base.loss_fn, base.tx)
-  state = {'params': engine.unstack(base.params, 1)[0],
-           'opt_state': engine.unstack(base.opt_state, 1)[0]}
+  state = MemberState(engine.unstack(base.params, 1)[0],
+                      engine.unstack(base.opt_state, 1)[0])
   xb, tb = x[:BATCH], targets[0, :BATCH]
   jaxpr = jax.make_jaxpr(step)(state, xb, tb, jax.random.key(0))
   dots = _dot_generals(jaxpr.jaxpr, [])

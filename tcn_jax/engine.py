@@ -199,9 +199,11 @@ class Trainer:
     self._programs, self._placed = {}, {}
 
   def layout(self, batch_size: int) -> mesh_lib.Layout:
-    return self._program(batch_size, False)[0]
+    return self.program(batch_size, False)[0]
 
-  def _program(self, batch_size, resident):
+  def program(self, batch_size: int, resident: bool):
+    """(layout, jitted program) for batches of `batch_size`, in-memory on
+    one device (`resident`) or fed."""
     if (batch_size, resident) in self._programs:
       return self._programs[batch_size, resident]
     layout = mesh_lib.Layout(self.mesh, self.num_members, batch_size)
@@ -235,7 +237,7 @@ class Trainer:
     resident = isinstance(batches, Resident) and mesh.size == 1
     size = (batches.order.shape[1] if isinstance(batches, Resident)
             else batches.batch_size or np.shape(batches.xs)[1])
-    layout, program = self._program(size, resident)
+    layout, program = self.program(size, resident)
     replicate = lambda tree: jax.tree_util.tree_map(
         lambda a: mesh_lib.put(mesh, P(), mesh_lib.to_host(a)), tree)
     if resident:   # On the one device, once.
@@ -277,6 +279,22 @@ def make_group_epoch(member_step, num_members: int, strategy: str,
   def epoch_fn(state, x, targets, order, keys, epoch):
     state, metrics = trainer(state, Resident(x, targets, order), keys, epoch)
     return state, mesh_lib.to_host(metrics)
+
+  return epoch_fn
+
+
+def make_epoch_fn(loss_fn: LossFn, tx: optax.GradientTransformation,
+                  num_members: int, strategy: str, mesh=None):
+  """Gradient-descent epochs of `loss_fn` (see make_group_epoch):
+  `epoch(params, opt_state, x, targets, order, keys, epoch) -> (params,
+  opt_state, losses (steps, members))`."""
+  group_epoch = make_group_epoch(gradient_step(loss_fn, tx), num_members,
+                                 strategy, mesh)
+
+  def epoch_fn(params, opt_state, x, targets, order, keys, epoch):
+    state, metrics = group_epoch(MemberState(params, opt_state), x, targets,
+                                 order, keys, epoch)
+    return state.params, state.opt_state, metrics['loss']
 
   return epoch_fn
 

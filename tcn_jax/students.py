@@ -7,7 +7,9 @@ an adversarial term against a discriminator each (`tcn_jax.gan`). On a mesh
 (`tcn_jax.mesh`, any number of processes) a group's members are split over
 its 'students' axis; students never communicate.
 """
+import dataclasses
 import os
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -68,40 +70,98 @@ def _online_targets(online, loss_name, bounds, member_ids):
                                            for k in ('mean', 'matrix')}})
 
 
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """How the students' parameters are updated.
+
+  Attributes:
+    name: an optimizer of `fit.OPTIMIZERS` ('adam', 'nadam', 'sgd').
+    learning_rate: its learning rate.
+    schedule: 'constant' (the paper) or 'cosine' (to 0 over the epochs).
+    weight_decay: L2 of the kernels added to the loss.
+  """
+  name: str = 'adam'
+  learning_rate: float = 1e-3
+  schedule: str = 'constant'
+  weight_decay: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Nets:
+  """How the student architectures become Flax modules.
+
+  Attributes:
+    out_relu: a ReLU on each student's output (the teacher's features are
+      post-ReLU).
+    init: the output layer's initializer.
+    impl: the convolution implementation ('auto', 'im2col', 'xla').
+    dtype: the compute dtype (e.g. jnp.bfloat16; parameters stay float32);
+      None: float32.
+  """
+  out_relu: bool = False
+  init: str = 'normal'
+  impl: str = 'auto'
+  dtype: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What each student minimises.
+
+  Attributes:
+    loss: the regression loss's name in `losses.STUDENT_LOSSES`.
+    loss_context: what that loss needs (e.g. logit matching: head,
+      head_variables, weight, temperature, chunker).
+    gan: None for FF students, or a dict of GAN settings (`gan_settings`).
+    online: None (targets are `features`), or the frozen teacher computing
+      them from each batch: {'teacher', 'variables', 'chunker'}.
+  """
+  loss: str = 'mse'
+  loss_context: Any = None
+  gan: Any = None
+  online: Any = None
+
+
 def train_students(specs, x, features, num_students, *, epochs,
-                   batch_size=128, optimizer='adam', learning_rate=1e-3,
-                   out_relu=False, init='normal', weight_decay=0.0, seed=0,
-                   strategy='auto', impl='auto', val=None, gan=None,
-                   loss='mse', loss_context=None, lr_schedule='constant',
-                   workdir=None, writer=None, members=None, dtype=None,
-                   online=None):
+                   batch_size=128, optimizer: Optimizer = Optimizer(),
+                   nets: Nets = Nets(), objective: Objective = Objective(),
+                   val=None, seed=0, strategy='auto', workdir=None,
+                   writer=None, members=None):
   """Trains n students on the n contiguous chunks of `features`.
 
   Args:
     specs: one architecture string for all students, or one per student.
-    x: (N, ...) training inputs; every student sees all of them.
+    x: (N, ...) training inputs (or a streamed `input_pipeline.Stream`);
+      every student sees all of them.
     features: (N, D) targets (teacher features, or PCA coefficients).
     num_students: n.
-    epochs, batch_size, optimizer, learning_rate, out_relu, init,
-      weight_decay, strategy, impl: as in the config's `students` section.
-    seed: the run's seed.
+    epochs: passes over x.
+    batch_size: examples per step.
+    optimizer: an `Optimizer` (name, learning rate, schedule, weight decay).
+    nets: `Nets` (output ReLU, initializer, convolutions, compute dtype).
+    objective: an `Objective` (regression loss, GAN, online features).
     val: optional (x_val, features_val), scored (MSE) after each epoch.
-    gan: None for FF students, or a dict of GAN settings (`gan_settings`).
-    loss: the regression loss's name in `losses.STUDENT_LOSSES`.
-    loss_context: what that loss needs (e.g. logit matching: head,
-      head_variables, weight, temperature, chunker).
-    lr_schedule: 'constant' (the paper) or 'cosine' (to 0 over the epochs).
+    seed: the run's seed.
+    strategy: how a device runs its students (`engine.STRATEGIES`).
     workdir: checkpoints go to `workdir/students/group<g>` (None: unsaved).
     writer: optional TensorBoard writer.
     members: train only these member ids; the groups returned hold only
       them.
-    dtype: the compute dtype (e.g. jnp.bfloat16; parameters stay float32);
-      None: float32.
 
   Returns:
     (groups, info): `assemble.StudentGroup`s with trained variables; info =
     {'val_mse': per student, its MSE per epoch, 'history', 'seconds'}.
   """
+  for name, value, kind in (('optimizer', optimizer, Optimizer),
+                            ('nets', nets, Nets),
+                            ('objective', objective, Objective)):
+    if not isinstance(value, kind):
+      raise TCNError(f'train_students: {name} must be a tcn_jax.students.'
+                     f'{kind.__name__}, got {value!r}')
+  out_relu, init, impl, dtype = (nets.out_relu, nets.init, nets.impl,
+                                 nets.dtype)
+  loss, loss_context, gan, online = (objective.loss, objective.loss_context,
+                                     objective.gan, objective.online)
   if isinstance(specs, str):
     specs = [specs] * num_students
   if len(specs) != num_students:
@@ -137,11 +197,11 @@ def train_students(specs, x, features, num_students, *, epochs,
   else:
     raise TCNError('online features need val=(x_val, val features)')
   seed = fit.stage_seed(seed, 'students')
-  lr = learning_rate
-  if lr_schedule == 'cosine':
+  lr = optimizer.learning_rate
+  if optimizer.schedule == 'cosine':
     lr = optax.cosine_decay_schedule(
-        learning_rate, max(1, epochs * (len(x) // batch_size)))
-  tx = fit.make_optimizer(optimizer, lr, 'config.students.optimizer')
+        optimizer.learning_rate, max(1, epochs * (len(x) // batch_size)))
+  tx = fit.make_optimizer(optimizer.name, lr, 'config.students.optimizer')
   val_mse, histories, seconds = {}, [], 0.0
   for gi, group in enumerate(groups):
     if members is not None:   # gi stays the index among all groups.
@@ -169,7 +229,7 @@ def train_students(specs, x, features, num_students, *, epochs,
       group.variables, hist, secs = fit.fit(
           stage_dir, model=model, loss=regression, tx=tx,
           variables=engine.init_group(init_fn, seed, group.member_ids),
-          weight_decay=weight_decay, **common)
+          weight_decay=optimizer.weight_decay, **common)
     else:
       disc = gan_lib.Discriminator(gan['disc_widths'], group.out_dim,
                                    gan['disc_first_bias'], gan['recon_relu'])
@@ -266,12 +326,11 @@ def run_stage(run: record.Run, shared: dict,
       targets = np.concatenate([targets, shared['train_flip']])
   groups, info = train_students(
       specs, x, targets, c.num_students, epochs=s.epochs,
-      batch_size=s.batch_size, optimizer=s.optimizer,
-      learning_rate=s.learning_rate, out_relu=s.out_relu, init=s.init,
-      weight_decay=s.weight_decay, seed=c.seed, strategy=s.strategy,
-      impl=c.layers_impl, dtype=models.compute_dtype(c),
-      val=(ds.val.x, shared['val']),
-      gan=gan_settings(c), loss=s.loss, loss_context=context,
-      lr_schedule=s.lr_schedule, workdir=run.workdir or None,
-      writer=run.writer, online=online)
+      batch_size=s.batch_size,
+      optimizer=Optimizer(s.optimizer, s.learning_rate, s.lr_schedule,
+                          s.weight_decay),
+      nets=Nets(s.out_relu, s.init, c.layers_impl, models.compute_dtype(c)),
+      objective=Objective(s.loss, context, gan_settings(c), online),
+      val=(ds.val.x, shared['val']), seed=c.seed, strategy=s.strategy,
+      workdir=run.workdir or None, writer=run.writer)
   return record.Students(groups, chunker, info, shared['key'])

@@ -92,7 +92,8 @@ def test_cosine_student_schedule_starts_at_the_base_rate():
   def params(schedule, epochs):
     groups, _ = students.train_students('C4 MP F', x, feats, 2,
                                         epochs=epochs, batch_size=8,
-                                        lr_schedule=schedule)
+                                        optimizer=students.Optimizer(
+                                            schedule=schedule))
     return jax.tree_util.tree_leaves(groups[0].variables)
 
   for a, b in zip(params('constant', 1), params('cosine', 1)):

@@ -10,24 +10,8 @@ from tcn_jax import input_pipeline
 from tcn_jax import losses as losses_lib
 from tcn_jax import models
 from tcn_jax.errors import TCNError
-from tcn_jax.state import MemberState
 
 SPEC = 'C4 MP C4 MP Do.2 F D8r Do.1'
-
-
-def make_epoch_fn(loss_fn, tx, num_members, strategy, mesh=None):
-  """Gradient-descent epochs of loss_fn: `epoch(params, opt_state, x,
-  targets, order, keys, epoch) -> (params, opt_state, losses (steps,
-  members))`."""
-  group_epoch = engine.make_group_epoch(engine.gradient_step(loss_fn, tx),
-                                        num_members, strategy, mesh)
-
-  def epoch_fn(params, opt_state, x, targets, order, keys, epoch):
-    state, metrics = group_epoch(MemberState(params, opt_state), x, targets,
-                                 order, keys, epoch)
-    return state.params, state.opt_state, metrics['loss']
-
-  return epoch_fn
 
 
 def train_group(ids, strategy, epochs=2, n_data=96, batch=32):
@@ -45,7 +29,7 @@ def train_group(ids, strategy, epochs=2, n_data=96, batch=32):
     pred = model.apply({'params': p}, xb, train=True, rngs={'dropout': key})
     return losses_lib.mse(pred, tb)
 
-  epoch_fn = make_epoch_fn(loss_fn, tx, len(ids), strategy)
+  epoch_fn = engine.make_epoch_fn(loss_fn, tx, len(ids), strategy)
   keys = engine.member_keys(7, ids)
   losses = []
   for e in range(epochs):

@@ -15,7 +15,6 @@ from tcn_jax import pipeline
 from tcn_jax import students as students_lib
 from conftest import needs_fmnist
 from tcn_jax.errors import TCNError
-from test_engine import make_epoch_fn
 
 SPEC = 'C4 MP F D8r Do.1'
 
@@ -77,7 +76,7 @@ def test_without_adversarial_term_student_output_equals_ff():
     pred = student.apply({'params': p}, xb, train=True, rngs={'dropout': key})
     return losses.mse(pred, tb)
 
-  epoch = make_epoch_fn(loss_fn, tx, 2, 'unrolled')
+  epoch = engine.make_epoch_fn(loss_fn, tx, 2, 'unrolled')
   for e in range(2):
     params, opt_state, _ = epoch(params, opt_state, x, chunks,
                                  input_pipeline.batch_order(1, e, len(x), 16), keys, e)
@@ -115,9 +114,11 @@ def test_logit_matching_gan_students(mse_target):
             weight=weight, temperature=2.0,
             chunker=chunking.Chunker(2, 16)))
     groups, info = students_lib.train_students(
-        SPEC, x, features, 2, epochs=2, batch_size=16, optimizer='sgd',
-        learning_rate=0.05, seed=3, strategy='unrolled', impl='im2col',
-        val=(x[:16], features[:16]), gan=settings, **match)
+        SPEC, x, features, 2, epochs=2, batch_size=16,
+        optimizer=students_lib.Optimizer('sgd', 0.05), seed=3,
+        strategy='unrolled', nets=students_lib.Nets(impl='im2col'),
+        val=(x[:16], features[:16]),
+        objective=students_lib.Objective(gan=settings, **match))
     assert all(np.isfinite(m).all() for m in info['val_mse'])
     return groups[0].variables
 

@@ -293,8 +293,9 @@ def test_online_features_equal_cached():
   cached, c_info = students.train_students(
       'C4 MP F D8r', train, chunker.encode(f_train), 1, **kw)
   online, o_info = students.train_students(
-      'C4 MP F D8r', train, None, 1, **kw, online={
-          'teacher': teacher, 'variables': t_vars, 'chunker': chunker})
+      'C4 MP F D8r', train, None, 1, **kw, objective=students.Objective(
+          online={'teacher': teacher, 'variables': t_vars,
+                  'chunker': chunker}))
   for a, b in zip(jax.tree_util.tree_leaves([g.variables for g in cached]),
                   jax.tree_util.tree_leaves([g.variables for g in online])):
     np.testing.assert_allclose(a, b, atol=1e-6)

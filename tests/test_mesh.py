@@ -83,7 +83,8 @@ def _worker(out_dir):
                      for k in ('test_acc_before', 'test_acc_after')]
   out['teacher_acc'] = [one_acc, four_acc]
   x, feats, val = _students_data()
-  kw = dict(epochs=2, batch_size=50, seed=5, learning_rate=1e-2, val=val)
+  kw = dict(epochs=2, batch_size=50, seed=5, val=val,
+            optimizer=tcn.students.Optimizer(learning_rate=1e-2))
   for n in (3,):   # 3: one dummy member pads the students axis.
     groups, info = tcn.train_students('C4 MP F D8r', x, feats, n, **kw)
     with mesh_lib.use(mesh_lib.make_mesh(data=2, students=2)):
