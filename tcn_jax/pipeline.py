@@ -105,6 +105,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     paper's, per-student validation MSE, parameters, seconds, digests.
   """
   config = config_lib.resolve(config)
+  # Paths first: one line before any data is read or anything written.
+  workdir_lib.check_path(workdir)
+  if config.teacher.init_from:
+    teacher_lib.check_source(config.teacher.init_from, workdir)
   dist = config.distributed
   joined = distributed.initialize(dist.num_processes, dist.process_id,
                                   dist.coordinator)

@@ -110,3 +110,124 @@ def test_second_run_refused_after_lock_file_deleted(tmp_path):
       first.kill()
       first.wait()
   assert first.returncode == 128 + signal.SIGINT, first.stderr.read()[-2000:]
+
+
+# 2. Teacher provenance and 7. paths, run through `main.main` in-process on
+# a copy of a finished tiny run (test_bad_inputs' fixtures).
+
+from test_bad_inputs import _read_only_dir  # pylint: disable=g-import-not-at-top,wrong-import-position
+from test_bad_inputs import finished  # pylint: disable=unused-import,g-import-not-at-top,wrong-import-position
+from test_bad_inputs import run_main  # pylint: disable=unused-import,g-import-not-at-top,wrong-import-position
+from conftest import tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _unfinished_source(tmp, wd):
+  """A finished run copied and its config.json raised to 6 teacher epochs:
+  a teacher that stopped after 2 of 6."""
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  source = str(tmp / 'source')
+  shutil.copytree(wd, source)
+  with open(os.path.join(source, 'config.json')) as f:
+    config = json.load(f)
+  config['teacher']['epochs'] = 6
+  with open(os.path.join(source, 'config.json'), 'w') as f:
+    json.dump(config, f)
+  return {'teacher__init_from': source}
+
+
+def _empty_file(name):
+  def setup(tmp, wd):
+    del wd
+    os.makedirs(tmp, exist_ok=True)
+    path = str(tmp / name)
+    open(path, 'w').close()
+    return {'teacher__init_from': path}
+  return setup
+
+
+# (id, overrides, expected text, setup(tmp, workdir) -> more overrides).
+PATH_CASES = [
+    ('init_from its own workdir', {}, 'is inside the workdir',
+     lambda tmp, wd: {'teacher__init_from': wd}),
+    ('init_from its own teacher/', {}, 'is inside the workdir',
+     lambda tmp, wd: {'teacher__init_from': os.path.join(wd, 'teacher')}),
+    ('init_from its own workdir by another spelling', {},
+     'is inside the workdir',
+     lambda tmp, wd: {'teacher__init_from': wd + '/./teacher/../'}),
+    ('init_from an unfinished teacher', {},
+     'holds an unfinished teacher (2 of its 6 epochs', _unfinished_source),
+    ('init_from missing', {}, 'no such file or directory',
+     lambda tmp, wd: {'teacher__init_from': str(tmp / 'nowhere')}),
+    ('init_from an empty .keras', {}, 'the file is empty (0 bytes)',
+     _empty_file('model.keras')),
+    ('init_from an empty .h5', {}, 'the file is empty (0 bytes)',
+     _empty_file('model.h5')),
+    ('workdir empty string', {}, "workdir '' is empty",
+     lambda tmp, wd: {'workdir': ''}),
+    ('workdir blank', {}, "workdir '  ' is empty",
+     lambda tmp, wd: {'workdir': '  '}),
+    ('workdir is a file', {}, 'results.json is a file, not a directory',
+     lambda tmp, wd: {'workdir': os.path.join(wd, 'results.json')}),
+    ('workdir under a file', {}, 'cannot be created:',
+     lambda tmp, wd: {'workdir': os.path.join(wd, 'config.json', 'a', 'b')}),
+]
+
+
+@needs_fmnist
+@pytest.mark.parametrize('name, overrides, message, setup', PATH_CASES,
+                         ids=[c[0] for c in PATH_CASES])
+def test_bad_path(finished, tmp_path, run_main, name, overrides, message,
+                  setup):
+  del name
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(finished, workdir)
+  overrides = dict(overrides, **setup(tmp_path / 'setup', workdir))
+  target = overrides.pop('workdir', workdir)
+  overrides.setdefault('allow_config_change', True)
+  before = snapshot(workdir)
+  t = time.time()
+  code, errors = run_main(tiny_config(**overrides), target)
+  assert code == 2
+  assert len(errors) == 1 and message in errors[0], errors
+  assert time.time() - t < 60
+  assert snapshot(workdir) == before
+
+
+@needs_fmnist
+def test_workdir_not_writable(tmp_path, run_main):
+  """A workdir on a read-only directory: one line naming the directory and
+  the cause (not 'No such file', not a Python traceback)."""
+  with _read_only_dir(str(tmp_path / 'ro')) as ro:
+    before = snapshot(ro)
+    code, errors = run_main(tiny_config(), os.path.join(ro, 'run'))
+    assert code == 2
+    assert len(errors) == 1 and 'is not writable' in errors[0], errors
+    assert ro in errors[0]
+    assert snapshot(ro) == before
+
+
+@needs_fmnist
+def test_export_cli_unwritable_workdir(finished, tmp_path):
+  """export_cli on a workdir whose export/ cannot be written: one line."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(finished, workdir)
+  os.makedirs(os.path.join(workdir, 'export'))
+  before = snapshot(workdir)
+  with _read_only_dir(os.path.join(workdir, 'export')):
+    code, errors, stderr = cli(['--workdir', workdir, '--formats',
+                                'stablehlo'], module='tcn_jax.export_cli')
+  assert code == 2, stderr[-2000:]
+  assert len(errors) == 1 and 'is not writable' in errors[0], stderr[-2000:]
+  assert 'Traceback' not in stderr
+  assert snapshot(workdir) == before
+
+
+def test_export_cli_missing_workdir(tmp_path):
+  code, errors, stderr = cli(['--workdir', str(tmp_path / 'none')],
+                             module='tcn_jax.export_cli', timeout=120)
+  assert code == 2 and len(errors) == 1, stderr[-2000:]
+  assert 'is not a directory' in errors[0]
+  assert not os.path.exists(tmp_path / 'none')
