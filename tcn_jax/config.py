@@ -154,9 +154,11 @@ def base_config() -> ml_collections.ConfigDict:
   # workdir/export/ at the end of a run (tcn_jax/export.py): formats
   # 'stablehlo', 'onnx' comma-separated ('' = none); batch_size 0 = any.
   c.export = ml_collections.ConfigDict(dict(formats='', batch_size=0))
-  # Processes of a multi-host run (docs/distributed.md).
+  # Processes of a multi-host run (docs/distributed.md); num_processes=0:
+  # detected from the cluster (SLURM, Cloud TPU, Kubernetes); timeout_s
+  # bounds the join (the coordinator reachable, every process joined).
   c.distributed = ml_collections.ConfigDict(dict(
-      num_processes=1, process_id=0, coordinator=''))
+      num_processes=1, process_id=0, coordinator='', timeout_s=300))
   # The device mesh every stage runs on (tcn_jax/mesh.py): devices along
   # 'data' (batches) and 'students' (a group's members); -1: those left.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, students=1))

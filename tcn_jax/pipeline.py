@@ -111,7 +111,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     teacher_lib.check_source(config.teacher.init_from, workdir)
   dist = config.distributed
   joined = distributed.initialize(dist.num_processes, dist.process_id,
-                                  dist.coordinator)
+                                  dist.coordinator,
+                                  dist.get('timeout_s',
+                                           distributed.JOIN_TIMEOUT))
   if joined:
     distributed.check_same_config(config_lib.to_json(config))
   mesh = mesh_lib.from_config(config)

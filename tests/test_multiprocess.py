@@ -188,8 +188,12 @@ def test_killed_process_resumes_from_multihost_checkpoint(streamed, tmp_path):
 
 
 @pytest.mark.parametrize('section,field', [
-    ({'num_processes': 0, 'process_id': 0, 'coordinator': ''},
+    ({'num_processes': -1, 'process_id': 0, 'coordinator': ''},
      'num_processes'),
+    ({'num_processes': 0, 'process_id': 1, 'coordinator': ''},
+     'num_processes'),
+    ({'num_processes': 2, 'process_id': 0, 'coordinator': 'h:1',
+      'timeout_s': 0}, 'timeout_s'),
     ({'num_processes': 2, 'process_id': 2, 'coordinator': 'h:1'},
      'process_id'),
     ({'num_processes': 2, 'process_id': -1, 'coordinator': 'h:1'},

@@ -231,3 +231,97 @@ def test_export_cli_missing_workdir(tmp_path):
   assert code == 2 and len(errors) == 1, stderr[-2000:]
   assert 'is not a directory' in errors[0]
   assert not os.path.exists(tmp_path / 'none')
+
+
+# 3. Joining a cluster.
+
+
+def _free_port(low=20000, high=30000):
+  import socket  # pylint: disable=g-import-not-at-top
+  for port in range(low + os.getpid() % 997, high):
+    with socket.socket() as s:
+      try:
+        s.bind(('127.0.0.1', port))
+      except OSError:
+        continue
+      return port
+  raise RuntimeError('no free port')
+
+
+@needs_fmnist
+@pytest.mark.parametrize('process_id', [1, 0])
+def test_join_without_coordinator_is_one_line(tmp_path, process_id):
+  """Nobody at the coordinator (process > 0: nothing listens; process 0:
+  no peer comes): one line naming it within config.distributed.timeout_s,
+  exit 2, nothing written, no XLA abort (exit 134, a C++ stack)."""
+  port = _free_port()
+  workdir = str(tmp_path / 'run')
+  t = time.time()
+  code, errors, stderr = cli(
+      ['--config', SMOKE, '--workdir', workdir, *TINY_FLAGS,
+       '--config.distributed.num_processes=2',
+       f'--config.distributed.process_id={process_id}',
+       f'--config.distributed.coordinator=127.0.0.1:{port}',
+       '--config.distributed.timeout_s=4'], timeout=120)
+  assert code == 2, stderr[-2000:]
+  assert len(errors) == 1 and f'cannot join 127.0.0.1:{port}' in errors[0], (
+      stderr[-2000:])
+  assert 'config.distributed.timeout_s' in errors[0]
+  assert 'Check failure' not in stderr and 'Traceback' not in stderr
+  assert time.time() - t < 90
+  assert not os.path.exists(workdir)
+
+
+@needs_fmnist
+def test_auto_join_without_cluster_is_one_line(tmp_path):
+  env = {k: v for k, v in os.environ.items() if not k.startswith(
+      ('SLURM_', 'OMPI_', 'PMI_', 'TPU_', 'MEGASCALE'))}
+  workdir = str(tmp_path / 'run')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'tcn_jax.main', '--config', SMOKE, '--workdir',
+       workdir, *TINY_FLAGS, '--config.distributed.num_processes=0'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+  errors = errors_of(proc.stderr)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert len(errors) == 1 and 'none was found' in errors[0], errors
+  assert not os.path.exists(workdir)
+
+
+SLURM_JOIN = '''
+import sys
+import numpy as np
+from tcn_jax import distributed
+assert distributed.initialize(0, 0, '', 60)
+rows = distributed.allgather_bytes(str(distributed.process_index()).encode())
+print('joined', distributed.process_index(), distributed.process_count(),
+      b','.join(rows).decode(), flush=True)
+distributed.shutdown()
+'''
+
+
+def test_auto_join_under_slurm_on_localhost():
+  """num_processes=0 under SLURM: two local processes with the variables
+  JAX's SlurmCluster reads join as processes 0 and 1 of 2 (the coordinator
+  is the node list's first host, its port from the job id)."""
+  port = _free_port(61440, 65535)
+  base = {k: v for k, v in os.environ.items() if not k.startswith('SLURM_')}
+  base.update(SLURM_JOB_ID=str(port - 61440), SLURM_NTASKS='2',
+              SLURM_STEP_NODELIST='localhost', SLURM_JOB_NUM_NODES='1',
+              SLURM_STEP_NUM_NODES='1', SLURM_NODELIST='localhost',
+              JAX_PLATFORMS='cpu')
+  procs = [subprocess.Popen(
+      ['nice', '-n', '10', sys.executable, '-c', SLURM_JOIN], cwd=ROOT,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=dict(base, SLURM_PROCID=str(k), SLURM_LOCALID=str(k)))
+           for k in range(2)]
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=120))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for k, (p, (out, err)) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, err[-2000:]
+    assert f'joined {k} 2 0,1' in out, (out, err[-2000:])
