@@ -289,6 +289,27 @@ def _check_optimizer(field, name, learning_rate):
   fit.make_optimizer(name, learning_rate, f'config.{field}')
 
 
+def check_combinations(c):
+  """Fields that are each valid but wrong together (one line naming both).
+
+  Cached teacher features are computed once from the centre crop of each
+  training image; students that see per-epoch crops or flips
+  (`data.augment`) would regress onto features of other pixels.
+  """
+  augment = c.data.get('augment', '')
+  features = c.students.get('features', '')
+  if augment and features in ('', 'cached'):
+    raise TCNError(f'config.students.features={features or "cached"!r} '
+                   f'with config.data.augment={augment!r}: cached features '
+                   'are of the un-augmented images, so students would learn '
+                   "other targets than their inputs; use students.features="
+                   "'online' (or 'auto'), or data.augment=''")
+  if augment and c.kdgan.enabled:
+    raise TCNError(f'config.kdgan.enabled needs cached teacher features, '
+                   'which are of the un-augmented images; set '
+                   f"config.data.augment='' (now {augment!r})")
+
+
 def _validate(c):
   """Every check that needs no data, in the order a reader meets them."""
   n = c.num_students
@@ -331,6 +352,7 @@ def _validate(c):
   LR_SCHEDULES.check(c.students.lr_schedule)
   AUGMENTS.check(c.students.augment)
   FEATURE_MODES.check(c.students.get('features', ''))
+  check_combinations(c)
   if c.students.get('features') == 'online' and c.kdgan.enabled:
     raise TCNError("config.students.features='online' leaves no cached "
                    'features for KDGAN (config.kdgan.enabled); use cached')

@@ -101,24 +101,48 @@ def _files_fingerprint(paths) -> str:
   return h.hexdigest()
 
 
+def _visible(names):
+  """Directory entries but hidden ones ('.ipynb_checkpoints', '.DS_Store')."""
+  return sorted(n for n in names if not n.startswith('.'))
+
+
+def _is_image_file(path) -> bool:
+  """Whether Pillow recognises `path` as an image (reads its header only)."""
+  try:
+    with _pil().open(path) as img:
+      return bool(img.format)
+  except Exception:  # pylint: disable=broad-except  (Pillow raises several)
+    return False
+
+
 class ImageFolderSource:
   """A folder with one sub-folder per class of JPEG/PNG files (ImageNet's
   layout): classes are the sorted sub-folder names, labels their index;
-  record i = {'encoded': the file's bytes, 'label'}.
+  record i = {'encoded': the file's bytes, 'label', 'path'}. Hidden entries
+  (names starting with '.', e.g. .ipynb_checkpoints) are ignored; a class
+  folder without images, and a training folder of fewer than 2 classes,
+  are refused.
 
   Args:
     root: the folder.
     field: the config field that named it (for errors).
     classes: the class names to use (e.g. train's for a test folder); by
       default the sub-folders found.
+    bad_images: 'stop' (an image that does not decode is one error naming
+      it) or 'skip' (files Pillow does not recognise are left out here,
+      counted in `skipped`; a truncated image decodes as far as it goes).
   """
 
   def __init__(self, root: str, field: str = 'config.data.dir',
-               classes=None):
+               classes=None, bad_images: str = 'stop'):
     if not os.path.isdir(root):
       raise TCNError(f'{field} {root!r} is not a directory')
-    found = sorted(d for d in os.listdir(root)
-                   if os.path.isdir(os.path.join(root, d)))
+    try:
+      found = [d for d in _visible(os.listdir(root))
+               if os.path.isdir(os.path.join(root, d))]
+    except OSError as e:
+      raise TCNError(f'{field} {root!r} cannot be listed: {e.strerror}'
+                     ) from None
     if not found:
       raise TCNError(f'{field} {root!r} holds no class sub-folders (one '
                      'folder of images per class)')
@@ -127,17 +151,34 @@ class ImageFolderSource:
     if extra:
       raise TCNError(f'{field} {root!r} has classes that the training folder '
                      f'has not: {extra[:3]}')
+    if classes is None and len(found) < 2:
+      raise TCNError(f'{field} {root!r} holds {len(found)} class folder '
+                     f'({found[0]!r}); a classifier needs at least 2 (one '
+                     'sub-folder of images per class)')
     index = {c: i for i, c in enumerate(self.classes)}
-    names, labels = [], []
+    names, labels, self.skipped = [], [], []
     for c in found:
-      here = sorted(n for n in os.listdir(os.path.join(root, c))
-                    if n.lower().endswith(IMAGE_EXTENSIONS))
+      folder = os.path.join(root, c)
+      try:
+        here = [n for n in _visible(os.listdir(folder))
+                if n.lower().endswith(IMAGE_EXTENSIONS)
+                and os.path.isfile(os.path.join(folder, n))]
+      except OSError as e:
+        raise TCNError(f'{field} class folder {folder!r} cannot be listed: '
+                       f'{e.strerror}') from None
+      if bad_images == 'skip':
+        bad = [n for n in here if not _is_image_file(os.path.join(folder, n))]
+        self.skipped += [os.path.join(folder, n) for n in bad]
+        here = [n for n in here if n not in set(bad)]
+      if not here:
+        raise TCNError(f'{field} class folder {folder!r} holds no JPEG or '
+                       'PNG images; remove it or add its images')
       names += [os.path.join(c, n).encode() for n in here]
       labels += [index[c]] * len(here)
     if not names:
       raise TCNError(f'{field} {root!r} holds no JPEG or PNG images in its '
                      'class sub-folders')
-    self.root = root
+    self.root, self.bad_images = root, bad_images
     # One bytes array, not a list of str: ~30 bytes a file instead of ~150.
     self._names = np.asarray(names, dtype=bytes)
     self.labels = np.asarray(labels, np.int32)
@@ -153,8 +194,14 @@ class ImageFolderSource:
     return len(self._names)
 
   def __getitem__(self, i):
-    with open(self.path(i), 'rb') as f:
-      return {'encoded': f.read(), 'label': self.labels[i]}
+    path = self.path(i)
+    try:
+      with open(path, 'rb') as f:
+        encoded = f.read()
+    except OSError as e:
+      raise TCNError(f'cannot read image {path}: {e.strerror}') from None
+    return {'encoded': encoded, 'label': self.labels[i], 'path': path,
+            'truncated_ok': self.bad_images == 'skip'}
 
   def fingerprint(self) -> str:
     return _files_fingerprint(self.files)
@@ -257,13 +304,7 @@ class Transform:
   def decode(self, record) -> np.ndarray:
     """(H, W, C) uint8 (or the source's float) image of a record."""
     if 'encoded' in record:
-      img = _pil().open(io.BytesIO(record['encoded']))
-      if self.image_size and img.format == 'JPEG':
-        img.draft('RGB' if self.channels != 1 else 'L',
-                  (self.image_size, self.image_size))
-      mode = {1: 'L', 3: 'RGB'}.get(self.channels) or (
-          'L' if img.mode in ('L', 'I;16', '1') else 'RGB')
-      image = np.asarray(img.convert(mode))
+      image = self._decode_file(record)
     else:
       image = np.asarray(record['image'])
     if image.ndim == 2:
@@ -273,6 +314,34 @@ class Transform:
     elif self.channels == 1 and image.shape[-1] == 3 and image.dtype == np.uint8:
       image = np.asarray(_pil().fromarray(image).convert('L'))[..., None]
     return image
+
+  def _decode_file(self, record) -> np.ndarray:
+    """An encoded file's pixels; TCNError naming the file (`path`) when it
+    is not an image Pillow decodes."""
+    from PIL import ImageFile  # pylint: disable=g-import-not-at-top
+    image_cls = _pil()
+    try:
+      img = image_cls.open(io.BytesIO(record['encoded']))
+      if self.image_size and img.format == 'JPEG':
+        img.draft('RGB' if self.channels != 1 else 'L',
+                  (self.image_size, self.image_size))
+      mode = {1: 'L', 3: 'RGB'}.get(self.channels) or (
+          'L' if img.mode in ('L', 'I;16', '1') else 'RGB')
+      old = ImageFile.LOAD_TRUNCATED_IMAGES
+      ImageFile.LOAD_TRUNCATED_IMAGES = bool(record.get('truncated_ok'))
+      try:
+        return np.asarray(img.convert(mode))
+      finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = old
+    except (OSError, ValueError, SyntaxError, image_cls.DecompressionBombError,
+            EOFError) as e:
+      where = record.get('path', f'record {record.get("index", "?")}')
+      cause = (str(e).splitlines() or [type(e).__name__])[0]
+      if 'BytesIO' in cause:
+        cause = 'not an image Pillow recognises'
+      raise TCNError(f'cannot decode image {where}: {cause[:160]}; fix or '
+                     'remove it, or set --config.data.bad_images=skip to '
+                     'leave such files out') from None
 
   def _finish(self, record, image):
     if image.dtype == np.uint8:

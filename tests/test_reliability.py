@@ -325,3 +325,141 @@ def test_auto_join_under_slurm_on_localhost():
   for k, (p, (out, err)) in enumerate(zip(procs, outs)):
     assert p.returncode == 0, err[-2000:]
     assert f'joined {k} 2 0,1' in out, (out, err[-2000:])
+
+
+# 4. Image folders and 6. config combinations.
+
+
+def _png(path, seed, size=8):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3))
+  Image.fromarray(pixels.astype('uint8')).save(path)
+
+
+def image_folder(root, classes=('a', 'b'), per_class=6, test=2):
+  """A tiny folder of PNGs: train/<class>/ and test/<class>/."""
+  seed = 0
+  for split, n in (('train', per_class), ('test', test)):
+    for c in classes:
+      os.makedirs(os.path.join(root, split, c), exist_ok=True)
+      for i in range(n):
+        seed += 1
+        _png(os.path.join(root, split, c, f'{i}.png'), seed)
+  return str(root)
+
+
+def folder_config(root, **data):
+  import image_folder as image_folder_config  # pylint: disable=g-import-not-at-top
+  c = image_folder_config.get_config('smoke')
+  c.data.dir = root
+  c.data.image_size = 8
+  c.data.val_fraction = 0.25
+  c.num_students = 2
+  c.teacher.body = 'C4 MP F D8r'
+  c.students.arch = 'C2 MP F D4r'
+  for s in ('teacher', 'students', 'head', 'kd'):
+    c[s].batch_size = 2
+  with c.data.ignore_type():
+    c.data.update(data)
+  return c
+
+
+def _text_as_jpg(root):
+  path = os.path.join(root, 'train', 'a', 'notes.jpg')
+  with open(path, 'w') as f:
+    f.write('not an image')
+  return path
+
+
+def _truncated_png(root):
+  path = os.path.join(root, 'train', 'b', '0.png')
+  with open(path, 'r+b') as f:
+    f.truncate(60)
+  return path
+
+
+def _empty_class(root):
+  os.makedirs(os.path.join(root, 'train', 'c'))
+  return os.path.join(root, 'train', 'c')
+
+
+def _one_class(root):
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(os.path.join(root, 'train', 'b'))
+  shutil.rmtree(os.path.join(root, 'test', 'b'))
+  return os.path.join(root, 'train')
+
+
+# (id, data overrides, other overrides, setup(root) -> a path the message
+# names or None, expected text).
+FOLDER_CASES = [
+    ('text file named .jpg', {}, {}, _text_as_jpg, 'cannot decode image'),
+    ('truncated png', {}, {}, _truncated_png, 'cannot decode image'),
+    ('empty class folder', {}, {}, _empty_class, 'holds no JPEG or PNG'),
+    ('one class', {}, {}, _one_class, 'a classifier needs at least 2'),
+    ('image_size 100000', {'image_size': 100000}, {}, None,
+     'config.data.image_size=100000 needs'),
+    ('image_size over the memory limit', {'image_size': 2048,
+                                          'memory_limit_mb': 64}, {}, None,
+     'too much for config.data.memory_limit_mb=64'),
+    ('bad_images unknown', {'bad_images': 'ignore'}, {}, None,
+     'config.data.bad_images must be one of'),
+    ('cached features with crop_flip',
+     {'augment': 'crop_flip'}, {'students__features': 'cached'}, None,
+     "config.students.features='cached' with config.data.augment='crop_flip'"),
+    ('default features with flip', {'augment': 'flip'},
+     {'students__features': ''}, None,
+     "config.students.features='cached' with config.data.augment='flip'"),
+    ('kdgan with crop_flip', {'augment': 'crop_flip'},
+     {'kdgan__enabled': True, 'kd__arch': 'C2 MP F D4r'}, None,
+     'config.kdgan.enabled needs cached teacher features'),
+]
+
+
+@pytest.mark.parametrize('name, data, other, setup, message', FOLDER_CASES,
+                         ids=[c[0] for c in FOLDER_CASES])
+def test_bad_image_folder(tmp_path, run_main, name, data, other, setup,
+                          message):
+  del name
+  root = image_folder(tmp_path / 'images')
+  named = setup(root) if setup else None
+  config = folder_config(root, **data)
+  for path, value in other.items():
+    section, field = path.split('__')
+    with config[section].ignore_type():
+      config[section][field] = value
+  workdir = str(tmp_path / 'run')
+  before = snapshot(root)
+  t = time.time()
+  code, errors = run_main(config, workdir)
+  assert code == 2
+  assert len(errors) == 1 and message in errors[0], errors
+  if named:
+    assert named in errors[0], errors
+  assert time.time() - t < 60
+  assert not os.path.exists(workdir)
+  assert snapshot(root) == before
+
+
+def test_hidden_entries_are_not_classes(tmp_path):
+  from tcn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  root = image_folder(tmp_path / 'images')
+  for split in ('train', 'test'):
+    hidden = os.path.join(root, split, '.ipynb_checkpoints')
+    os.makedirs(hidden)
+    _png(os.path.join(hidden, 'x.png'), 99)
+    _png(os.path.join(root, split, 'a', '.hidden.png'), 98)
+  ds = data_lib.load(folder_config(root).data)
+  assert ds.classes == ['a', 'b'] and ds.num_classes == 2
+  assert len(ds.train) + len(ds.val) == 12 and len(ds.test) == 4
+
+
+def test_bad_images_skip_leaves_out_non_images(tmp_path):
+  from tcn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  root = image_folder(tmp_path / 'images')
+  _text_as_jpg(root)
+  _truncated_png(root)
+  ds = data_lib.load(folder_config(root, bad_images='skip').data)
+  assert len(ds.train) + len(ds.val) == 12   # The text file left out.
+  assert ds.train.x.shape[1:] == (8, 8, 3)
