@@ -33,7 +33,27 @@ def evaluate(predict, x, y, batch_size: int = 1000) -> float:
   """
   x = inputs.batch('evaluate', 'x', x)
   y = inputs.labels('evaluate', 'y', y, len(x), None)
-  return accuracy(input_pipeline.batched(predict, x, batch_size), y)
+  classes = _num_outputs(predict, x)   # Labels in range, before any work.
+  if classes:
+    inputs.labels('evaluate', 'y', y, len(x), classes)
+  logits = input_pipeline.batched(predict, x, batch_size)
+  if not classes and np.ndim(logits) == 2:
+    inputs.labels('evaluate', 'y', y, len(x), np.shape(logits)[-1])
+  return accuracy(logits, y)
+
+
+def _num_outputs(predict, x) -> int:
+  """The width of `predict`'s logits for `x`'s examples, traced (no work);
+  0 when `predict` cannot be traced (a function outside JAX)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    out = jax.eval_shape(predict, jax.ShapeDtypeStruct((1, *x.shape[1:]),
+                                                       x.dtype))
+  except TCNError:
+    raise
+  except Exception:  # pylint: disable=broad-except  (then checked after)
+    return 0
+  return int(out.shape[-1]) if len(getattr(out, 'shape', ())) == 2 else 0
 
 
 class Writer:

@@ -102,6 +102,7 @@ def train_students(specs, x, features, num_students, *, epochs,
     (groups, info): `assemble.StudentGroup`s with trained variables; info =
     {'val_mse': per student, its MSE per epoch, 'history', 'seconds'}.
   """
+  inputs.count('train_students', 'num_students', num_students)
   if isinstance(specs, str):
     specs = [specs] * num_students
   if len(specs) != num_students:

@@ -463,3 +463,50 @@ def test_bad_images_skip_leaves_out_non_images(tmp_path):
   ds = data_lib.load(folder_config(root, bad_images='skip').data)
   assert len(ds.train) + len(ds.val) == 12   # The text file left out.
   assert ds.train.x.shape[1:] == (8, 8, 3)
+
+
+# 5. The API contract: dtypes, label ranges, counts.
+
+from test_api_inputs import _images  # pylint: disable=g-import-not-at-top,wrong-import-position
+from test_api_inputs import _one_error  # pylint: disable=g-import-not-at-top,wrong-import-position
+from test_api_inputs import net  # pylint: disable=unused-import,g-import-not-at-top,wrong-import-position
+
+
+@pytest.mark.parametrize('dtype', ['float16', 'bfloat16', 'float64'])
+def test_predict_takes_other_float_widths(net, dtype):
+  """float16 / bfloat16 / float64 images in [0, 1] give the logits of the
+  same values in float32 (they once crashed predict with a dtype error)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tcn_jax as tcn  # pylint: disable=g-import-not-at-top
+  predict = tcn.make_predict(net[0])
+  x = _images(3).astype(jnp.dtype(dtype))
+  want = predict(np.asarray(x, np.float32))
+  np.testing.assert_array_equal(np.asarray(predict(x)), np.asarray(want))
+  _one_error(predict, np.full((2, 8, 8, 1), 3, jnp.dtype(dtype)),
+             match='images must be floats in')
+
+
+def test_evaluate_refuses_labels_out_of_range(net):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tcn_jax as tcn  # pylint: disable=g-import-not-at-top
+  predict = tcn.make_predict(net[0])   # 3 classes.
+  _one_error(tcn.evaluate, predict, _images(4), np.array([0, 1, 2, 3]),
+             match=r'evaluate: y holds labels 0..3, outside \[0, 3\)')
+  _one_error(tcn.evaluate, predict, _images(4), np.array([0, -1, 2, 1]),
+             match=r'evaluate: y holds labels -1..2, outside \[0, 3\)')
+  # A predict JAX cannot trace is checked on its outputs.
+  untraceable = lambda x: np.asarray(predict(np.asarray(x)))
+  _one_error(tcn.evaluate, untraceable, _images(4), np.array([0, 1, 2, 7]),
+             match=r'outside \[0, 3\)')
+  assert 0 <= tcn.evaluate(predict, _images(4), np.array([0, 1, 2, 1])) <= 1
+
+
+@pytest.mark.parametrize('n', [0, -1, 1.0, True, '2'])
+def test_train_students_refuses_bad_counts(n, tmp_path):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tcn_jax as tcn  # pylint: disable=g-import-not-at-top
+  _one_error(tcn.train_students, 'C2 MP F', _images(16),
+             np.zeros((16, 4), np.float32), n, epochs=1, batch_size=4,
+             workdir=str(tmp_path / 'run'),
+             match='train_students: num_students must be an integer >= 1')
