@@ -178,7 +178,12 @@ def _choose(config, path, n, needed):
   if section.get(field) not in UNSET or not table:
     return
   if str(n) in table:
-    section[field] = table[str(n)]
+    try:
+      section[field] = table[str(n)]
+    except TypeError:   # The table's value is of another type than the field.
+      raise TCNError(f'config.{path}_by_n.{n} must be of the type of '
+                     f'config.{path} ({type(section[field]).__name__}), got '
+                     f'{table[str(n)]!r}') from None
   elif needed:
     raise TCNError(f'no {field} for num_students={n}: set --config.{path} '
                    f'(paper values exist for n in {sorted(table, key=int)})')

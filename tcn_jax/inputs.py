@@ -94,6 +94,9 @@ def batch(where: str, name: str, x, *, spec: str | None = None,
   if isinstance(x.shape[0], int) and not x.shape[0]:   # Not symbolic.
     raise TCNError(f'{where}: {name} is an empty batch (0 examples); give '
                    'at least one')
+  if any(isinstance(d, int) and not d for d in x.shape[1:]):
+    raise TCNError(f'{where}: {name} has shape {tuple(x.shape)}: its examples '
+                   f'are empty (a 0-length axis); inputs are {LAYOUT}')
   vocab = vocabulary(spec)
   kind = x.dtype
   if vocab or (spec is None and jnp.issubdtype(kind, jnp.integer)
