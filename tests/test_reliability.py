@@ -510,3 +510,54 @@ def test_train_students_refuses_bad_counts(n, tmp_path):
              np.zeros((16, 4), np.float32), n, epochs=1, batch_size=4,
              workdir=str(tmp_path / 'run'),
              match='train_students: num_students must be an integer >= 1')
+
+
+# 10. Progress a user sees.
+
+PLAIN_SCRIPT = '''
+import numpy as np
+import tcn_jax as tcn
+tcn.set_progress('log')
+ds = tcn.load_dataset('fashion_mnist', train_size=200, test_size=100)
+tcn.train_teacher(tcn.Teacher('F D16r', num_classes=10), ds, epochs=3,
+                  batch_size=100)
+'''
+
+
+@needs_fmnist
+def test_progress_is_visible_in_a_plain_script():
+  """A plain Python script (absl never initialised, INFO hidden) shows the
+  stage's start and each epoch, the metric named, the first epoch's time
+  marked as including compilation and later ETAs without it."""
+  proc = subprocess.run(['nice', '-n', '10', sys.executable, '-c',
+                         PLAIN_SCRIPT], cwd=ROOT, capture_output=True,
+                        text=True, timeout=240)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.startswith('[teacher]')]
+  assert lines[0].startswith('[teacher] training epochs 1..3'), lines
+  assert 'val_acc=' in lines[1] and 'with compilation' in lines[1], lines
+  assert lines[-1].startswith('[teacher] epoch 3/3'), lines
+  assert 's/epoch, ETA 0 s' in lines[-1], lines
+
+
+def test_progress_labels_and_eta(capsys):
+  from tcn_jax import metrics  # pylint: disable=g-import-not-at-top
+  before = metrics.set_progress('log')
+  try:
+    progress = metrics.Progress('head', 3, 0)
+    progress.epoch_times = []
+    progress.t0 = time.time() - 100   # A first epoch of 100 s (compiling).
+    progress.epoch(1, {'loss': 1.0, 'val_mse': 0.5})
+    progress.t0 -= 10                 # Then 10 s.
+    progress.epoch(2, {'loss': 1.0, 'val_mse': 0.5})
+  finally:
+    metrics.set_progress(before)
+  err = capsys.readouterr().err.splitlines()
+  assert 'with compilation' in err[1] and 'val_mse=0.5000' in err[1], err
+  assert '10.0 s/epoch, ETA 10 s' in err[2], err
+
+
+def test_stop_message_says_the_epoch_was_saved():
+  from tcn_jax.errors import Interrupted  # pylint: disable=g-import-not-at-top
+  text = str(Interrupted(signal.SIGTERM))
+  assert 'was finished and saved' in text and 'finished epochs' not in text
