@@ -22,8 +22,10 @@ import dataclasses
 import hashlib
 import io
 import math
+import atexit
 import mmap
 import os
+import weakref
 
 import grain
 import jax
@@ -509,7 +511,8 @@ class Stream:
     local = batch_size // p
     order = batch_order(seed, epoch, len(self), batch_size)
     order = order[:, k * local:(k + 1) * local].reshape(-1)
-    it = iter(self._dataset(order, train, seed, epoch, local, True))
+    it = _tracked(lambda: iter(self._dataset(order, train, seed, epoch, local,
+                                             True)), self.workers)
     if state is not None:
       it.set_state(state)
     return it
@@ -517,8 +520,93 @@ class Stream:
   def in_order(self, batch_size: int):
     """Eval-transformed batches of the whole split in order (the last one
     smaller): for features and evaluation."""
-    return iter(self._dataset(np.arange(len(self)), False, 0, 0, batch_size,
-                              False))
+    return _tracked(lambda: iter(self._dataset(
+        np.arange(len(self)), False, 0, 0, batch_size, False)), self.workers)
+
+
+# Iterators with Grain worker processes that are still open: closed on every
+# exit path (`close_iterators`: at exit, and by `main` before it ends the
+# process), so no worker, semaphore or shared-memory block outlives a run.
+_OPEN = weakref.WeakSet()
+
+
+class _SigintBlocked:
+  """SIGINT blocked in this thread while inside: a process or thread it
+  starts inherits the block. Grain's worker processes are started inside
+  (`_Workers`), so Ctrl-C (SIGINT to the whole process group) reaches only
+  the main process, which stops them (`close_iterators`) instead of each
+  dying mid-import or mid-batch and leaking semaphores and shared memory.
+  A SIGINT that arrives meanwhile is delivered on leaving."""
+
+  def __enter__(self):
+    import signal  # pylint: disable=g-import-not-at-top
+    self._old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+  def __exit__(self, *exc):
+    import signal  # pylint: disable=g-import-not-at-top
+    signal.pthread_sigmask(signal.SIG_SETMASK, self._old)
+
+
+class _Workers:
+  """A Grain iterator with worker processes: every step runs with SIGINT
+  blocked (`_SigintBlocked`); get_state, set_state and close pass through."""
+
+  def __init__(self, make):
+    with _SigintBlocked():
+      self._it = make()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    with _SigintBlocked():
+      return next(self._it)
+
+  def __getattr__(self, name):
+    return getattr(self._it, name)
+
+
+def _tracked(make, workers: int):
+  """`make()`'s iterator; with worker processes, guarded and registered."""
+  if not workers:
+    return make()
+  it = _Workers(make)
+  _OPEN.add(it)
+  return it
+
+
+def close_iterators():
+  """Closes every open iterator of Grain worker processes (idempotent)."""
+  for it in list(_OPEN):
+    try:
+      it.close()
+    except Exception:  # pylint: disable=broad-except  (already torn down)
+      pass
+    _OPEN.discard(it)
+
+
+atexit.register(close_iterators)
+
+
+def release_workers():
+  """Before a process ends without Python's exit handlers (`os._exit`, as
+  `main` does): every worker iterator closed, and the semaphores and
+  shared memory of the ones already dropped released, so the resource
+  tracker has nothing left to warn about."""
+  import gc  # pylint: disable=g-import-not-at-top
+  from multiprocessing import util  # pylint: disable=g-import-not-at-top
+  close_iterators()
+  gc.collect()   # Dropped iterators: their finalizers unlink what they own.
+  try:   # Batches in shared memory are unlinked by a thread pool: wait.
+    from grain._src.python.ipc import shared_memory_array as sma  # pylint: disable=g-import-not-at-top
+    pool = sma.SharedMemoryArray._del_thread_pool  # pylint: disable=protected-access
+    if pool is not None:
+      sma.SharedMemoryArray._disable_async_del()  # pylint: disable=protected-access
+      pool.close()
+      pool.join()
+  except (ImportError, AttributeError):   # Another Grain version.
+    pass
+  util._exit_function()  # pylint: disable=protected-access  (atexit's own)
 
 
 def batch_order(seed: int, epoch: int, n: int, batch_size: int) -> np.ndarray:

@@ -561,3 +561,46 @@ def test_stop_message_says_the_epoch_was_saved():
   from tcn_jax.errors import Interrupted  # pylint: disable=g-import-not-at-top
   text = str(Interrupted(signal.SIGTERM))
   assert 'was finished and saved' in text and 'finished epochs' not in text
+
+
+# 8. Grain's worker processes on every exit path.
+
+
+@pytest.mark.slow
+def test_sigint_with_workers_leaves_nothing_behind(tmp_path):
+  """Ctrl-C (SIGINT to the whole process group, workers included) during a
+  streamed run with data.workers=2: one `error:` line, exit 130, and no
+  resource-tracker warnings about leaked semaphores or shared memory."""
+  root = image_folder(tmp_path / 'images', per_class=24)
+  workdir = str(tmp_path / 'run')
+  cmd = ['nice', '-n', '10', sys.executable, '-m', 'tcn_jax.main',
+         '--config', os.path.join(ROOT, 'configs/image_folder.py:smoke'),
+         '--workdir', workdir, f'--config.data.dir={root}',
+         '--config.data.image_size=8', '--config.data.workers=2',
+         '--config.data.streaming=always', '--config.teacher.epochs=500',
+         '--config.teacher.body=C4 MP F D8r', '--config.num_students=2',
+         '--config.students.arch=C2 MP F D4r',
+         *(f'--config.{s}.batch_size=4' for s in ('teacher', 'students',
+                                                  'head', 'kd'))]
+  log = open(tmp_path / 'log', 'w+')
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log,
+                          start_new_session=True)
+  try:
+    deadline = time.time() + 300
+    while '[teacher] epoch 2/' not in open(tmp_path / 'log').read():
+      assert proc.poll() is None, open(tmp_path / 'log').read()[-3000:]
+      assert time.time() < deadline, 'no second epoch'
+      time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
+  time.sleep(3)   # The resource tracker reports after its parent exits.
+  text = open(tmp_path / 'log').read()
+  errors = errors_of(text)
+  assert proc.returncode == 128 + signal.SIGINT, text[-3000:]
+  assert len(errors) == 1 and 'stopped by SIGINT' in errors[0], text[-3000:]
+  for noise in ('resource_tracker', 'leaked', 'Traceback'):
+    assert noise not in text, text[-3000:]
