@@ -188,6 +188,35 @@ def initialize(num_processes: int = 1, process_id: int = 0,
   return True
 
 
+def lost_peer(error: BaseException) -> str:
+  """One line for a collective that failed because another process is gone
+  (killed, crashed): names the processes the coordinator no longer sees
+  (asked with a bound of a few seconds; with 2 processes, the other), else
+  says a peer was lost."""
+  n = jax.process_count()
+  client = jax._src.distributed.global_state.client  # pylint: disable=protected-access
+  dead = []
+  def ask():
+    try:
+      live = client.get_live_nodes(list(range(n)))
+      dead.extend(sorted(set(range(n)) - set(live)))
+    except Exception:  # pylint: disable=broad-except  (the coordinator gone)
+      dead.append(0 if jax.process_index() else -1)
+  if client is not None:
+    asker = threading.Thread(target=ask, daemon=True)
+    asker.start()
+    asker.join(5)
+  dead = [k for k in dead if k >= 0 and k != jax.process_index()]
+  if not dead and n == 2:   # Not yet missed by the coordinator: the other.
+    dead = [1 - jax.process_index()]
+  who = (f'process{"es" if len(dead) > 1 else ""} '
+         f'{", ".join(map(str, dead))}' if dead else 'another process')
+  cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return (f'process {jax.process_index()} of {n} lost {who} (it stopped or '
+          f'crashed): {cause[:160]}; rerun every process with the same '
+          'command to resume')
+
+
 def shutdown():
   """Leaves the run (waits for every process to leave)."""
   if _joined():

@@ -15,6 +15,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from tcn_jax import distributed
 from tcn_jax import input_pipeline
 from tcn_jax import pipeline
 from tcn_jax.errors import Interrupted
@@ -112,6 +113,10 @@ def main(argv):
     failure = (_message(e), e.exit_code)
   except OSError as e:   # A config file that does not load, a full disk, ...
     failure = (_message(e), 2)
+  except Exception as e:  # pylint: disable=broad-except
+    if distributed.process_count() == 1:
+      raise   # A bug: its traceback.
+    failure = (distributed.lost_peer(e), 2)   # A collective failed.
   finally:   # Grain's worker processes: stopped on every exit path.
     input_pipeline.close_iterators()
   if failure is not None:   # The exception and its frames are gone here.

@@ -604,3 +604,58 @@ def test_sigint_with_workers_leaves_nothing_behind(tmp_path):
   assert len(errors) == 1 and 'stopped by SIGINT' in errors[0], text[-3000:]
   for noise in ('resource_tracker', 'leaked', 'Traceback'):
     assert noise not in text, text[-3000:]
+
+
+# 9. One process of several dies.
+
+_DIE_IN_STUDENTS = '''
+import os, runpy, signal, sys
+from tcn_jax import checkpoint
+save = checkpoint.StageCheckpoint.save
+def save_then_die(self, epoch, state, record):
+  save(self, epoch, state, record)
+  if '/students/' in self.directory:
+    os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.StageCheckpoint.save = save_then_die
+sys.argv = ['tcn_jax.main'] + sys.argv[1:]
+runpy.run_module('tcn_jax.main', run_name='__main__')
+'''
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_survivor_of_a_lost_peer_exits_with_one_line(tmp_path):
+  """Process 1 of 2 is killed in the students stage: process 0 exits
+  promptly with one line naming process 1, exit 2 (not a Gloo traceback,
+  a hang and SIGABRT)."""
+  port = _free_port()
+  workdir = str(tmp_path / 'run')
+  flags = ['--config', SMOKE, *TINY_FLAGS, '--config.mesh.data=1',
+           '--config.mesh.students=2', f'--workdir={workdir}',
+           '--config.distributed.num_processes=2',
+           '--config.distributed.coordinator=localhost:%d' % port,
+           '--config.students.epochs=20']
+  procs = []
+  for k in range(2):
+    head = (['-c', _DIE_IN_STUDENTS] if k == 1 else ['-m', 'tcn_jax.main'])
+    procs.append(subprocess.Popen(
+        ['nice', '-n', '10', sys.executable, *head, *flags,
+         f'--config.distributed.process_id={k}'], cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=dict(os.environ, JAX_PLATFORMS='cpu')))
+  try:
+    procs[1].wait(timeout=400)
+    t = time.time()
+    out, _ = procs[0].communicate(timeout=90)
+    waited = time.time() - t
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.communicate()
+  assert procs[1].returncode == -signal.SIGKILL
+  errors = errors_of(out)
+  assert procs[0].returncode == 2, out[-3000:]
+  assert len(errors) == 1 and 'lost process 1' in errors[0], out[-3000:]
+  assert 'Traceback' not in out and 'Check failure' not in out
+  assert waited < 60, waited
