@@ -659,3 +659,32 @@ def test_survivor_of_a_lost_peer_exits_with_one_line(tmp_path):
   assert len(errors) == 1 and 'lost process 1' in errors[0], out[-3000:]
   assert 'Traceback' not in out and 'Check failure' not in out
   assert waited < 60, waited
+
+
+# 7. Permission errors name the file with its path.
+
+
+def test_permission_error_names_the_checkpoint_file(tmp_path):
+  """Orbax names a file it may not read by its bare name
+  ('_CHECKPOINT_METADATA'); the error line gives its full path and does not
+  call the checkpoint damaged (a mocked EACCES: root reads any file)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from unittest import mock  # pylint: disable=g-import-not-at-top
+  from tcn_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  stage = str(tmp_path / 'teacher')
+  with checkpoint.StageCheckpoint(stage) as ckpt:
+    ckpt.save(1, {'w': np.zeros(4, np.float32)}, {'epoch': 1})
+  denied = PermissionError(13, 'Permission denied', '_CHECKPOINT_METADATA')
+  before = snapshot(stage)
+  with checkpoint.StageCheckpoint(stage, read_only=True) as ckpt:
+    with mock.patch.object(ckpt.manager, 'item_metadata',
+                           side_effect=denied):
+      with pytest.raises(TCNError) as e:
+        ckpt.restore()
+  text = str(e.value)
+  assert f'{stage}/1/_CHECKPOINT_METADATA' in text, text
+  assert 'Permission denied' in text and 'damaged' not in text, text
+  assert snapshot(stage) == before
+  assert checkpoint.access_error(OSError(30, 'Read-only file system', 'x'),
+                                 '/d') == 'Read-only file system: /d/x'
+  assert checkpoint.access_error(ValueError('no'), '/d') == ''
