@@ -27,7 +27,8 @@ def get_config(preset: str = ''):
   c.data.name = 'image_folder'
   c.data.update(dict(image_size=64, channels=3, augment='', streaming='auto',
                      memory_limit_mb=1024, workers=0,
-                     checkpoint_every_steps=0, val_fraction=0.1))
+                     checkpoint_every_steps=0, bad_images='stop',
+                     val_fraction=0.1))
   t, s = c.teacher, c.students
   t.body = 'C32 MP C64 MP C128 MP C128 MP F D256r'
   t.epochs = 30

@@ -73,6 +73,29 @@ def _first_line(e: Exception) -> str:
   return f'{type(e).__name__}: {line}'
 
 
+def access_error(e: BaseException, where: str) -> str:
+  """For an error of permissions ('Permission denied', a read-only file
+  system) the cause with the full path of the file it names (Orbax gives a
+  bare name like '_CHECKPOINT_METADATA'); '' for any other error."""
+  import errno  # pylint: disable=g-import-not-at-top
+  if not (isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM,
+                                                 errno.EROFS)):
+    return ''
+  name = e.filename or ''
+  if name and not os.path.isabs(str(name)):
+    name = os.path.join(where, str(name))
+  return f'{e.strerror}: {name or where}'
+
+
+def _refuse_access(e, where):
+  """A checkpoint that cannot be read for its permissions is not damaged:
+  one line naming the file."""
+  cause = access_error(e, where)
+  if cause:
+    raise TCNError(f'cannot read checkpoint {where} ({cause}); give this '
+                   'user read access to it') from None
+
+
 def _orbax_leftover(exc) -> bool:
   """True for an error that Orbax's abandoned asyncio work raises after a
   failed read or write has already been reported."""
@@ -163,7 +186,8 @@ class StageCheckpoint:
                          'record': ocp.JsonCheckpointHandler()})
     except OSError as e:
       raise TCNError(f'cannot open checkpoint directory {self.directory} '
-                     f'({_first_line(e)})') from None
+                     f'({access_error(e, self.directory) or _first_line(e)})'
+                     ) from None
 
   def latest_epoch(self) -> int:
     """Number of finished epochs saved (0 = nothing saved)."""
@@ -178,9 +202,10 @@ class StageCheckpoint:
             record=ocp.args.JsonSave(record)))
         self.manager.wait_until_finished()
       except Exception as e:  # Disk full, unwritable, ...: Orbax varies.
-        raise TCNError(f'cannot write checkpoint {self.directory}/{epoch} '
-                       f'({_first_line(e)}); earlier epochs are kept'
-                       ) from None
+        where = f'{self.directory}/{epoch}'
+        raise TCNError(f'cannot write checkpoint {where} '
+                       f'({access_error(e, where) or _first_line(e)}); '
+                       'earlier epochs are kept') from None
     if not saved:   # Orbax skips, silently, a step that is already there.
       raise TCNError(f'checkpoint {self.directory}/{epoch} already exists')
 
@@ -200,6 +225,7 @@ class StageCheckpoint:
       try:
         stored = shapes(self.manager.item_metadata(epoch)['state'].tree)
       except Exception as e:  # Orbax raises several types for bad files.
+        _refuse_access(e, where)
         raise TCNError(damaged.format(_first_line(e))) from None
       abstract = None
       if state_template is not None:
@@ -219,6 +245,7 @@ class StageCheckpoint:
             state=ocp.args.StandardRestore(abstract),
             record=ocp.args.JsonRestore()))
       except Exception as e:  # Orbax raises several types for bad files.
+        _refuse_access(e, where)
         raise TCNError(damaged.format(_first_line(e))) from None
     return out.state, out.record
 

@@ -154,9 +154,11 @@ def base_config() -> ml_collections.ConfigDict:
   # workdir/export/ at the end of a run (tcn_jax/export.py): formats
   # 'stablehlo', 'onnx' comma-separated ('' = none); batch_size 0 = any.
   c.export = ml_collections.ConfigDict(dict(formats='', batch_size=0))
-  # Processes of a multi-host run (docs/distributed.md).
+  # Processes of a multi-host run (docs/distributed.md); num_processes=0:
+  # detected from the cluster (SLURM, Cloud TPU, Kubernetes); timeout_s
+  # bounds the join (the coordinator reachable, every process joined).
   c.distributed = ml_collections.ConfigDict(dict(
-      num_processes=1, process_id=0, coordinator=''))
+      num_processes=1, process_id=0, coordinator='', timeout_s=300))
   # The device mesh every stage runs on (tcn_jax/mesh.py): devices along
   # 'data' (batches) and 'students' (a group's members); -1: those left.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, students=1))
@@ -176,7 +178,12 @@ def _choose(config, path, n, needed):
   if section.get(field) not in UNSET or not table:
     return
   if str(n) in table:
-    section[field] = table[str(n)]
+    try:
+      section[field] = table[str(n)]
+    except TypeError:   # The table's value is of another type than the field.
+      raise TCNError(f'config.{path}_by_n.{n} must be of the type of '
+                     f'config.{path} ({type(section[field]).__name__}), got '
+                     f'{table[str(n)]!r}') from None
   elif needed:
     raise TCNError(f'no {field} for num_students={n}: set --config.{path} '
                    f'(paper values exist for n in {sorted(table, key=int)})')
@@ -287,6 +294,27 @@ def _check_optimizer(field, name, learning_rate):
   fit.make_optimizer(name, learning_rate, f'config.{field}')
 
 
+def check_combinations(c):
+  """Fields that are each valid but wrong together (one line naming both).
+
+  Cached teacher features are computed once from the centre crop of each
+  training image; students that see per-epoch crops or flips
+  (`data.augment`) would regress onto features of other pixels.
+  """
+  augment = c.data.get('augment', '')
+  features = c.students.get('features', '')
+  if augment and features in ('', 'cached'):
+    raise TCNError(f'config.students.features={features or "cached"!r} '
+                   f'with config.data.augment={augment!r}: cached features '
+                   'are of the un-augmented images, so students would learn '
+                   "other targets than their inputs; use students.features="
+                   "'online' (or 'auto'), or data.augment=''")
+  if augment and c.kdgan.enabled:
+    raise TCNError(f'config.kdgan.enabled needs cached teacher features, '
+                   'which are of the un-augmented images; set '
+                   f"config.data.augment='' (now {augment!r})")
+
+
 def _validate(c):
   """Every check that needs no data, in the order a reader meets them."""
   n = c.num_students
@@ -329,6 +357,7 @@ def _validate(c):
   LR_SCHEDULES.check(c.students.lr_schedule)
   AUGMENTS.check(c.students.augment)
   FEATURE_MODES.check(c.students.get('features', ''))
+  check_combinations(c)
   if c.students.get('features') == 'online' and c.kdgan.enabled:
     raise TCNError("config.students.features='online' leaves no cached "
                    'features for KDGAN (config.kdgan.enabled); use cached')

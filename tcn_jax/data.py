@@ -17,6 +17,7 @@ import re
 import struct
 import zlib
 
+from absl import logging
 import numpy as np
 
 from tcn_jax.errors import TCNError
@@ -61,7 +62,14 @@ STREAMING = ('auto', 'always', 'never')
 FOLDER_AUGMENTS = ('', 'flip', 'crop_flip')
 FOLDER_DEFAULTS = dict(image_size=32, channels=3, augment='', streaming='auto',
                        memory_limit_mb=1024, workers=0,
-                       checkpoint_every_steps=0)
+                       checkpoint_every_steps=0, bad_images='stop')
+# data.bad_images: 'stop' at an image that does not decode (one error naming
+# the file), or 'skip' files that are not images (truncated ones decode as
+# far as they go).
+BAD_IMAGES = ('stop', 'skip')
+# One decoded image (float32) times this (resize buffers, batches in
+# flight) must fit in data.memory_limit_mb: checked before any decoding.
+IMAGE_MEMORY_FACTOR = 64
 # Keras imdb.load_data ids: 0 pads, 1 starts a review, 2 replaces a word out
 # of the vocabulary; the word of frequency rank r (0 = most frequent) is
 # r + INDEX_FROM = r + 4 and id 3 is never used, exactly as Keras (whose
@@ -375,10 +383,20 @@ def folder_options(cfg) -> dict:
     raise TCNError(f"config.data.channels must be 1 or 3, got "
                    f"{opts['channels']!r}")
   for field, allowed in (('augment', FOLDER_AUGMENTS),
-                         ('streaming', STREAMING)):
+                         ('streaming', STREAMING),
+                         ('bad_images', BAD_IMAGES)):
     if opts[field] not in allowed:
       raise TCNError(f'config.data.{field} must be one of {allowed}, got '
                      f'{opts[field]!r}')
+  size, channels = opts['image_size'], opts['channels']
+  need = size * size * channels * 4 * IMAGE_MEMORY_FACTOR
+  if need > opts['memory_limit_mb'] * 2 ** 20:
+    raise TCNError(
+        f'config.data.image_size={size} needs {size * size * channels * 4 / 2 ** 20:,.0f} MB '
+        f'per decoded image ({channels} channels, float32), too much for '
+        f"config.data.memory_limit_mb={opts['memory_limit_mb']} (at least "
+        f'{IMAGE_MEMORY_FACTOR} images are in flight); lower image_size or '
+        'raise memory_limit_mb')
   return opts
 
 
@@ -413,12 +431,18 @@ def load_folder(cfg) -> Dataset:
   opts = folder_options(cfg)
   root = cfg.dir
   train_src = ip.ImageFolderSource(os.path.join(root, 'train'),
-                                   'config.data.dir train/')
+                                   'config.data.dir train/',
+                                   bad_images=opts['bad_images'])
   test_dir = next(os.path.join(root, n) for n in ('test', 'val')
                   if os.path.isdir(os.path.join(root, n)))
   test_src = ip.ImageFolderSource(test_dir, f'config.data.dir '
                                   f'{os.path.basename(test_dir)}/',
-                                  classes=train_src.classes)
+                                  classes=train_src.classes,
+                                  bad_images=opts['bad_images'])
+  skipped = train_src.skipped + test_src.skipped
+  if skipped:
+    logging.warning('config.data.bad_images=skip: left out %d files that are '
+                    'not images, e.g. %s', len(skipped), skipped[0])
   transform = ip.Transform(opts['image_size'], opts['channels'],
                            crop=opts['augment'] == 'crop_flip',
                            flip=opts['augment'] in ('flip', 'crop_flip'))

@@ -12,6 +12,7 @@ class Interrupted(TCNError):
   """SIGTERM/SIGINT stopped the run; exit code 128 + signal number."""
 
   def __init__(self, signum: int):
-    super().__init__(f'stopped by {signal.Signals(signum).name}; finished '
-                     'epochs are saved: run the same command to resume')
+    super().__init__(f'stopped by {signal.Signals(signum).name}; the epoch '
+                     'in progress (or step, with step checkpoints) was '
+                     'finished and saved: run the same command to resume')
     self.exit_code = 128 + signum

@@ -7,12 +7,19 @@ pipeline, with its own flags; a run can do the same at its end with
 `--config.export.formats=...`. Bad input: one `error:` line, exit 2.
 """
 import argparse
+import os
 import sys
 
 from tcn_jax.errors import TCNError
 from tcn_jax.export import export_workdir
 from tcn_jax.export import FORMATS
 from tcn_jax.export import parse_formats
+from tcn_jax.workdir import check_path
+
+
+def _fail(text):
+  print(f'error: {text}', file=sys.stderr)
+  sys.exit(2)
 
 
 def main(argv=None):
@@ -41,11 +48,17 @@ def main(argv=None):
     if not formats:
       raise TCNError('--formats names no format; choose from '
                      f'{", ".join(FORMATS.names())}')
+    if not os.path.isdir(args.workdir):
+      raise TCNError(f'--workdir {args.workdir!r} is not a directory')
+    # Where it writes, checked before the TCN is loaded and traced.
+    check_path(os.path.join(args.workdir, 'export'), 'export directory')
     paths = export_workdir(args.workdir, formats, args.batch_size or None,
                            shape)
   except TCNError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    _fail(str(e))
+  except OSError as e:   # A write refused mid-way: the path and the cause.
+    _fail(f'export to {args.workdir} failed: {e.strerror or e}'
+          f'{f" ({e.filename})" if e.filename else ""}')
   for p in paths:
     print(p)
 

@@ -22,8 +22,10 @@ import dataclasses
 import hashlib
 import io
 import math
+import atexit
 import mmap
 import os
+import weakref
 
 import grain
 import jax
@@ -101,24 +103,48 @@ def _files_fingerprint(paths) -> str:
   return h.hexdigest()
 
 
+def _visible(names):
+  """Directory entries but hidden ones ('.ipynb_checkpoints', '.DS_Store')."""
+  return sorted(n for n in names if not n.startswith('.'))
+
+
+def _is_image_file(path) -> bool:
+  """Whether Pillow recognises `path` as an image (reads its header only)."""
+  try:
+    with _pil().open(path) as img:
+      return bool(img.format)
+  except Exception:  # pylint: disable=broad-except  (Pillow raises several)
+    return False
+
+
 class ImageFolderSource:
   """A folder with one sub-folder per class of JPEG/PNG files (ImageNet's
   layout): classes are the sorted sub-folder names, labels their index;
-  record i = {'encoded': the file's bytes, 'label'}.
+  record i = {'encoded': the file's bytes, 'label', 'path'}. Hidden entries
+  (names starting with '.', e.g. .ipynb_checkpoints) are ignored; a class
+  folder without images, and a training folder of fewer than 2 classes,
+  are refused.
 
   Args:
     root: the folder.
     field: the config field that named it (for errors).
     classes: the class names to use (e.g. train's for a test folder); by
       default the sub-folders found.
+    bad_images: 'stop' (an image that does not decode is one error naming
+      it) or 'skip' (files Pillow does not recognise are left out here,
+      counted in `skipped`; a truncated image decodes as far as it goes).
   """
 
   def __init__(self, root: str, field: str = 'config.data.dir',
-               classes=None):
+               classes=None, bad_images: str = 'stop'):
     if not os.path.isdir(root):
       raise TCNError(f'{field} {root!r} is not a directory')
-    found = sorted(d for d in os.listdir(root)
-                   if os.path.isdir(os.path.join(root, d)))
+    try:
+      found = [d for d in _visible(os.listdir(root))
+               if os.path.isdir(os.path.join(root, d))]
+    except OSError as e:
+      raise TCNError(f'{field} {root!r} cannot be listed: {e.strerror}'
+                     ) from None
     if not found:
       raise TCNError(f'{field} {root!r} holds no class sub-folders (one '
                      'folder of images per class)')
@@ -127,17 +153,34 @@ class ImageFolderSource:
     if extra:
       raise TCNError(f'{field} {root!r} has classes that the training folder '
                      f'has not: {extra[:3]}')
+    if classes is None and len(found) < 2:
+      raise TCNError(f'{field} {root!r} holds {len(found)} class folder '
+                     f'({found[0]!r}); a classifier needs at least 2 (one '
+                     'sub-folder of images per class)')
     index = {c: i for i, c in enumerate(self.classes)}
-    names, labels = [], []
+    names, labels, self.skipped = [], [], []
     for c in found:
-      here = sorted(n for n in os.listdir(os.path.join(root, c))
-                    if n.lower().endswith(IMAGE_EXTENSIONS))
+      folder = os.path.join(root, c)
+      try:
+        here = [n for n in _visible(os.listdir(folder))
+                if n.lower().endswith(IMAGE_EXTENSIONS)
+                and os.path.isfile(os.path.join(folder, n))]
+      except OSError as e:
+        raise TCNError(f'{field} class folder {folder!r} cannot be listed: '
+                       f'{e.strerror}') from None
+      if bad_images == 'skip':
+        bad = [n for n in here if not _is_image_file(os.path.join(folder, n))]
+        self.skipped += [os.path.join(folder, n) for n in bad]
+        here = [n for n in here if n not in set(bad)]
+      if not here:
+        raise TCNError(f'{field} class folder {folder!r} holds no JPEG or '
+                       'PNG images; remove it or add its images')
       names += [os.path.join(c, n).encode() for n in here]
       labels += [index[c]] * len(here)
     if not names:
       raise TCNError(f'{field} {root!r} holds no JPEG or PNG images in its '
                      'class sub-folders')
-    self.root = root
+    self.root, self.bad_images = root, bad_images
     # One bytes array, not a list of str: ~30 bytes a file instead of ~150.
     self._names = np.asarray(names, dtype=bytes)
     self.labels = np.asarray(labels, np.int32)
@@ -153,8 +196,14 @@ class ImageFolderSource:
     return len(self._names)
 
   def __getitem__(self, i):
-    with open(self.path(i), 'rb') as f:
-      return {'encoded': f.read(), 'label': self.labels[i]}
+    path = self.path(i)
+    try:
+      with open(path, 'rb') as f:
+        encoded = f.read()
+    except OSError as e:
+      raise TCNError(f'cannot read image {path}: {e.strerror}') from None
+    return {'encoded': encoded, 'label': self.labels[i], 'path': path,
+            'truncated_ok': self.bad_images == 'skip'}
 
   def fingerprint(self) -> str:
     return _files_fingerprint(self.files)
@@ -257,13 +306,7 @@ class Transform:
   def decode(self, record) -> np.ndarray:
     """(H, W, C) uint8 (or the source's float) image of a record."""
     if 'encoded' in record:
-      img = _pil().open(io.BytesIO(record['encoded']))
-      if self.image_size and img.format == 'JPEG':
-        img.draft('RGB' if self.channels != 1 else 'L',
-                  (self.image_size, self.image_size))
-      mode = {1: 'L', 3: 'RGB'}.get(self.channels) or (
-          'L' if img.mode in ('L', 'I;16', '1') else 'RGB')
-      image = np.asarray(img.convert(mode))
+      image = self._decode_file(record)
     else:
       image = np.asarray(record['image'])
     if image.ndim == 2:
@@ -273,6 +316,34 @@ class Transform:
     elif self.channels == 1 and image.shape[-1] == 3 and image.dtype == np.uint8:
       image = np.asarray(_pil().fromarray(image).convert('L'))[..., None]
     return image
+
+  def _decode_file(self, record) -> np.ndarray:
+    """An encoded file's pixels; TCNError naming the file (`path`) when it
+    is not an image Pillow decodes."""
+    from PIL import ImageFile  # pylint: disable=g-import-not-at-top
+    image_cls = _pil()
+    try:
+      img = image_cls.open(io.BytesIO(record['encoded']))
+      if self.image_size and img.format == 'JPEG':
+        img.draft('RGB' if self.channels != 1 else 'L',
+                  (self.image_size, self.image_size))
+      mode = {1: 'L', 3: 'RGB'}.get(self.channels) or (
+          'L' if img.mode in ('L', 'I;16', '1') else 'RGB')
+      old = ImageFile.LOAD_TRUNCATED_IMAGES
+      ImageFile.LOAD_TRUNCATED_IMAGES = bool(record.get('truncated_ok'))
+      try:
+        return np.asarray(img.convert(mode))
+      finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = old
+    except (OSError, ValueError, SyntaxError, image_cls.DecompressionBombError,
+            EOFError) as e:
+      where = record.get('path', f'record {record.get("index", "?")}')
+      cause = (str(e).splitlines() or [type(e).__name__])[0]
+      if 'BytesIO' in cause:
+        cause = 'not an image Pillow recognises'
+      raise TCNError(f'cannot decode image {where}: {cause[:160]}; fix or '
+                     'remove it, or set --config.data.bad_images=skip to '
+                     'leave such files out') from None
 
   def _finish(self, record, image):
     if image.dtype == np.uint8:
@@ -440,7 +511,8 @@ class Stream:
     local = batch_size // p
     order = batch_order(seed, epoch, len(self), batch_size)
     order = order[:, k * local:(k + 1) * local].reshape(-1)
-    it = iter(self._dataset(order, train, seed, epoch, local, True))
+    it = _tracked(lambda: iter(self._dataset(order, train, seed, epoch, local,
+                                             True)), self.workers)
     if state is not None:
       it.set_state(state)
     return it
@@ -448,8 +520,93 @@ class Stream:
   def in_order(self, batch_size: int):
     """Eval-transformed batches of the whole split in order (the last one
     smaller): for features and evaluation."""
-    return iter(self._dataset(np.arange(len(self)), False, 0, 0, batch_size,
-                              False))
+    return _tracked(lambda: iter(self._dataset(
+        np.arange(len(self)), False, 0, 0, batch_size, False)), self.workers)
+
+
+# Iterators with Grain worker processes that are still open: closed on every
+# exit path (`close_iterators`: at exit, and by `main` before it ends the
+# process), so no worker, semaphore or shared-memory block outlives a run.
+_OPEN = weakref.WeakSet()
+
+
+class _SigintBlocked:
+  """SIGINT blocked in this thread while inside: a process or thread it
+  starts inherits the block. Grain's worker processes are started inside
+  (`_Workers`), so Ctrl-C (SIGINT to the whole process group) reaches only
+  the main process, which stops them (`close_iterators`) instead of each
+  dying mid-import or mid-batch and leaking semaphores and shared memory.
+  A SIGINT that arrives meanwhile is delivered on leaving."""
+
+  def __enter__(self):
+    import signal  # pylint: disable=g-import-not-at-top
+    self._old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+  def __exit__(self, *exc):
+    import signal  # pylint: disable=g-import-not-at-top
+    signal.pthread_sigmask(signal.SIG_SETMASK, self._old)
+
+
+class _Workers:
+  """A Grain iterator with worker processes: every step runs with SIGINT
+  blocked (`_SigintBlocked`); get_state, set_state and close pass through."""
+
+  def __init__(self, make):
+    with _SigintBlocked():
+      self._it = make()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    with _SigintBlocked():
+      return next(self._it)
+
+  def __getattr__(self, name):
+    return getattr(self._it, name)
+
+
+def _tracked(make, workers: int):
+  """`make()`'s iterator; with worker processes, guarded and registered."""
+  if not workers:
+    return make()
+  it = _Workers(make)
+  _OPEN.add(it)
+  return it
+
+
+def close_iterators():
+  """Closes every open iterator of Grain worker processes (idempotent)."""
+  for it in list(_OPEN):
+    try:
+      it.close()
+    except Exception:  # pylint: disable=broad-except  (already torn down)
+      pass
+    _OPEN.discard(it)
+
+
+atexit.register(close_iterators)
+
+
+def release_workers():
+  """Before a process ends without Python's exit handlers (`os._exit`, as
+  `main` does): every worker iterator closed, and the semaphores and
+  shared memory of the ones already dropped released, so the resource
+  tracker has nothing left to warn about."""
+  import gc  # pylint: disable=g-import-not-at-top
+  from multiprocessing import util  # pylint: disable=g-import-not-at-top
+  close_iterators()
+  gc.collect()   # Dropped iterators: their finalizers unlink what they own.
+  try:   # Batches in shared memory are unlinked by a thread pool: wait.
+    from grain._src.python.ipc import shared_memory_array as sma  # pylint: disable=g-import-not-at-top
+    pool = sma.SharedMemoryArray._del_thread_pool  # pylint: disable=protected-access
+    if pool is not None:
+      sma.SharedMemoryArray._disable_async_del()  # pylint: disable=protected-access
+      pool.close()
+      pool.join()
+  except (ImportError, AttributeError):   # Another Grain version.
+    pass
+  util._exit_function()  # pylint: disable=protected-access  (atexit's own)
 
 
 def batch_order(seed: int, epoch: int, n: int, batch_size: int) -> np.ndarray:

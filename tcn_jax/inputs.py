@@ -8,12 +8,14 @@
   dataset) each example must have it; otherwise it must fit the network's
   parameters.
 - Values: float arrays hold finite values in [0, 1], as `load_dataset`
-  gives them, and are used as they are; uint8 arrays are pixels 0..255,
-  scaled as the data loader scales them (`x.astype(float32) / 255`); any
-  other dtype is refused.
+  gives them; float32 is used as it is, other float widths (float16,
+  bfloat16, float64) are converted to float32 (the networks' input dtype);
+  uint8 arrays are pixels 0..255, scaled as the data loader scales them
+  (`x.astype(float32) / 255`); any other dtype is refused.
 - Features (teacher features, PCA coefficients): float (N, D), finite, one
   row per input. Labels: integers (N,) in [0, num_classes), one per input.
-- epochs: an integer >= 0.
+- epochs: an integer >= 0; counts (num_students): an integer >= 1.
+- evaluate: labels in [0, the network's number of outputs).
 
 Every violation is one `TCNError` naming the function and the argument,
 raised before any work. Inside a jitted function (tracers) only shapes and
@@ -92,6 +94,9 @@ def batch(where: str, name: str, x, *, spec: str | None = None,
   if isinstance(x.shape[0], int) and not x.shape[0]:   # Not symbolic.
     raise TCNError(f'{where}: {name} is an empty batch (0 examples); give '
                    'at least one')
+  if any(isinstance(d, int) and not d for d in x.shape[1:]):
+    raise TCNError(f'{where}: {name} has shape {tuple(x.shape)}: its examples '
+                   f'are empty (a 0-length axis); inputs are {LAYOUT}')
   vocab = vocabulary(spec)
   kind = x.dtype
   if vocab or (spec is None and jnp.issubdtype(kind, jnp.integer)
@@ -122,6 +127,9 @@ def batch(where: str, name: str, x, *, spec: str | None = None,
       raise TCNError(f'{where}: {name} holds values in [{lo:g}, {hi:g}]; '
                      'images must be floats in [0, 1] (divide 0..255 pixels '
                      'by 255, or pass them as uint8)')
+  if kind != np.float32:   # float16, bfloat16, float64: the input dtype.
+    return x.astype(np.float32) if isinstance(x, np.ndarray) else (
+        x.astype(jnp.float32))
   return x
 
 
@@ -179,6 +187,14 @@ def labels(where: str, name: str, y, rows: int, num_classes: int | None):
       raise TCNError(f'{where}: {name} holds labels {lo}..{hi}, outside '
                      f'[0, {num_classes})')
   return y
+
+
+def count(where: str, name: str, value):
+  """A count of things to make (num_students): an integer >= 1."""
+  if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+      or value < 1):
+    raise TCNError(f'{where}: {name} must be an integer >= 1, got {value!r}')
+  return int(value)
 
 
 def epochs(where: str, value):

@@ -59,6 +59,9 @@ def load_keras_model(path: str, num_classes: int, input_shape, what: str):
   keras = import_keras()
   if not os.path.isfile(path):
     raise TCNError(f'{what}: no such file')
+  if os.path.getsize(path) == 0:
+    raise TCNError(f'{what}: the file is empty (0 bytes), corrupt or not '
+                   'fully written; save the model again')
   whole = not path.endswith('.weights.h5')
   if whole and path.endswith('.h5'):
     import h5py  # pylint: disable=g-import-not-at-top

@@ -15,6 +15,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from tcn_jax import distributed
+from tcn_jax import input_pipeline
 from tcn_jax import pipeline
 from tcn_jax.errors import Interrupted
 from tcn_jax.errors import TCNError
@@ -25,12 +27,17 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (resumable).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _fail(e: Exception, code: int = 2):
-  """Prints `e` as one `error:` line (first and last line of a long message,
-  e.g. a config file's traceback) and exits."""
+def _message(e) -> str:
+  """`e` as one line (first and last line of a long message, e.g. a config
+  file's traceback)."""
   lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [repr(e)]
-  text = lines[0] if len(lines) == 1 else f'{lines[0]} ... {lines[-1]}'
-  print(f'error: {text}', file=sys.stderr)
+  return lines[0] if len(lines) == 1 else f'{lines[0]} ... {lines[-1]}'
+
+
+def _fail(e, code: int = 2):
+  """Prints `e` (an exception or its message) as one `error:` line and
+  exits."""
+  print(f'error: {_message(e)}', file=sys.stderr)
   sys.exit(code)
 
 
@@ -97,14 +104,23 @@ def main(argv):
       lambda record: 'orbax' not in record.pathname)
   for s in (signal.SIGTERM, signal.SIGINT):
     signal.signal(s, _stop)
-  try:
+  failure = None   # (message, exit code): not the exception, whose
+  try:             # frames would keep the last batches alive.
     if len(argv) > 1:
       raise TCNError(f'unexpected arguments: {argv[1:]}')
     pipeline.run(_CONFIG.value, _WORKDIR.value)   # Its last line sums up.
   except TCNError as e:
-    _fail(e, e.exit_code)
+    failure = (_message(e), e.exit_code)
   except OSError as e:   # A config file that does not load, a full disk, ...
-    _fail(e)
+    failure = (_message(e), 2)
+  except Exception as e:  # pylint: disable=broad-except
+    if distributed.process_count() == 1:
+      raise   # A bug: its traceback.
+    failure = (distributed.lost_peer(e), 2)   # A collective failed.
+  finally:   # Grain's worker processes: stopped on every exit path.
+    input_pipeline.close_iterators()
+  if failure is not None:   # The exception and its frames are gone here.
+    _fail(failure[0], failure[1])
 
 
 def exit_promptly(code: int):
@@ -113,6 +129,7 @@ def exit_promptly(code: int):
   that failed) may hold the exit, and a stop signal while exiting is silent."""
   for s in (signal.SIGTERM, signal.SIGINT):
     signal.signal(s, signal.SIG_DFL)
+  input_pipeline.release_workers()   # What Python's exit would release.
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()

@@ -1,5 +1,6 @@
 """Metrics (accuracy, MSE, parameter counts) and where they are written:
 TensorBoard, and progress (a live bar in notebooks, log lines elsewhere)."""
+import logging as std_logging
 import sys
 import time
 
@@ -33,7 +34,27 @@ def evaluate(predict, x, y, batch_size: int = 1000) -> float:
   """
   x = inputs.batch('evaluate', 'x', x)
   y = inputs.labels('evaluate', 'y', y, len(x), None)
-  return accuracy(input_pipeline.batched(predict, x, batch_size), y)
+  classes = _num_outputs(predict, x)   # Labels in range, before any work.
+  if classes:
+    inputs.labels('evaluate', 'y', y, len(x), classes)
+  logits = input_pipeline.batched(predict, x, batch_size)
+  if not classes and np.ndim(logits) == 2:
+    inputs.labels('evaluate', 'y', y, len(x), np.shape(logits)[-1])
+  return accuracy(logits, y)
+
+
+def _num_outputs(predict, x) -> int:
+  """The width of `predict`'s logits for `x`'s examples, traced (no work);
+  0 when `predict` cannot be traced (a function outside JAX)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    out = jax.eval_shape(predict, jax.ShapeDtypeStruct((1, *x.shape[1:]),
+                                                       x.dtype))
+  except TCNError:
+    raise
+  except Exception:  # pylint: disable=broad-except  (then checked after)
+    return 0
+  return int(out.shape[-1]) if len(getattr(out, 'shape', ())) == 2 else 0
 
 
 class Writer:
@@ -58,6 +79,27 @@ class Writer:
 # one log line per epoch; 'none' = silent.
 PROGRESS_MODES = ('auto', 'bar', 'log', 'none')
 _progress_mode = 'auto'
+# The validation metric of each stage's last epoch record, by name
+# ('accuracy', 'mse'): progress labels it (val_acc, val_mse).
+_VAL_LABELS = {'accuracy': 'val_acc', 'mse': 'val_mse'}
+_val_label = {}
+
+
+def emit(text: str):
+  """A progress line, visible wherever training runs: absl INFO where absl
+  shows it (the command line), else stderr (a plain script, whose absl
+  level hides INFO)."""
+  if _progress_mode == 'none':
+    return
+  if logging.get_absl_logger().isEnabledFor(std_logging.INFO):
+    logging.info('%s', text)
+  else:
+    print(text, file=sys.stderr, flush=True)
+
+
+def stage_start(stage: str, what: str):
+  """One line as a stage (or a long step of one) begins."""
+  emit(f'[{stage}] {what}')
 
 
 def epoch_record(name, epoch, ids, step_metrics, apply, state, val_x,
@@ -83,6 +125,8 @@ def epoch_record(name, epoch, ids, step_metrics, apply, state, val_x,
         + (f'epoch {epoch} in {stage_dir}' if epoch and saved else 'none'))
   preds = input_pipeline.batched(lambda xb: apply(state, xb), val_x, axis=1)
   val = [val_metric(preds[m], val_targets[m]) for m in range(len(ids))]
+  metric = getattr(val_metric, '__name__', 'val')
+  _val_label[name] = _VAL_LABELS.get(metric, f'val_{metric}')
   record = {'epoch': epoch + 1, 'train_loss': losses.mean(0).tolist(),
             'val': val, 'seconds': seconds + time.time() - t0}
   record.update({f'train_{k}': v.mean(0).tolist()
@@ -98,7 +142,7 @@ def report_epoch(name, ids, record, losses, writer, progress):
         if k.startswith('train_') or k == 'val' for i, v in zip(ids, vs)})
   progress.epoch(record['epoch'],
                  {'loss': float(losses[-len(losses) // 10 - 1:].mean()),
-                  'val': float(np.mean(record['val']))})
+                  _val_label.get(name, 'val'): float(np.mean(record['val']))})
 
 
 def set_progress(mode: str) -> str:
@@ -144,6 +188,14 @@ class Progress:
     if mode == 'auto':
       mode = 'bar' if in_notebook() else 'log'
     self.mode, self.bar = mode, None
+    if mode == 'log':
+      if start_epoch >= total_epochs:
+        emit(f'[{stage}] all {total_epochs} epochs saved: reused')
+      else:
+        emit(f'[{stage}] training epochs {start_epoch + 1}..{total_epochs}'
+             + (f' ({steps_per_epoch} steps each)' if steps_per_epoch > 1
+                else '') + ('; the first includes compilation'
+                            if start_epoch < total_epochs else ''))
     if mode == 'bar' and start_epoch < total_epochs:
       from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
       self.bar = tqdm(total=total_epochs * self.steps,
@@ -160,8 +212,13 @@ class Progress:
         self.bar.close()
     if self.mode != 'log':
       return
-    per_epoch = float(np.median(self.epoch_times))
-    eta = per_epoch * (self.total - epoch)
     text = ' '.join(f'{k}={v:.4f}' for k, v in values.items())
-    logging.info('[%s] epoch %d/%d %s (%.1f s/epoch, ETA %.0f s)',
-                 self.stage, epoch, self.total, text, per_epoch, eta)
+    left = self.total - epoch
+    if len(self.epoch_times) == 1:   # Compilation included: no rate yet.
+      timing = f'{self.epoch_times[0]:.1f} s with compilation'
+      if left:
+        timing += ', ETA after the next epoch'
+    else:   # The first epoch (compilation) left out of the rate.
+      per_epoch = float(np.median(self.epoch_times[1:]))
+      timing = f'{per_epoch:.1f} s/epoch, ETA {per_epoch * left:.0f} s'
+    emit(f'[{self.stage}] epoch {epoch}/{self.total} {text} ({timing})')

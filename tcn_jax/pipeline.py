@@ -105,14 +105,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     paper's, per-student validation MSE, parameters, seconds, digests.
   """
   config = config_lib.resolve(config)
+  # Paths first: one line before any data is read or anything written.
+  workdir_lib.check_path(workdir)
+  if config.teacher.init_from:
+    teacher_lib.check_source(config.teacher.init_from, workdir)
   dist = config.distributed
   joined = distributed.initialize(dist.num_processes, dist.process_id,
-                                  dist.coordinator)
+                                  dist.coordinator,
+                                  dist.get('timeout_s',
+                                           distributed.JOIN_TIMEOUT))
   if joined:
     distributed.check_same_config(config_lib.to_json(config))
   mesh = mesh_lib.from_config(config)
   mesh_lib.check_batch_sizes(config, mesh)
   t = time.time()
+  metrics.stage_start('data', f'loading {config.data.name}'
+                      + (f' from {config.data.dir}' if config.data.dir
+                         else ''))
   ds = data_lib.load(config.data)
   check_data(config, ds)
   wall = {'data': time.time() - t}
@@ -124,6 +133,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   this = record.Run(config, workdir, ds, data_key)
   loaded = None
   if config.teacher.init_from:
+    metrics.stage_start('teacher', f'loading {config.teacher.init_from} and '
+                        'checking it against config.teacher.body')
     loaded = teacher_lib.load_teacher(config.teacher.init_from,
                                       teacher_lib.model(this),
                                       ds.train.x[:1])
@@ -196,11 +207,14 @@ def _stages(run, keys, loaded, wall):
   teacher = _timed(wall, 'teacher', teacher_lib.run_stage, run,
                    keys['teacher'], loaded)
   logging.info('teacher test accuracy %.4f', teacher.test_acc)
+  metrics.stage_start('features', "the teacher's features of the training "
+                      'data (cached, or online in the students\' step)')
   feats = _timed(wall, 'features', features_lib.run_stage, run, teacher,
                  keys['features'])
   # Every process trains from process 0's chunked targets.
   shared = distributed.broadcast_tree(
       students_lib.shared_inputs(run, teacher, feats, keys['students']))
+  metrics.stage_start('students', f'{c.num_students} students ({c.method})')
   students = _timed(wall, 'students', students_lib.run_stage, run, shared,
                     config_lib.student_specs(c))
   head = _timed(wall, 'head', head_lib.run_stage, run, teacher, students,

@@ -152,6 +152,7 @@ def train_students(specs, x, features, num_students, *, epochs,
     (groups, info): `assemble.StudentGroup`s with trained variables; info =
     {'val_mse': per student, its MSE per epoch, 'history', 'seconds'}.
   """
+  inputs.count('train_students', 'num_students', num_students)
   for name, value, kind in (('optimizer', optimizer, Optimizer),
                             ('nets', nets, Nets),
                             ('objective', objective, Objective)):

@@ -5,6 +5,7 @@ teacher checkpoint directory, or a Keras model file (`.keras`, `.h5`; see
 `keras_convert`): that teacher is used as it is (the paper's "huge
 pre-trained network"), checked against `teacher.body` by shape.
 """
+import json
 import os
 
 import jax
@@ -66,6 +67,46 @@ def train_teacher(teacher, ds, *, epochs, batch_size=256, optimizer='adam',
       writer=writer, weight_decay=weight_decay)
   return (engine.unstack(variables, 1)[0],
           {'history': history, 'seconds': seconds})
+
+
+def check_source(path: str, workdir: str):
+  """Fails with one line, before anything is read or written, unless
+  `config.teacher.init_from` names a usable source: a non-empty Keras file,
+  or a finished teacher (every epoch its own config.json asks for) outside
+  the workdir it feeds (recomputing that workdir's stages would delete it).
+  """
+  what = f'config.teacher.init_from {path!r}'
+  if not os.path.exists(path):
+    raise TCNError(f'{what}: no such file or directory')
+  if keras_convert.is_keras_file(path):
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+      raise TCNError(f'{what}: the file is empty (0 bytes), corrupt or not '
+                     'fully written; save the model again')
+    return
+  source, target = os.path.realpath(path), os.path.realpath(workdir)
+  if source == target or source.startswith(target + os.sep):
+    raise TCNError(f'{what} is inside the workdir {workdir} it would feed '
+                   '(a changed config there deletes it); copy the teacher '
+                   'out, or give another workdir')
+  # The run that trained it: `path` is its workdir, or that one's teacher/.
+  run = path if os.path.isdir(os.path.join(path, 'teacher')) else (
+      os.path.dirname(source) if os.path.basename(source) == 'teacher'
+      else '')
+  config_path = os.path.join(run, 'config.json') if run else ''
+  if not config_path or not os.path.isfile(config_path):
+    return   # A bare checkpoint directory: its shapes are checked on load.
+  try:
+    with open(config_path) as f:
+      wanted = json.load(f)['teacher']['epochs']
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise TCNError(f'{what}: its run record {config_path} cannot be read '
+                   f'({type(e).__name__})') from None
+  where = os.path.join(run, 'teacher')
+  done = checkpoint.finished_epochs(where) if os.path.isdir(where) else 0
+  if isinstance(wanted, int) and 0 < done < wanted:
+    raise TCNError(f'{what} holds an unfinished teacher ({done} of its '
+                   f'{wanted} epochs, {config_path}); finish that run first '
+                   'or give a finished one')
 
 
 def load_teacher(path: str, teacher, x_example):

@@ -85,6 +85,51 @@ def diff(old: dict, new: dict, prefix: str = '') -> list[str]:
   return out
 
 
+def check_path(path: str, what: str = 'workdir') -> str:
+  """Fails with one line saying why `path` cannot be a run directory (empty,
+  a file, under a file, not writable); returns it made absolute."""
+  if not isinstance(path, str) or not path.strip():
+    raise TCNError(f'{what} {path!r} is empty: give a directory')
+  parent = path
+  while not os.path.lexists(parent):   # The nearest existing ancestor.
+    parent = os.path.dirname(parent.rstrip(os.sep)) or '.'
+  if parent != path and not os.path.isdir(parent):
+    raise TCNError(f'{what} {path} cannot be created: {parent} is a file, '
+                   'not a directory')
+  if parent == path and not os.path.isdir(path):
+    raise TCNError(f'{what} {path} is a file, not a directory')
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise TCNError(f'{what} {path} is not writable: no write permission on '
+                   f'{parent}')
+  return os.path.abspath(path)
+
+
+def lock_directory(path: str) -> int:
+  """Creates `path` if missing and takes an exclusive lock on the directory
+  itself (flock on its descriptor): unlike a lock file, it cannot be deleted
+  or replaced under a live run. Returns the descriptor (closing it
+  releases the lock).
+
+  Raises:
+    TCNError: the directory cannot be made, or another run holds it.
+  """
+  check_path(path)
+  try:
+    os.makedirs(path, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+  except OSError as e:
+    raise TCNError(f'workdir {path} cannot be opened: {e.strerror}'
+                   f'{f" ({e.filename})" if e.filename else ""}') from None
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    os.close(fd)
+    raise TCNError(f'workdir {path} is in use by another run (a process '
+                   'holds its lock); wait for it or use a new workdir'
+                   ) from None
+  return fd
+
+
 class Workdir:
   """An open, locked run directory.
 
@@ -98,16 +143,7 @@ class Workdir:
   def __init__(self, path: str, config: dict, keys: dict[str, str],
                allow_change: bool):
     self.path, self.allow_change = path, allow_change
-    try:
-      os.makedirs(path, exist_ok=True)
-      self._lock = open(os.path.join(path, 'lock'), 'w')
-    except OSError as e:
-      raise TCNError(f'workdir {path} is not writable: {e.strerror}') from None
-    try:
-      fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-      self._lock.close()
-      raise TCNError(f'workdir {path} is in use by another run') from None
+    self._fd = lock_directory(path)
     try:
       self._open(config, keys)
     except BaseException:
@@ -170,7 +206,9 @@ class Workdir:
     return os.path.join(self.path, *parts)
 
   def close(self):
-    self._lock.close()   # Closing the file releases the lock.
+    if self._fd is not None:
+      os.close(self._fd)   # Closing the descriptor releases the lock.
+      self._fd = None
 
   def __enter__(self):
     return self

@@ -108,9 +108,10 @@ def _truncate(pattern):
 
 
 def _lock(workdir):
-  handle = open(os.path.join(workdir, 'lock'), 'w')
-  fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  return handle
+  """Setup: the workdir held as a live run holds it (its directory locked)."""
+  fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
+  fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  return fd   # Held (open) for the rest of the test session.
 
 
 def _claim(workdir, config):
@@ -223,9 +224,9 @@ CASES = [
     ('changed config on resume',
      {'students__learning_rate': 0.5, 'allow_config_change': False},
      'students.learning_rate: 0.001 -> 0.5', None),
-    ('workdir under a file', {}, 'is not writable',
+    ('workdir under a file', {}, 'results.json is a file, not a directory',
      lambda tmp, wd: {'workdir': os.path.join(wd, 'results.json', 'sub')}),
-    ('workdir is a file', {}, 'is not writable',
+    ('workdir is a file', {}, 'config.json is a file, not a directory',
      lambda tmp, wd: {'workdir': os.path.join(wd, 'config.json')}),
     ('concurrent run', {}, 'is in use by another run',
      lambda tmp, wd: _lock(wd)),

@@ -87,6 +87,9 @@ def test_image_folder_errors(tmp_path):
   with pytest.raises(TCNError, match='no class sub-folders'):
     ip.ImageFolderSource(str(tmp_path))
   os.makedirs(tmp_path / 'a')
+  with pytest.raises(TCNError, match='a classifier needs at least 2'):
+    ip.ImageFolderSource(str(tmp_path))
+  os.makedirs(tmp_path / 'b')
   with pytest.raises(TCNError, match='no JPEG or PNG'):
     ip.ImageFolderSource(str(tmp_path))
 

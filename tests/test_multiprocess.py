@@ -177,7 +177,8 @@ def test_killed_process_resumes_from_multihost_checkpoint(streamed, tmp_path):
   flags, _, two = streamed
   workdir = str(tmp_path / 'run')
   (rc0, _), (rc1, log1) = _launch(workdir, die=True, flags=flags + DATA2)
-  assert (rc0, rc1) == (-9, -9), log1[-3000:]
+  # Process 0 is killed, or has already left with its one line (lost peer).
+  assert rc0 in (-9, 2) and rc1 == -9, log1[-3000:]
   assert not os.path.exists(os.path.join(workdir, 'results.json'))
   outs = _launch(workdir, flags=flags + DATA2)
   for rc, log in outs:
@@ -188,8 +189,12 @@ def test_killed_process_resumes_from_multihost_checkpoint(streamed, tmp_path):
 
 
 @pytest.mark.parametrize('section,field', [
-    ({'num_processes': 0, 'process_id': 0, 'coordinator': ''},
+    ({'num_processes': -1, 'process_id': 0, 'coordinator': ''},
      'num_processes'),
+    ({'num_processes': 0, 'process_id': 1, 'coordinator': ''},
+     'num_processes'),
+    ({'num_processes': 2, 'process_id': 0, 'coordinator': 'h:1',
+      'timeout_s': 0}, 'timeout_s'),
     ({'num_processes': 2, 'process_id': 2, 'coordinator': 'h:1'},
      'process_id'),
     ({'num_processes': 2, 'process_id': -1, 'coordinator': 'h:1'},
