@@ -25,6 +25,7 @@ from tcn_jax import distributed
 from tcn_jax.export import export_all
 from tcn_jax.export import parse_formats
 from tcn_jax import features as features_lib
+from tcn_jax import given_teacher
 from tcn_jax import head as head_lib
 from tcn_jax import mesh as mesh_lib
 from tcn_jax import metrics
@@ -68,9 +69,10 @@ def check_data(config, ds: data_lib.Dataset):
     if other != shape:
       raise TCNError(f'{name} inputs of {config.data.name} have shape '
                      f'{other}, train inputs {shape} ({ds.source})')
-  chunking.chunk_sizes(check_fits('teacher.body', config.teacher.body, shape,
-                                  config.layers_impl, dtype),
-                       config.num_students)
+  if not given_teacher.kind(config):   # A given one is checked on loading.
+    chunking.chunk_sizes(check_fits('teacher.body', config.teacher.body,
+                                    shape, config.layers_impl, dtype),
+                         config.num_students)
   for spec in dict.fromkeys(config_lib.student_specs(config)):
     check_fits('students.arch', spec + ' D1', shape, config.layers_impl,
                dtype)
@@ -122,8 +124,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data_key = checkpoint.digest(ds.train.x, ds.train.y, ds.val.x, ds.val.y,
                                ds.test.x, ds.test.y)
   this = record.Run(config, workdir, ds, data_key)
-  loaded = None
-  if config.teacher.init_from:
+  # An ONNX teacher or precomputed features (given_teacher.Given), else
+  # the variables of a teacher of this library / Keras (init_from).
+  loaded = given_teacher.load(this)
+  if loaded is None and config.teacher.init_from:
     loaded = teacher_lib.load_teacher(config.teacher.init_from,
                                       teacher_lib.model(this),
                                       ds.train.x[:1])
@@ -171,8 +175,11 @@ def _open_workdir(path, config, keys):
 def stage_keys(run: record.Run, loaded=None) -> dict[str, str]:
   """{stage: key} of every stage the run uses (see `tcn_jax.workdir`)."""
   c = run.config
-  keys = {'teacher': teacher_lib.key(
-      run, checkpoint.digest(loaded) if loaded is not None else '')}
+  if isinstance(loaded, given_teacher.Given):
+    keys = {'teacher': given_teacher.key(run, loaded)}
+  else:
+    keys = {'teacher': teacher_lib.key(
+        run, checkpoint.digest(loaded) if loaded is not None else '')}
   keys['features'] = features_lib.key(run, keys['teacher'])
   keys['students'] = students_lib.key(run, keys['features'])
   keys['head'] = head_lib.key(run, keys['students'])
@@ -193,11 +200,19 @@ def _timed(wall, name, fn, *args):
 def _stages(run, keys, loaded, wall):
   """The stages, under the workdir lock (every process runs them)."""
   c = run.config
-  teacher = _timed(wall, 'teacher', teacher_lib.run_stage, run,
-                   keys['teacher'], loaded)
+  given = loaded if isinstance(loaded, given_teacher.Given) else None
+  if given:
+    teacher = _timed(wall, 'teacher', given_teacher.run_stage, run, given,
+                     keys['teacher'])
+  else:
+    teacher = _timed(wall, 'teacher', teacher_lib.run_stage, run,
+                     keys['teacher'], loaded)
   logging.info('teacher test accuracy %.4f', teacher.test_acc)
-  feats = _timed(wall, 'features', features_lib.run_stage, run, teacher,
-                 keys['features'])
+  if given and given.kind == 'features':
+    feats = given_teacher.features_stage(run, given, keys['features'])
+  else:
+    feats = _timed(wall, 'features', features_lib.run_stage, run, teacher,
+                   keys['features'])
   # Every process trains from process 0's chunked targets.
   shared = distributed.broadcast_tree(
       students_lib.shared_inputs(run, teacher, feats, keys['students']))
@@ -218,6 +233,8 @@ def _stages(run, keys, loaded, wall):
   exported = (_timed(wall, 'export', _export, run, head.tcn)
               if c.export.formats else [])
   results = _results(run, teacher, students, head, results_of, wall)
+  if given:
+    results.update(given_teacher.results_entry(given))
   if exported:
     results['export'] = exported
   if distributed.process_index() == 0:

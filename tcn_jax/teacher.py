@@ -13,6 +13,7 @@ import optax
 from tcn_jax import checkpoint
 from tcn_jax import engine
 from tcn_jax import fit
+from tcn_jax import given_teacher
 from tcn_jax import inputs
 from tcn_jax import keras_convert
 from tcn_jax import layers
@@ -115,7 +116,9 @@ def load_teacher(path: str, teacher, x_example):
 def key(run: record.Run, loaded_digest: str = '') -> str:
   """The teacher stage's key."""
   c = run.config
-  section = c.teacher.to_dict()
+  # Fields of given teachers (ONNX, features) only when used: earlier runs'
+  # keys stay the same.
+  section = given_teacher.key_fields(c.teacher.to_dict())
   if loaded_digest:   # A loaded teacher: its parameters, not its schedule.
     section = {k: section[k] for k in ('body', 'head_dropout', 'head_bn')}
   return workdir_lib.stage_key(
