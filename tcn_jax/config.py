@@ -108,11 +108,11 @@ def base_config() -> ml_collections.ConfigDict:
       # Given teachers (tcn_jax.given_teacher, docs/onnx_teacher.md):
       # features_from: a directory of precomputed features.{train,val,test}
       # .npy and head.npz; for an ONNX init_from: feature_tensor (default:
-      # the final Gemm/MatMul's input), input_layout ('auto': NCHW when the
+      # the final Gemm/MatMul's input), input_layout ('' = auto: NCHW when the
       # graph's input is (C, H, W); 'NCHW', 'NHWC'), input_mean / input_std
       # ('0.485,0.456,0.406': per channel; '' = unchanged); allow_chance:
       # distill a given teacher whose validation accuracy is near chance.
-      features_from='', feature_tensor='', input_layout='auto',
+      features_from='', feature_tensor='', input_layout='',
       input_mean='', input_std='', allow_chance=False))
   c.students = ml_collections.ConfigDict(dict(
       arch='', arch_by_n=dict(STUDENTS_FMNIST), init='normal', out_relu=False,

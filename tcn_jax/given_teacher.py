@@ -37,7 +37,7 @@ SPLITS = ('train', 'val', 'test')
 # Config fields of the teacher section added for given teachers, with the
 # value that means "not used" (kept out of stage keys at that value, so
 # the keys of earlier runs stay the same).
-FIELDS = {'features_from': '', 'feature_tensor': '', 'input_layout': 'auto',
+FIELDS = {'features_from': '', 'feature_tensor': '', 'input_layout': '',
           'input_mean': '', 'input_std': '', 'allow_chance': False}
 # Validation accuracy under CHANCE_FACTOR / classes stops the run.
 CHANCE_FACTOR = 1.5
@@ -116,7 +116,7 @@ def load(run: record.Run) -> Given | None:
     model, variables = onnx_teacher.teacher_from_onnx(
         t.init_from, x_example=np.asarray(run.ds.train.x[:8]),
         feature_tensor=t.get('feature_tensor', ''),
-        input_layout=t.get('input_layout', 'auto'),
+        input_layout=t.get('input_layout', '') or 'auto',
         input_mean=t.get('input_mean', ''), input_std=t.get('input_std', ''),
         what=f'config.teacher.init_from {t.init_from!r}')
     given = Given('onnx', model, variables, model.info['digest'],

@@ -35,7 +35,7 @@ import numpy as np
 from tcn_jax.errors import TCNError
 from tcn_jax.function_teacher import FunctionTeacher
 
-LAYOUTS = ('auto', 'NCHW', 'NHWC')
+LAYOUTS = ('auto', 'NCHW', 'NHWC')   # '' is 'auto'.
 # Ops between the head and the graph's output that keep the argmax.
 _PASS_OPS = ('Identity', 'Softmax', 'Cast')
 # Ops between a named feature and the head's input (same values, flattened).
@@ -228,6 +228,7 @@ def choose_layout(layout: str, graph_dims: list, data_shape: tuple,
   """'NCHW', 'NHWC', 'flat' or 'same' for data examples of `data_shape`
   (the library's NHWC) and a graph input of dims (batch first; None for a
   named or unknown axis)."""
+  layout = layout or 'auto'
   if layout not in LAYOUTS:
     raise TCNError(f'{what}: input_layout must be one of {", ".join(LAYOUTS)}'
                    f', got {layout!r}')
