@@ -249,3 +249,40 @@ def test_onnx_teacher_refusals_one_line(tmp_path):
         str(tmp_path / 'nohead.onnx'))), str(tmp_path / 'run'))
   _one_line(e)
   assert not os.path.exists(tmp_path / 'run')
+
+
+def _image_folder(root, classes=10, per_class=5, size=64, seed=0):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  for c in range(classes):
+    os.makedirs(os.path.join(root, f'class{c}'), exist_ok=True)
+    for i in range(per_class):
+      a = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+      Image.fromarray(a).save(os.path.join(root, f'class{c}', f'{i}.png'))
+
+
+def test_resnet_onnx_teacher_over_a_streamed_folder(tmp_path):
+  """Features of a streamed split go batch by batch into the memory-mapped
+  cache; a random-weights teacher (near chance) runs with allow_chance."""
+  import image_folder  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path / 'images')
+  _image_folder(os.path.join(root, 'train'))
+  _image_folder(os.path.join(root, 'val'), per_class=2, seed=1)
+  c = image_folder.get_config('smoke')
+  c.data.update(dir=root, image_size=64, streaming='always')
+  c.teacher.init_from = RESNET
+  c.teacher.epochs = c.students.epochs = c.head.epochs = 1
+  with pytest.raises(TCNError, match='near chance'):
+    pipeline.run(c, str(tmp_path / 'refused'))
+  c.teacher.allow_chance = True
+  work = tmp_path / 'run'
+  results = pipeline.run(c, str(work))
+  assert 'streamed' in results['data_source']
+  ds = data_lib.load(config_lib.resolve(c).data)
+  cached = np.load(work / 'features.train.npy', mmap_mode='r')
+  teacher, _ = tcn.teacher_from_onnx(RESNET, x_example=ds.train.x[:2])
+  x = ds.train.x[:]
+  np.testing.assert_array_equal(cached, teacher.run_host(x)[1])
+  whole = _whole_graph(RESNET, np.ascontiguousarray(
+      ds.test.x[:].transpose(0, 3, 1, 2)))
+  assert results['teacher_test_acc'] == metrics.accuracy(whole, ds.test.y)
