@@ -286,21 +286,27 @@ def accuracy(given: Given, split, batch_size: int, name: str) -> float:
   return metrics.accuracy(logits, np.asarray(split.y))
 
 
+def check_chance(config, val_acc: float, classes: int):
+  """Stops the run (one line) when a given teacher's validation accuracy
+  is near chance, unless config.teacher.allow_chance."""
+  if (classes > 1 and val_acc < CHANCE_FACTOR / classes
+      and not config.teacher.get('allow_chance')):
+    raise TCNError(
+        f'the given teacher\'s validation accuracy is {val_acc:.4f}, near '
+        f'chance (1/{classes}): its class order probably differs from the '
+        'data\'s (sorted folder names, or the dataset\'s label ids); set '
+        'config.teacher.allow_chance=True to distill it anyway')
+
+
 def run_stage(run: record.Run, given: Given, key: str) -> record.Teacher:
   """The teacher stage of a given teacher: nothing trained; its test
   accuracy (and validation accuracy, checked against chance)."""
   c = run.config
   bs = c.eval_batch_size
   val = accuracy(given, run.ds.val, bs, 'val')
-  classes = run.ds.num_classes
   logging.info('given teacher (%s): validation accuracy %.4f',
                given.kind, val)
-  if val < CHANCE_FACTOR / classes and not c.teacher.get('allow_chance'):
-    raise TCNError(
-        f'the given teacher\'s validation accuracy is {val:.4f}, near chance '
-        f'(1/{classes}): its class order probably differs from the data\'s '
-        '(sorted folder names, or the dataset\'s label ids); set '
-        'config.teacher.allow_chance=True to distill it anyway')
+  check_chance(c, val, run.ds.num_classes)
   given.info['val_acc'] = val
   test = accuracy(given, run.ds.test, bs, 'test')
   model = given.model

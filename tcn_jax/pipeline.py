@@ -133,7 +133,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       ds.train.x[:1])
   keys = stage_keys(this, loaded)
   with contextlib.ExitStack() as stack:
-    wd = stack.enter_context(_open_workdir(workdir, config, keys))
+    wd = stack.enter_context(_open_workdir(
+        workdir, config, keys, data_lib.class_names(ds, config.data.name)))
     writer = None
     if wd is not None:   # Process 0: TensorBoard.
       writer = stack.enter_context(contextlib.closing(
@@ -147,11 +148,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 @contextlib.contextmanager
-def _open_workdir(path, config, keys):
-  """Process 0's `workdir.Workdir` (lock, config.json, stage keys; None on
-  the other processes, which share its directory and wait until it is
-  open, or fail with its error)."""
-  args = (path, config_lib.to_json(config), keys, config.allow_config_change)
+def _open_workdir(path, config, keys, classes=None):
+  """Process 0's `workdir.Workdir` (lock, config.json with the data's
+  class names, stage keys; None on the other processes, which share its
+  directory and wait until it is open, or fail with its error)."""
+  recorded = config_lib.to_json(config)
+  if classes:
+    recorded['classes'] = classes
+  args = (path, recorded, keys, config.allow_config_change)
   if distributed.process_count() == 1:
     with workdir_lib.Workdir(*args) as wd:
       yield wd
@@ -280,6 +284,7 @@ def _results(run, teacher, students, head, baselines_out, wall):
   info = students.info
   results = {
       'dataset': c.data.name, 'data_source': run.ds.source,
+      'classes': data_lib.class_names(run.ds, c.data.name),
       'num_students': n, 'method': c.method, 'seed': c.seed,
       'gan': students_lib.gan_settings(c), 'kd': baselines_out.get('kd'),
       'kdgan': baselines_out.get('kdgan'),

@@ -151,6 +151,10 @@ def run_stage(run: record.Run, key: str, loaded=None) -> record.Teacher:
   evaluated = teacher.clone(impl=layers.stage_impl(run.config.layers_impl,
                                                    run.config.forward_impl))
   predict = mesh_lib.forward(evaluated.apply, variables)
+  if loaded is not None and keras_convert.is_keras_file(c.init_from):
+    given_teacher.check_chance(run.config, metrics.evaluate(
+        predict, ds.val.x, ds.val.y, run.config.eval_batch_size),
+                               ds.num_classes)   # Class order mismatch?
   acc = metrics.evaluate(predict, ds.test.x, ds.test.y,
                          run.config.eval_batch_size)
   return record.Teacher(teacher, variables, acc, seconds, key)

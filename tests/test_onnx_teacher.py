@@ -161,6 +161,10 @@ def test_pipeline_with_onnx_teacher_end_to_end(tmp_path):
   assert src['digest'] == onnx_teacher.file_digest(CNN)
   assert results['teacher_test_acc'] > 0.6
   assert os.path.exists(tmp_path / 'run' / 'export' / 'tcn.onnx')
+  # Class names travel with the run.
+  assert results['classes'] == data_lib.CLASS_NAMES['fashion_mnist']
+  with open(tmp_path / 'run' / 'config.json') as f:
+    assert json.load(f)['classes'][9] == 'Ankle boot'
   # Resume: every stage reused, the same TCN.
   again = pipeline.run(config, str(tmp_path / 'run'))
   assert again['digests'] == results['digests']
@@ -198,6 +202,7 @@ def test_pipeline_with_onnx_teacher_end_to_end(tmp_path):
     ('rows', r'features.train.npy: \d+ rows, the data'),
     ('nan', 'features.test.npy: holds NaN'),
     ('head', 'head.npz: kernel of shape'),
+    ('classes', 'has 5 classes, the data'),
 ])
 def test_bad_features_dir_one_line_before_any_work(tmp_path, problem, match):
   config = tiny_config()
@@ -213,8 +218,9 @@ def test_bad_features_dir_one_line_before_any_work(tmp_path, problem, match):
       f[3, 2] = np.nan
     if not (problem == 'missing' and s == 'val'):
       np.save(d / f'features.{s}.npy', f)
-  kernel = rng.normal(size=(15 if problem == 'head' else 16, 10))
-  np.savez(d / 'head.npz', kernel=kernel, bias=np.zeros(10))
+  classes = 5 if problem == 'classes' else 10
+  kernel = rng.normal(size=(15 if problem == 'head' else 16, classes))
+  np.savez(d / 'head.npz', kernel=kernel, bias=np.zeros(classes))
   with pytest.raises(TCNError, match=match) as e:
     pipeline.run(tiny_config(teacher__features_from=str(d)),
                  str(tmp_path / 'run'))
