@@ -142,6 +142,22 @@ def test_scale_warning():
   assert 'reach' in onnx_teacher.check_scale(x * 255, x * 255, None, None)
 
 
+def test_input_scaling_applied_and_warned(caplog):
+  x = np.random.default_rng(0).uniform(0, 1, (4, 28, 28, 1)).astype(
+      np.float32)
+  teacher, _ = tcn.teacher_from_onnx(CNN, x_example=x, input_mean='0.5',
+                                     input_std='0.25')
+  want = _whole_graph(CNN, ((x - 0.5) / 0.25).transpose(0, 3, 1, 2))
+  np.testing.assert_array_equal(teacher.run_host(x)[0], want)
+  assert teacher.info['input_std'] == [0.25]
+  with caplog.at_level('WARNING'):
+    tcn.teacher_from_onnx(CNN, x_example=x, input_mean='33.3',
+                          input_std='76.7')
+  assert '0..255 units' in caplog.text
+  with pytest.raises(TCNError, match='3 values, the data 1 channels'):
+    tcn.teacher_from_onnx(CNN, x_example=x, input_mean='0.4,0.4,0.4')
+
+
 def _splits(config):
   return data_lib.load(config_lib.resolve(config).data)
 
