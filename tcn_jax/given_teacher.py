@@ -321,8 +321,10 @@ def features_stage(run: record.Run, given: Given,
                          key, 'cached')
 
 
-def results_entry(given: Given, val_acc: float | None = None) -> dict:
+def results_entry(given: Given, results: dict) -> dict:
+  """results.json's teacher entries for a given teacher: its source
+  (`teacher_source`) and, for an ONNX graph, its parameter count."""
   out = {'teacher_source': given.info}
-  if val_acc is not None:
-    out['teacher_val_acc'] = val_acc
+  if given.info.get('params'):
+    out['params'] = dict(results['params'], teacher=given.info['params'])
   return out

@@ -454,6 +454,7 @@ def teacher_from_onnx(path: str, *, x_example, feature_tensor: str = '',
           'feature_tensor': head.feature, 'head_node': head.node,
           'output': outputs[0], 'input': inp.name, 'input_shape': _fmt(dims),
           'layout': layout,
+          'params': int(sum(int(np.prod(t.dims)) for t in graph.initializer)),
           'input_mean': None if mean is None else mean.tolist(),
           'input_std': None if std is None else std.tolist()}
   teacher = OnnxTeacher(apply_fn, feature_fn, int(num_classes),

@@ -238,7 +238,7 @@ def _stages(run, keys, loaded, wall):
               if c.export.formats else [])
   results = _results(run, teacher, students, head, results_of, wall)
   if given:
-    results.update(given_teacher.results_entry(given))
+    results.update(given_teacher.results_entry(given, results))
   if exported:
     results['export'] = exported
   if distributed.process_index() == 0:

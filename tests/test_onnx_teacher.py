@@ -175,6 +175,8 @@ def test_pipeline_with_onnx_teacher_end_to_end(tmp_path):
   src = results['teacher_source']
   assert src['source'] == 'onnx' and src['layout'] == 'NCHW'
   assert src['digest'] == onnx_teacher.file_digest(CNN)
+  assert results['params']['teacher'] == 1568 * 64 + 64 + 64 * 10 + 10 + (
+      16 * 9 + 16 + 32 * 16 * 9 + 32)   # The ONNX graph's weights.
   assert results['teacher_test_acc'] > 0.6
   assert os.path.exists(tmp_path / 'run' / 'export' / 'tcn.onnx')
   # Class names travel with the run.
