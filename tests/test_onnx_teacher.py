@@ -117,6 +117,53 @@ def test_bad_onnx_teachers_one_line(tmp_path):
     tcn.teacher_from_onnx(str(tmp_path / 'missing.onnx'), x_example=x)
 
 
+def _keras_like_model(path, rng):
+  """A tf2onnx-like graph: NHWC input, Reshape, MatMul + Add, Relu,
+  a transposed constant weight, Softmax output."""
+  from onnx import numpy_helper  # pylint: disable=g-import-not-at-top
+  w1 = rng.normal(0, 0.05, (784, 32)).astype(np.float32)
+  w2t = rng.normal(0, 0.5, (10, 32)).astype(np.float32)
+  inits = [numpy_helper.from_array(a, n) for a, n in (
+      (np.array([-1, 784], np.int64), 'shape'), (w1, 'w1'),
+      (np.full(32, 0.1, np.float32), 'b1'), (w2t, 'w2t'),
+      (np.arange(10, dtype=np.float32) / 10, 'b2'))]
+  nodes = [helper.make_node('Reshape', ['x', 'shape'], ['flat']),
+           helper.make_node('MatMul', ['flat', 'w1'], ['h']),
+           helper.make_node('Add', ['h', 'b1'], ['hb']),
+           helper.make_node('Relu', ['hb'], ['feature']),
+           helper.make_node('Transpose', ['w2t'], ['w2'], perm=[1, 0]),
+           helper.make_node('MatMul', ['feature', 'w2'], ['z']),
+           helper.make_node('Add', ['z', 'b2'], ['logits']),
+           helper.make_node('Softmax', ['logits'], ['probs'], axis=1)]
+  graph = helper.make_graph(
+      nodes, 'keraslike',
+      [helper.make_tensor_value_info('x', TensorProto.FLOAT,
+                                     ['N', 28, 28, 1])],
+      [helper.make_tensor_value_info('probs', TensorProto.FLOAT, ['N', 10])],
+      inits)
+  onnx.save(helper.make_model(graph, opset_imports=[
+      helper.make_opsetid('', 13)]), path)
+  return w2t.T, np.arange(10, dtype=np.float32) / 10
+
+
+def test_keras_like_graph_nhwc_matmul_add_softmax(tmp_path):
+  rng = np.random.default_rng(0)
+  path = str(tmp_path / 'keraslike.onnx')
+  kernel, bias = _keras_like_model(path, rng)
+  x = rng.uniform(0, 1, (6, 28, 28, 1)).astype(np.float32)
+  teacher, t_vars = tcn.teacher_from_onnx(path, x_example=x)
+  assert teacher.info['layout'] == 'NHWC'
+  assert teacher.info['feature_tensor'] == 'feature'
+  head = tcn.teacher_head(t_vars)['params']['out']
+  np.testing.assert_array_equal(head['kernel'], kernel)
+  np.testing.assert_array_equal(head['bias'], bias)
+  probs, feats = teacher.run_host(x)
+  np.testing.assert_array_equal(probs, _whole_graph(path, x))
+  z = feats @ kernel + bias
+  np.testing.assert_allclose(
+      probs, np.exp(z) / np.exp(z).sum(1, keepdims=True), atol=1e-6)
+
+
 def test_named_feature_tensor_and_fc1_refused():
   model = onnx.load(CNN)
   heads = onnx_teacher.head_candidates(model)
