@@ -285,15 +285,15 @@ def check_scale(x: np.ndarray, prepared: np.ndarray, mean, std) -> str:
   hi = float(np.max(np.abs(x))) if x.size else 0.0
   p_hi = float(np.max(np.abs(prepared))) if prepared.size else 0.0
   if std is not None and hi <= 1.0 and float(np.min(std)) > 2.0:
-    return (f'the data are in [0, 1] but teacher.input_std is {std.tolist()}'
-            ' (0..255 units?): divide the statistics by 255')
+    return ('the data are in [0, 1] but config.teacher.input_std is '
+            f'{std.tolist()} (0..255 units?): divide the statistics by 255')
   if mean is not None and hi > 2.0 and float(np.max(np.abs(mean))) <= 1.0:
-    return (f'the data reach {hi:.0f} (0..255 pixels?) but teacher.'
+    return (f'the data reach {hi:.0f} (0..255 pixels?) but config.teacher.'
             f'input_mean is {mean.tolist()} (0..1 units): scale the data or '
             'the statistics')
   if p_hi > 50.0:
-    return (f'the teacher\'s inputs reach {p_hi:.0f} after teacher.input_mean'
-            '/input_std: most models expect scaled inputs (set teacher.'
+    return (f'the teacher\'s inputs reach {p_hi:.0f} after input_mean / '
+            'input_std: most models expect scaled inputs (set config.teacher.'
             'input_mean / input_std to the model\'s preprocessing)')
   return ''
 
@@ -357,12 +357,14 @@ def teacher_from_onnx(path: str, *, x_example, feature_tensor: str = '',
   dims = _dims(inp)
   x_example = np.asarray(x_example)
   layout = choose_layout(input_layout, dims, x_example.shape[1:], what)
-  mean = parse_floats('teacher.input_mean', input_mean)
-  std = parse_floats('teacher.input_std', input_std)
+  mean = parse_floats('input_mean (config.teacher.input_mean)', input_mean)
+  std = parse_floats('input_std (config.teacher.input_std)', input_std)
   if std is not None and np.any(std == 0):
-    raise TCNError(f'teacher.input_std must be non-zero, got {std.tolist()}')
+    raise TCNError('input_std (config.teacher.input_std) must be non-zero, '
+                   f'got {std.tolist()}')
   channels = x_example.shape[-1] if x_example.ndim == 4 else 1
-  for name, v in (('teacher.input_mean', mean), ('teacher.input_std', std)):
+  for name, v in (('input_mean (config.teacher.input_mean)', mean),
+                  ('input_std (config.teacher.input_std)', std)):
     if v is not None and v.size not in (1, channels):
       raise TCNError(f'{name} has {v.size} values, the data {channels} '
                      'channels: give one value or one per channel')
