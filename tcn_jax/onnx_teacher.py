@@ -81,8 +81,18 @@ class HeadNode:
   node: str          # Its node's name or op, for messages.
 
 
+def _imports():
+  try:
+    import onnx  # pylint: disable=g-import-not-at-top
+    import onnxruntime  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise TCNError(f'ONNX teachers need onnx and onnxruntime ({e}): pip '
+                   "install 'tcn_jax[onnx]'") from None
+  return onnx, onnxruntime
+
+
 def _load(path: str):
-  import onnx  # pylint: disable=g-import-not-at-top
+  onnx, _ = _imports()
   try:
     return onnx.load(path)
   except FileNotFoundError:
@@ -342,8 +352,7 @@ def teacher_from_onnx(path: str, *, x_example, feature_tensor: str = '',
     is not its input, the input shape does not fit the data, or the head
     does not reproduce the graph's output on x_example.
   """
-  import onnx  # pylint: disable=g-import-not-at-top
-  import onnxruntime as ort  # pylint: disable=g-import-not-at-top
+  onnx, ort = _imports()
   model = _load(path)
   graph = model.graph
   head = find_head(model, feature_tensor, what)
