@@ -233,7 +233,8 @@ def _stages(run, keys, loaded, wall):
                                  teacher, feats)
       logging.info('%s student test accuracy %.4f', stage,
                    results_of[stage]['test_acc'])
-  assemble.save_tcn(os.path.join(run.workdir, 'tcn'), head.tcn)
+  assemble.save_tcn(os.path.join(run.workdir, 'tcn'), head.tcn,
+                    data_lib.class_names(run.ds, c.data.name))
   exported = (_timed(wall, 'export', _export, run, head.tcn)
               if c.export.formats else [])
   results = _results(run, teacher, students, head, results_of, wall)

@@ -234,7 +234,9 @@ def test_pipeline_with_onnx_teacher_end_to_end(tmp_path):
   again = pipeline.run(config, str(tmp_path / 'run'))
   assert again['digests'] == results['digests']
   assert again['stage_keys'] == results['stage_keys']
-  predict, net = tcn.load_tcn(str(tmp_path / 'run' / 'tcn'))
+  predict, net, names = tcn.load_tcn(str(tmp_path / 'run' / 'tcn'),
+                                     with_classes=True)
+  assert names == results['classes']
   assert net.num_classes == 10   # The TCN runs without the teacher:
   acc = metrics.evaluate(predict, ds.test.x, ds.test.y)
   assert acc == results['tcn_test_acc_after_finetune']
