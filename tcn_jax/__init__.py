@@ -18,7 +18,10 @@ Functional API, one call per stage of the paper's pipeline:
 A teacher trained elsewhere: `tcn.from_keras(path_or_model, teacher, x)` (a
 Keras model that follows an architecture string), or `tcn.teacher_from_flax`
 / `tcn.teacher_from_keras` / `tcn.function_teacher` (any model), which return
-(teacher, t_vars) for the same calls.
+(teacher, t_vars) for the same calls; `tcn.teacher_from_onnx(path,
+x_example=x[:8])` for an ONNX graph (PyTorch, TensorFlow) run by onnxruntime,
+and `tcn.precomputed_teacher(features, kernel, bias)` for features computed
+elsewhere.
 """
 from tcn_jax.assemble import load_tcn
 from tcn_jax.assemble import make_predict
@@ -40,12 +43,14 @@ from tcn_jax.function_teacher import function_teacher
 from tcn_jax.function_teacher import FunctionTeacher
 from tcn_jax.function_teacher import teacher_from_flax
 from tcn_jax.function_teacher import teacher_from_keras
+from tcn_jax.given_teacher import precomputed_teacher
 from tcn_jax.head import finetune_head
 from tcn_jax.keras_convert import from_keras
 from tcn_jax.models import Head
 from tcn_jax.models import Net
 from tcn_jax.models import student
 from tcn_jax.models import Teacher
+from tcn_jax.onnx_teacher import teacher_from_onnx
 from tcn_jax.metrics import evaluate
 from tcn_jax.metrics import set_progress
 from tcn_jax.pipeline import run

@@ -188,12 +188,14 @@ def tcn_head(tcn: TCN) -> models.Head:
   return models.Head(tcn.num_classes, tcn.head_dropout, bn=tcn.head_bn)
 
 
-def save_tcn(path: str, tcn: TCN):
+def save_tcn(path: str, tcn: TCN, classes=None):
   """Saves the TCN (all students, head, architecture) as one checkpoint.
 
   Args:
     path: a directory (an Orbax checkpoint); an older TCN there is replaced.
     tcn: the `TCN` to save.
+    classes: optional names of the classes 0, 1, ... (`load_tcn(...,
+      with_classes=True)` returns them).
   """
   state = {'students': {str(i): g.variables
                         for i, g in enumerate(tcn.groups)},
@@ -203,19 +205,24 @@ def save_tcn(path: str, tcn: TCN):
   meta = {'kind': 'tcn_jax.TCN', 'groups': [g.describe() for g in tcn.groups],
           'num_classes': tcn.num_classes, 'head_dropout': tcn.head_dropout,
           'head_bn': tcn.head_bn, 'pca_basis': tcn.basis is not None}
+  if classes:
+    meta['classes'] = [str(c) for c in classes]
   with checkpoint.StageCheckpoint(path, max_to_keep=1) as ckpt:
     ckpt.save(ckpt.latest_epoch() + 1, state, meta)   # Replaces an older TCN.
 
 
-def load_tcn(path: str, strategy='auto'):
+def load_tcn(path: str, strategy='auto', with_classes: bool = False):
   """Loads a TCN saved by `save_tcn` (or a run's `workdir/tcn`).
 
   Args:
     path: the directory `save_tcn` wrote.
     strategy: how the members of a group run (`engine.STRATEGIES`).
+    with_classes: also return the class names saved with it.
 
   Returns:
-    (predict, tcn): jitted `predict(images) -> logits` and the `TCN`.
+    (predict, tcn): jitted `predict(images) -> logits` and the `TCN`; with
+    with_classes (predict, tcn, names): names[i] is class i's name (None
+    when none were saved).
   """
   if not os.path.isdir(path):
     raise TCNError(f'load_tcn: {path} is not a directory')
@@ -232,4 +239,6 @@ def load_tcn(path: str, strategy='auto'):
     g.variables = state['students'][str(i)]
   tcn.head_variables = state['head']
   tcn.basis = state.get('basis') if meta.get('pca_basis') else None
+  if with_classes:
+    return make_predict(tcn, strategy), tcn, meta.get('classes')
   return make_predict(tcn, strategy), tcn

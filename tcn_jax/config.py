@@ -21,6 +21,7 @@ from tcn_jax import engine
 from tcn_jax.export import parse_formats
 from tcn_jax import fit
 from tcn_jax import gan as gan_lib
+from tcn_jax import given_teacher
 from tcn_jax import layers
 from tcn_jax import losses
 from tcn_jax import mesh as mesh_lib
@@ -98,12 +99,21 @@ def base_config() -> ml_collections.ConfigDict:
       name='fashion_mnist', dir='', split_seed=0, val_fraction=0.2,
       train_size=0, test_size=0))
   # init_from: a workdir of this library (its teacher/), a teacher
-  # checkpoint directory or a Keras model file (.keras, .h5): that trained
-  # teacher is used, none is trained.
+  # checkpoint directory, a Keras model file (.keras, .h5) or an ONNX file
+  # (.onnx): that trained teacher is used, none is trained.
   c.teacher = ml_collections.ConfigDict(dict(
       body='C32 C64 MP Do.25 F D256r D256r', head_dropout=0.5, head_bn=False,
       optimizer='adam', learning_rate=1e-3, weight_decay=0.0, batch_size=256,
-      epochs=20, lr_step_epochs=0, lr_step_factor=0.5, init_from=''))
+      epochs=20, lr_step_epochs=0, lr_step_factor=0.5, init_from='',
+      # Given teachers (tcn_jax.given_teacher, docs/onnx_teacher.md):
+      # features_from: a directory of precomputed features.{train,val,test}
+      # .npy and head.npz; for an ONNX init_from: feature_tensor (default:
+      # the final Gemm/MatMul's input), input_layout ('' = auto: NCHW when the
+      # graph's input is (C, H, W); 'NCHW', 'NHWC'), input_mean / input_std
+      # ('0.485,0.456,0.406': per channel; '' = unchanged); allow_chance:
+      # distill a given teacher whose validation accuracy is near chance.
+      features_from='', feature_tensor='', input_layout='',
+      input_mean='', input_std='', allow_chance=False))
   c.students = ml_collections.ConfigDict(dict(
       arch='', arch_by_n=dict(STUDENTS_FMNIST), init='normal', out_relu=False,
       optimizer='adam', learning_rate=1e-3, weight_decay=0.0, batch_size=128,
@@ -219,6 +229,9 @@ def resolve(user: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.students.loss = 'logit_matching' if c.students.logit_weight else 'mse'
   if 'init_from' not in c.teacher:   # A config made before the field.
     c.teacher.init_from = ''
+  for k, v in given_teacher.FIELDS.items():   # Made before these fields.
+    if k not in c.teacher:
+      c.teacher[k] = v
   if 'forward_impl' not in c:   # A config made before the field.
     c.forward_impl = ''
   if 'dtype' not in c:   # A config made before the field.

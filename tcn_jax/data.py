@@ -50,6 +50,14 @@ HOW_TO_GET = {
 DATASETS = tuple(HOW_TO_GET)
 NUM_CLASSES = {'fashion_mnist': 10, 'mnist': 10, 'cifar10': 10, 'imdb': 2,
                'imagenet': 1000, 'image_folder': 0}   # 0: the folder's.
+# Class names by label id (an image folder's are its sorted sub-folders).
+CLASS_NAMES = {
+    'fashion_mnist': ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
+                      'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot'],
+    'mnist': [str(i) for i in range(10)],
+    'cifar10': ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog',
+                'frog', 'horse', 'ship', 'truck'],
+    'imdb': ['negative', 'positive']}
 # Config names whose TFDS name differs, and TFDS's name for the test split.
 TFDS_NAMES = {'imdb': 'imdb_reviews', 'imagenet': 'imagenet2012'}
 TEST_SPLITS = {'imagenet': 'validation'}  # imagenet2012 has no labelled test.
@@ -105,6 +113,12 @@ class Dataset:
   num_classes: int
   source: str
   classes: list | None = None   # Class names (an image folder's).
+
+
+def class_names(ds: 'Dataset', name: str) -> list[str] | None:
+  """The names of the labels 0, 1, ... (None when unknown)."""
+  names = ds.classes or CLASS_NAMES.get(name)
+  return [str(n) for n in names] if names else None
 
 
 def read_idx(path: str, expected_magic: int) -> np.ndarray:

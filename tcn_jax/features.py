@@ -16,6 +16,7 @@ import numpy as np
 from tcn_jax import checkpoint
 from tcn_jax import data as data_lib
 from tcn_jax import engine
+from tcn_jax import given_teacher
 from tcn_jax import input_pipeline
 from tcn_jax import inputs
 from tcn_jax import layers
@@ -68,6 +69,8 @@ def choose_mode(run: record.Run) -> tuple[str, str]:
   mode = c.students.get('features') or 'cached'
   if mode != 'auto':
     return mode, 'config.students.features'
+  if given_teacher.kind(c):   # Runs on the host, outside the students' step.
+    return 'cached', 'a given teacher (ONNX, precomputed) is not run online'
   dim = models.output_shape(c.teacher.body, x.shape[1:], c.layers_impl,
                             x.dtype)[-1]
   mb = len(x) * dim * 4 * (2 if c.students.augment == 'flip' else 1) / 2**20
@@ -159,8 +162,10 @@ def run_stage(run: record.Run, teacher: record.Teacher,
   except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
     feats = None   # Missing, from another version, or damaged: compute again.
   if feats is None:
-    model = teacher.model.clone(
-        impl=layers.stage_impl(c.layers_impl, c.forward_impl))
+    model = teacher.model
+    if hasattr(model, 'clone'):   # Not a FunctionTeacher (e.g. ONNX).
+      model = model.clone(impl=layers.stage_impl(c.layers_impl,
+                                                 c.forward_impl))
     feats = {}
     for s, x in images.items():
       if s == 'train' and streamed and path:

@@ -25,6 +25,7 @@ from tcn_jax import distributed
 from tcn_jax.export import export_all
 from tcn_jax.export import parse_formats
 from tcn_jax import features as features_lib
+from tcn_jax import given_teacher
 from tcn_jax import head as head_lib
 from tcn_jax import mesh as mesh_lib
 from tcn_jax import metrics
@@ -68,9 +69,10 @@ def check_data(config, ds: data_lib.Dataset):
     if other != shape:
       raise TCNError(f'{name} inputs of {config.data.name} have shape '
                      f'{other}, train inputs {shape} ({ds.source})')
-  chunking.chunk_sizes(check_fits('teacher.body', config.teacher.body, shape,
-                                  config.layers_impl, dtype),
-                       config.num_students)
+  if not given_teacher.kind(config):   # A given one is checked on loading.
+    chunking.chunk_sizes(check_fits('teacher.body', config.teacher.body,
+                                    shape, config.layers_impl, dtype),
+                         config.num_students)
   for spec in dict.fromkeys(config_lib.student_specs(config)):
     check_fits('students.arch', spec + ' D1', shape, config.layers_impl,
                dtype)
@@ -131,8 +133,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data_key = checkpoint.digest(ds.train.x, ds.train.y, ds.val.x, ds.val.y,
                                ds.test.x, ds.test.y)
   this = record.Run(config, workdir, ds, data_key)
-  loaded = None
-  if config.teacher.init_from:
+  # An ONNX teacher or precomputed features (given_teacher.Given), else
+  # the variables of a teacher of this library / Keras (init_from).
+  loaded = given_teacher.load(this)
+  if loaded is None and config.teacher.init_from:
     metrics.stage_start('teacher', f'loading {config.teacher.init_from} and '
                         'checking it against config.teacher.body')
     loaded = teacher_lib.load_teacher(config.teacher.init_from,
@@ -140,7 +144,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       ds.train.x[:1])
   keys = stage_keys(this, loaded)
   with contextlib.ExitStack() as stack:
-    wd = stack.enter_context(_open_workdir(workdir, config, keys))
+    wd = stack.enter_context(_open_workdir(
+        workdir, config, keys, data_lib.class_names(ds, config.data.name)))
     writer = None
     if wd is not None:   # Process 0: TensorBoard.
       writer = stack.enter_context(contextlib.closing(
@@ -154,11 +159,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 @contextlib.contextmanager
-def _open_workdir(path, config, keys):
-  """Process 0's `workdir.Workdir` (lock, config.json, stage keys; None on
-  the other processes, which share its directory and wait until it is
-  open, or fail with its error)."""
-  args = (path, config_lib.to_json(config), keys, config.allow_config_change)
+def _open_workdir(path, config, keys, classes=None):
+  """Process 0's `workdir.Workdir` (lock, config.json with the data's
+  class names, stage keys; None on the other processes, which share its
+  directory and wait until it is open, or fail with its error)."""
+  recorded = config_lib.to_json(config)
+  if classes:
+    recorded['classes'] = classes
+  args = (path, recorded, keys, config.allow_config_change)
   if distributed.process_count() == 1:
     with workdir_lib.Workdir(*args) as wd:
       yield wd
@@ -182,8 +190,11 @@ def _open_workdir(path, config, keys):
 def stage_keys(run: record.Run, loaded=None) -> dict[str, str]:
   """{stage: key} of every stage the run uses (see `tcn_jax.workdir`)."""
   c = run.config
-  keys = {'teacher': teacher_lib.key(
-      run, checkpoint.digest(loaded) if loaded is not None else '')}
+  if isinstance(loaded, given_teacher.Given):
+    keys = {'teacher': given_teacher.key(run, loaded)}
+  else:
+    keys = {'teacher': teacher_lib.key(
+        run, checkpoint.digest(loaded) if loaded is not None else '')}
   keys['features'] = features_lib.key(run, keys['teacher'])
   keys['students'] = students_lib.key(run, keys['features'])
   keys['head'] = head_lib.key(run, keys['students'])
@@ -204,13 +215,21 @@ def _timed(wall, name, fn, *args):
 def _stages(run, keys, loaded, wall):
   """The stages, under the workdir lock (every process runs them)."""
   c = run.config
-  teacher = _timed(wall, 'teacher', teacher_lib.run_stage, run,
-                   keys['teacher'], loaded)
+  given = loaded if isinstance(loaded, given_teacher.Given) else None
+  if given:
+    teacher = _timed(wall, 'teacher', given_teacher.run_stage, run, given,
+                     keys['teacher'])
+  else:
+    teacher = _timed(wall, 'teacher', teacher_lib.run_stage, run,
+                     keys['teacher'], loaded)
   logging.info('teacher test accuracy %.4f', teacher.test_acc)
   metrics.stage_start('features', "the teacher's features of the training "
                       'data (cached, or online in the students\' step)')
-  feats = _timed(wall, 'features', features_lib.run_stage, run, teacher,
-                 keys['features'])
+  if given and given.kind == 'features':
+    feats = given_teacher.features_stage(run, given, keys['features'])
+  else:
+    feats = _timed(wall, 'features', features_lib.run_stage, run, teacher,
+                   keys['features'])
   # Every process trains from process 0's chunked targets.
   shared = distributed.broadcast_tree(
       students_lib.shared_inputs(run, teacher, feats, keys['students']))
@@ -228,10 +247,13 @@ def _stages(run, keys, loaded, wall):
                                  teacher, feats)
       logging.info('%s student test accuracy %.4f', stage,
                    results_of[stage]['test_acc'])
-  assemble.save_tcn(os.path.join(run.workdir, 'tcn'), head.tcn)
+  assemble.save_tcn(os.path.join(run.workdir, 'tcn'), head.tcn,
+                    data_lib.class_names(run.ds, c.data.name))
   exported = (_timed(wall, 'export', _export, run, head.tcn)
               if c.export.formats else [])
   results = _results(run, teacher, students, head, results_of, wall)
+  if given:
+    results.update(given_teacher.results_entry(given, results))
   if exported:
     results['export'] = exported
   if distributed.process_index() == 0:
@@ -277,6 +299,7 @@ def _results(run, teacher, students, head, baselines_out, wall):
   info = students.info
   results = {
       'dataset': c.data.name, 'data_source': run.ds.source,
+      'classes': data_lib.class_names(run.ds, c.data.name),
       'num_students': n, 'method': c.method, 'seed': c.seed,
       'gan': students_lib.gan_settings(c), 'kd': baselines_out.get('kd'),
       'kdgan': baselines_out.get('kdgan'),

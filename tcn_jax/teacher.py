@@ -14,6 +14,7 @@ import optax
 from tcn_jax import checkpoint
 from tcn_jax import engine
 from tcn_jax import fit
+from tcn_jax import given_teacher
 from tcn_jax import inputs
 from tcn_jax import keras_convert
 from tcn_jax import layers
@@ -156,7 +157,9 @@ def load_teacher(path: str, teacher, x_example):
 def key(run: record.Run, loaded_digest: str = '') -> str:
   """The teacher stage's key."""
   c = run.config
-  section = c.teacher.to_dict()
+  # Fields of given teachers (ONNX, features) only when used: earlier runs'
+  # keys stay the same.
+  section = given_teacher.key_fields(c.teacher.to_dict())
   if loaded_digest:   # A loaded teacher: its parameters, not its schedule.
     section = {k: section[k] for k in ('body', 'head_dropout', 'head_bn')}
   return workdir_lib.stage_key(
@@ -189,6 +192,10 @@ def run_stage(run: record.Run, key: str, loaded=None) -> record.Teacher:
   evaluated = teacher.clone(impl=layers.stage_impl(run.config.layers_impl,
                                                    run.config.forward_impl))
   predict = mesh_lib.forward(evaluated.apply, variables)
+  if loaded is not None and keras_convert.is_keras_file(c.init_from):
+    given_teacher.check_chance(run.config, metrics.evaluate(
+        predict, ds.val.x, ds.val.y, run.config.eval_batch_size),
+                               ds.num_classes)   # Class order mismatch?
   acc = metrics.evaluate(predict, ds.test.x, ds.test.y,
                          run.config.eval_batch_size)
   return record.Teacher(teacher, variables, acc, seconds, key)

@@ -27,7 +27,7 @@ KEYS_FILE = 'stage_keys.json'
 # Outputs of the whole run, recomputed from the stages at its end.
 RUN_OUTPUTS = ('results.json', 'tcn', 'export')
 # Fields that may change between reruns without being a change of config.
-IGNORED = ('allow_config_change', 'distributed', 'export', 'mesh')
+IGNORED = ('allow_config_change', 'classes', 'distributed', 'export', 'mesh')
 # Fields added since earlier runs, with the value that is their behaviour.
 ADDED = {'dtype': 'float32'}
 

@@ -169,6 +169,11 @@ def test_pipeline_with_keras_teacher_skips_training(tmp_path):
   assert not os.path.exists(tmp_path / 'refused')   # Nothing written.
   config = tiny_config(teacher__init_from=path, students__epochs=1,
                        head__epochs=1)
+  # An untrained model is near chance: stopped (a class-order mismatch?)
+  # unless allowed.
+  with pytest.raises(tcn.TCNError, match='near chance.*allow_chance'):
+    pipeline.run(config, str(tmp_path / 'chance'))
+  config.teacher.allow_chance = True
   results = pipeline.run(config, str(tmp_path / 'run'))
   assert results['train_seconds']['teacher'] == 0.0
   assert not os.path.exists(tmp_path / 'run' / 'teacher')
