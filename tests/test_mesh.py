@@ -19,6 +19,7 @@ from conftest import tiny_config
 from tcn_jax import assemble
 from tcn_jax import config as config_lib
 from tcn_jax import engine
+from tcn_jax import input_pipeline
 from tcn_jax import input_pipeline as ip
 from tcn_jax import mesh as mesh_lib
 from tcn_jax.errors import TCNError
