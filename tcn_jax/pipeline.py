@@ -109,6 +109,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config = config_lib.resolve(config)
   # Paths first: one line before any data is read or anything written.
   workdir_lib.check_path(workdir)
+  workdir_lib.check_config(workdir, config_lib.to_json(config),
+                           config.allow_config_change)
   if config.teacher.init_from:
     teacher_lib.check_source(config.teacher.init_from, workdir)
   dist = config.distributed

@@ -130,6 +130,20 @@ def lock_directory(path: str) -> int:
   return fd
 
 
+def check_config(path: str, config: dict, allow_change: bool):
+  """Refuses, before any data is read, a rerun in `path` with another config
+  (unless `allow_change`): the same rule and line as `Workdir` applies when
+  it opens the directory (this only reads config.json)."""
+  config_path = os.path.join(path, 'config.json')
+  if allow_change or not os.path.isfile(config_path):
+    return
+  changes = diff(_read_json(config_path), config)
+  if changes:
+    raise TCNError(f'workdir {path} holds a run with another config '
+                   f'({"; ".join(changes)}); use a new workdir or '
+                   '--config.allow_config_change=True')
+
+
 class Workdir:
   """An open, locked run directory.
 

@@ -688,3 +688,24 @@ def test_permission_error_names_the_checkpoint_file(tmp_path):
   assert checkpoint.access_error(OSError(30, 'Read-only file system', 'x'),
                                  '/d') == 'Read-only file system: /d/x'
   assert checkpoint.access_error(ValueError('no'), '/d') == ''
+
+
+@needs_fmnist
+def test_changed_config_refused_before_data_is_read(finished, tmp_path,
+                                                    run_main):
+  """A rerun with another config (no allow_config_change) is refused before
+  the data is loaded: a data directory that does not exist is not reached."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from unittest import mock  # pylint: disable=g-import-not-at-top
+  from tcn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(finished, workdir)
+  before = snapshot(workdir)
+  with mock.patch.object(data_lib, 'load',
+                         side_effect=AssertionError('data read')):
+    code, errors = run_main(tiny_config(students__learning_rate=0.5),
+                            workdir)
+  assert code == 2
+  assert len(errors) == 1 and 'students.learning_rate: 0.001 -> 0.5' in (
+      errors[0]), errors
+  assert snapshot(workdir) == before
