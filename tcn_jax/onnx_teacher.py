@@ -321,6 +321,15 @@ class OnnxTeacher(FunctionTeacher):
   run_host: Callable[[Any], Any] = None
   info: dict = None
 
+  def host_features(self, x):
+    """(N, D) features of NHWC batch x, numpy in and out (no XLA: what
+    `teacher_features` and the features stage call, on a mesh too)."""
+    return self.run_host(x)[1]
+
+  def host_logits(self, x):
+    """The graph's output for NHWC batch x, numpy in and out."""
+    return self.run_host(x)[0]
+
 
 def teacher_from_onnx(path: str, *, x_example, feature_tensor: str = '',
                       input_layout: str = 'auto', input_mean=None,
