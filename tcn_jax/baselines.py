@@ -107,8 +107,9 @@ def run_stage(run: record.Run, stage: str, teacher: record.Teacher,
   if (checkpoint.finished_epochs(run.workdir and
                                  os.path.join(run.workdir, stage))
       < c[stage].epochs):
-    predict_teacher = mesh_lib.forward(teacher.model.apply,
-                                       teacher.variables)
+    predict_teacher = (getattr(teacher.model, 'host_logits', None)  # ONNX
+                       or mesh_lib.forward(teacher.model.apply,
+                                           teacher.variables))
     logits = input_pipeline.batched(predict_teacher, ds.train.x, c.eval_batch_size)
   common = dict(epochs=c[stage].epochs, temperature=k.temperature,
                 alpha=k.alpha, batch_size=k.batch_size, optimizer=k.optimizer,

@@ -361,7 +361,7 @@ def _validate(c):
     _check_optimizer(f'{section}.optimizer', s.optimizer, s.learning_rate)
   if not isinstance(c.teacher.init_from, str):
     raise TCNError('config.teacher.init_from must be a path (a workdir, a '
-                   'teacher checkpoint or a Keras file), got '
+                   'teacher checkpoint, a Keras or an ONNX file), got '
                    f'{c.teacher.init_from!r}')
   check_number('students.logit_weight', c.students.logit_weight, float, 0)
   check_number('students.logit_temperature', c.students.logit_temperature,

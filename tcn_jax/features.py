@@ -45,6 +45,10 @@ def teacher_features(teacher, variables, x,
   Returns:
     (N, D) float32 numpy features.
   """
+  host = getattr(teacher, 'host_features', None)
+  if host is not None:   # Run outside XLA (an ONNX teacher), on the host.
+    return input_pipeline.batched(
+        host, x if hasattr(x, 'in_order') else np.asarray(x), batch_size)
   fn = jax.jit(lambda xb: teacher.apply(variables, xb,
                                         method=teacher.features))
   if hasattr(x, 'in_order'):   # Streams are read (and checked) in batches.
@@ -101,8 +105,9 @@ def write_features(path: str, teacher, variables, x, batch_size: int):
   """Features of a streamed split into the `.npy` file `path` (written
   batch by batch into a memory map, then renamed: never held whole);
   returns it opened as a read-only memory map."""
-  return write_rows(path, jax.jit(lambda xb: teacher.apply(
-      variables, xb, method=teacher.features)), x, batch_size)
+  fn = getattr(teacher, 'host_features', None) or jax.jit(
+      lambda xb: teacher.apply(variables, xb, method=teacher.features))
+  return write_rows(path, fn, x, batch_size)
 
 
 def write_rows(path: str, fn, x, batch_size: int):

@@ -19,9 +19,12 @@ them transposed (`input_layout='auto'` detects it from the graph's input
 shape; 'NCHW' / 'NHWC' force it). `input_mean` / `input_std` (per channel)
 are applied first: x -> (x - mean) / std (default: none).
 
-On the host: the session runs outside XLA, through `jax.pure_callback`, so
-`teacher.apply` works in jitted code (features, evaluation); it is not part
-of the students' compiled step (`students.features=online` is refused).
+On the host: `teacher_features`, the features stage, the teacher's
+accuracy and the KD baseline's logits call the session on numpy batches
+(`host_features`, `host_logits`), outside XLA, so a mesh of several devices
+changes nothing. `teacher.apply` wraps it in `jax.pure_callback` for jitted
+API code on one device; it is not part of the students' compiled step
+(`students.features=online` is refused).
 """
 import dataclasses
 import hashlib
@@ -320,6 +323,15 @@ class OnnxTeacher(FunctionTeacher):
   """
   run_host: Callable[[Any], Any] = None
   info: dict = None
+
+  def host_features(self, x):
+    """(N, D) features of NHWC batch x, numpy in and out (no XLA: what
+    `teacher_features` and the features stage call, on a mesh too)."""
+    return self.run_host(x)[1]
+
+  def host_logits(self, x):
+    """The graph's output for NHWC batch x, numpy in and out."""
+    return self.run_host(x)[0]
 
 
 def teacher_from_onnx(path: str, *, x_example, feature_tensor: str = '',

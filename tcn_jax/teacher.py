@@ -3,7 +3,9 @@
 `teacher.init_from` names a workdir of this library (its `teacher/`), a
 teacher checkpoint directory, or a Keras model file (`.keras`, `.h5`; see
 `keras_convert`): that teacher is used as it is (the paper's "huge
-pre-trained network"), checked against `teacher.body` by shape.
+pre-trained network"), checked against `teacher.body` by shape. An ONNX
+file (`init_from=*.onnx`) or precomputed features (`features_from`) take
+`given_teacher`'s stage instead.
 """
 import json
 import os

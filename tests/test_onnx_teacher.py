@@ -359,3 +359,28 @@ def test_resnet_onnx_teacher_over_a_streamed_folder(tmp_path):
   whole = _whole_graph(RESNET, np.ascontiguousarray(
       ds.test.x[:].transpose(0, 3, 1, 2)))
   assert results['teacher_test_acc'] == metrics.accuracy(whole, ds.test.y)
+
+
+def test_features_on_a_mesh_run_on_the_host():
+  """On a mesh of several devices the ONNX session runs on the host, not
+  inside the data-parallel program (a host callback there deadlocks)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = f'''
+import numpy as np
+import tcn_jax as tcn
+from tcn_jax import mesh as mesh_lib
+x = np.load({os.path.join(FIXTURES, 'torch_outputs.npz')!r})['resnet_x']
+x = x.transpose(0, 2, 3, 1)
+teacher, v = tcn.teacher_from_onnx({RESNET!r}, x_example=x[:2])
+with mesh_lib.use(mesh_lib.make_mesh(2, 1)):
+  got = tcn.teacher_features(teacher, v, x, 8)
+np.testing.assert_array_equal(got, teacher.run_host(x)[1])
+print('OK')
+'''
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ,
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  out = subprocess.run([sys.executable, '-c', code], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.stdout.strip().endswith('OK'), out.stderr[-2000:]
