@@ -316,7 +316,7 @@ def test_features_written_as_memory_map(tmp_path, folder):
   assert isinstance(got, np.memmap) and got.shape == (24, 6)
   want = features.teacher_features(teacher, t_vars, stream[:], 10)
   np.testing.assert_allclose(got, want, atol=1e-6)
-  rows = input_pipeline.StackedRows([got[:, :2], got[:, 2:4]])
+  rows = ip.StackedRows([got[:, :2], got[:, 2:4]])
   assert rows.shape == (2, 24, 2) and np.ndim(rows) == 3
   np.testing.assert_array_equal(
       np.take(rows, [5, 1], 1), np.stack([got[[5, 1], :2], got[[5, 1], 2:4]]))
