@@ -157,6 +157,27 @@ def _orbax_leftovers_quieted():
   remove()
 
 
+# What Orbax logs (absl WARNING) on opening any directory read-only.
+_READ_ONLY_NOTICE = ('Given directory is read only',)
+
+
+@contextlib.contextmanager
+def _absl_quiet(prefixes):
+  """Drops absl log records whose message starts with one of `prefixes`
+  while the block runs; every other record passes."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
+  def keep(record):
+    return not str(record.msg).startswith(tuple(prefixes))
+  logger = absl_logging.get_absl_logger()
+  if prefixes:
+    logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    logger.removeFilter(keep)
+
+
 def shapes(tree) -> dict:
   """{'a/b/c': shape} of a pytree of arrays or of Orbax array metadata."""
   def name(k):
@@ -175,15 +196,21 @@ class StageCheckpoint:
     # Written synchronously (save waits for the write anyway): no Orbax
     # thread outlives a failed write, waiting minutes for a signal that
     # never comes and holding the process's exit.
+    # Read-only: the options Orbax would otherwise reset with a warning
+    # each, and its "Given directory is read only" warning dropped, so that
+    # loading (load_tcn, a finished stage) prints nothing.
     try:
-      self.manager = ocp.CheckpointManager(
-          self.directory,
-          options=ocp.CheckpointManagerOptions(
-              max_to_keep=max_to_keep, create=not read_only,
-              enable_async_checkpointing=False, read_only=read_only,
-              cleanup_tmp_directories=not read_only),
-          item_handlers={'state': ocp.StandardCheckpointHandler(),
-                         'record': ocp.JsonCheckpointHandler()})
+      with _absl_quiet(_READ_ONLY_NOTICE if read_only else ()):
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=None if read_only else max_to_keep,
+                save_interval_steps=0 if read_only else 1,
+                create=not read_only,
+                enable_async_checkpointing=False, read_only=read_only,
+                cleanup_tmp_directories=not read_only),
+            item_handlers={'state': ocp.StandardCheckpointHandler(),
+                           'record': ocp.JsonCheckpointHandler()})
     except OSError as e:
       raise TCNError(f'cannot open checkpoint directory {self.directory} '
                      f'({access_error(e, self.directory) or _first_line(e)})'

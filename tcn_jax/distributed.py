@@ -99,7 +99,8 @@ def _detected():
         if env.name == 'slurm':
           coordinator = env.get_coordinator_address(None, None)
           process = env.get_process_id()
-        return env.name, coordinator, process
+        # JAX's Kubernetes cluster has no name (''): its class name then.
+        return env.name or env.__name__, coordinator, process
     except Exception:  # pylint: disable=broad-except  (a foreign cluster's)
       continue
   return '', '', -1

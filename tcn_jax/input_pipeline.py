@@ -117,13 +117,40 @@ def _is_image_file(path) -> bool:
     return False
 
 
+def _check_linked_classes(root, field, found):
+  """Class folders that are symbolic links: followed, but refused when the
+  link is broken, points at `root` or above it (a loop), or names a
+  directory another class folder is already (its images would be taken
+  under two labels)."""
+  for n in _visible(os.listdir(root)):
+    path = os.path.join(root, n)
+    if os.path.islink(path) and not os.path.exists(path):
+      raise TCNError(f'{field} class folder {path!r} is a broken symbolic '
+                     f'link (to {os.readlink(path)!r}); remove it or fix it')
+  real_root, seen = os.path.realpath(root), {}
+  for c in found:
+    path = os.path.join(root, c)
+    real = os.path.realpath(path)
+    if real_root == real or real_root.startswith(real + os.sep):
+      raise TCNError(f'{field} class folder {path!r} is a link to {real!r}, '
+                     'which holds the class folders themselves; remove it')
+    if real in seen:
+      raise TCNError(f'{field} class folders {seen[real]!r} and {c!r} are '
+                     f'the same directory {real!r} (a symbolic link): its '
+                     'images would be in two classes; remove one')
+    seen[real] = c
+
+
 class ImageFolderSource:
   """A folder with one sub-folder per class of JPEG/PNG files (ImageNet's
   layout): classes are the sorted sub-folder names, labels their index;
   record i = {'encoded': the file's bytes, 'label', 'path'}. Hidden entries
   (names starting with '.', e.g. .ipynb_checkpoints) are ignored; a class
   folder without images, and a training folder of fewer than 2 classes,
-  are refused.
+  are refused. A class folder may be a symbolic link to a directory
+  elsewhere (followed, as its own class); a broken link, a link to the
+  folder itself or above it, and two class names for one directory (the
+  same images under two labels) are refused.
 
   Args:
     root: the folder.
@@ -142,6 +169,7 @@ class ImageFolderSource:
     try:
       found = [d for d in _visible(os.listdir(root))
                if os.path.isdir(os.path.join(root, d))]
+      _check_linked_classes(root, field, found)
     except OSError as e:
       raise TCNError(f'{field} {root!r} cannot be listed: {e.strerror}'
                      ) from None

@@ -1,6 +1,7 @@
 """Metrics (accuracy, MSE, parameter counts) and where they are written:
 TensorBoard, and progress (a live bar in notebooks, log lines elsewhere)."""
 import logging as std_logging
+import re
 import sys
 import time
 
@@ -66,7 +67,7 @@ class Writer:
 
   def scalars(self, step: int, values: dict):
     for name, value in values.items():   # TensorBoard-legal tag names.
-      tag = name.replace('[', '_').replace(']', '_')
+      tag = re.sub(r'[^-/\w.]', '_', name)
       self._tb.add_scalar(tag, float(value), step)
     self._tb.flush()
 

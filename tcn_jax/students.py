@@ -216,7 +216,7 @@ def train_students(specs, x, features, num_students, *, epochs,
       targets = _targets(loss, features, chunks, bounds, group.member_ids,
                          lazy=hasattr(x, 'in_order'))
     common = dict(
-        name=f'students[{gi}]', x=x, ids=group.member_ids,
+        name=stage_name(group.member_ids), x=x, ids=group.member_ids,
         targets=targets if online is None else {},
         target_fn=online and _online_targets(online, loss, bounds,
                                              group.member_ids),
@@ -255,6 +255,16 @@ def train_students(specs, x, features, num_students, *, epochs,
   groups = [g for g in groups if g.member_ids]   # members= may drop some.
   return groups, {'val_mse': [val_mse.get(i, []) for i in range(num_students)],
                   'history': histories, 'seconds': seconds}
+
+
+def stage_name(ids) -> str:
+  """A student group's name in logs and progress, by its members' ids (from
+  0): `students[3]`, `students[0,1]`, `students[0-7]` (a run of 3 or more),
+  so that a group of n students does not read as one student."""
+  ids = sorted(int(i) for i in ids)
+  if len(ids) > 2 and ids == list(range(ids[0], ids[-1] + 1)):
+    return f'students[{ids[0]}-{ids[-1]}]'
+  return f"students[{','.join(map(str, ids))}]"
 
 
 def gan_settings(config):

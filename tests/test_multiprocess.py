@@ -184,7 +184,7 @@ def test_killed_process_resumes_from_multihost_checkpoint(streamed, tmp_path):
   for rc, log in outs:
     assert rc == 0, log[-3000:]
     assert '[teacher] resuming after epoch 1/1' in log   # Finished.
-    assert '[students[0]] resuming epoch 1 at step 3' in log, log[-3000:]
+    assert '[students[0,1]] resuming epoch 1 at step 3' in log, log[-3000:]
   assert _results(workdir)['digests'] == _results(two)['digests']
 
 

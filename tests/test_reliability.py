@@ -327,6 +327,24 @@ def test_auto_join_under_slurm_on_localhost():
     assert f'joined {k} 2 0,1' in out, (out, err[-2000:])
 
 
+def test_auto_join_detects_a_cluster_without_a_name(monkeypatch):
+  """JAX's Kubernetes cluster has no name (''): num_processes=0 detects it
+  (by its class name), rather than saying no cluster was found."""
+  from jax._src import clusters  # pylint: disable=g-import-not-at-top
+  from tcn_jax import distributed  # pylint: disable=g-import-not-at-top
+  # A subclass registers itself in _cluster_types: in a list of its own.
+  monkeypatch.setattr(clusters.ClusterEnv, '_cluster_types', [])
+
+  class K8sLike(clusters.ClusterEnv):
+    name = ''
+
+    @classmethod
+    def is_env_present(cls):
+      return True
+  assert clusters.ClusterEnv._cluster_types == [K8sLike]  # pylint: disable=protected-access
+  assert distributed._detected() == ('K8sLike', '', -1)  # pylint: disable=protected-access
+
+
 # 4. Image folders and 6. config combinations.
 
 
@@ -391,6 +409,23 @@ def _one_class(root):
   return os.path.join(root, 'train')
 
 
+def _broken_link(root):
+  path = os.path.join(root, 'train', 'c')
+  os.symlink(os.path.join(root, 'nowhere'), path)
+  return path
+
+
+def _two_names_one_folder(root):
+  os.symlink(os.path.join(root, 'train', 'a'), os.path.join(root, 'train', 'c'))
+  return os.path.realpath(os.path.join(root, 'train', 'a'))
+
+
+def _link_to_its_parent(root):
+  path = os.path.join(root, 'train', 'c')
+  os.symlink(root, path)
+  return path
+
+
 # (id, data overrides, other overrides, setup(root) -> a path the message
 # names or None, expected text).
 FOLDER_CASES = [
@@ -398,6 +433,11 @@ FOLDER_CASES = [
     ('truncated png', {}, {}, _truncated_png, 'cannot decode image'),
     ('empty class folder', {}, {}, _empty_class, 'holds no JPEG or PNG'),
     ('one class', {}, {}, _one_class, 'a classifier needs at least 2'),
+    ('broken symlinked class', {}, {}, _broken_link, 'broken symbolic link'),
+    ('symlink to another class', {}, {}, _two_names_one_folder,
+     'images would be in two classes'),
+    ('symlink to the folder above', {}, {}, _link_to_its_parent,
+     'holds the class folders themselves'),
     ('image_size 100000', {'image_size': 100000}, {}, None,
      'config.data.image_size=100000 needs'),
     ('image_size over the memory limit', {'image_size': 2048,
@@ -453,6 +493,22 @@ def test_hidden_entries_are_not_classes(tmp_path):
   ds = data_lib.load(folder_config(root).data)
   assert ds.classes == ['a', 'b'] and ds.num_classes == 2
   assert len(ds.train) + len(ds.val) == 12 and len(ds.test) == 4
+
+
+def test_symlinked_class_folder_is_followed(tmp_path):
+  """A class folder that is a link to a directory elsewhere is a class like
+  any other (its images read through the link)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from tcn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  root = image_folder(tmp_path / 'images', classes=('a', 'b', 'c'))
+  for split in ('train', 'test'):
+    elsewhere = str(tmp_path / f'elsewhere_{split}')
+    shutil.move(os.path.join(root, split, 'b'), elsewhere)
+    os.symlink(elsewhere, os.path.join(root, split, 'b'))
+  ds = data_lib.load(folder_config(root).data)
+  assert ds.classes == ['a', 'b', 'c']
+  assert len(ds.train) + len(ds.val) == 18 and len(ds.test) == 6
+  assert sorted(set(ds.test.y.tolist())) == [0, 1, 2]
 
 
 def test_bad_images_skip_leaves_out_non_images(tmp_path):
@@ -540,6 +596,23 @@ def test_progress_is_visible_in_a_plain_script():
   assert 's/epoch, ETA 0 s' in lines[-1], lines
 
 
+@needs_fmnist
+def test_cli_logs_each_stage_before_its_work(tmp_path):
+  """The command line is never silent while a stage works: a line before
+  the data are read, before the features are computed, before the
+  students' group compiles, each before that stage's first result."""
+  code, errors, stderr = cli(['--config', SMOKE, *TINY_FLAGS,
+                              f'--workdir={tmp_path / "run"}'], timeout=400)
+  assert code == 0 and not errors, stderr[-3000:]
+  order = ['[data] loading', '[teacher] training epochs 1..2',
+           '[teacher] epoch 1/2', '[features] ', 'features: ',
+           '[students] 2 students', '[students[0,1]] training epochs 1..2',
+           '[students[0,1]] epoch 1/2', '[head] training epochs 1..2',
+           '[head] epoch 1/2']
+  at = [stderr.find(text) for text in order]
+  assert -1 not in at and at == sorted(at), list(zip(order, at))
+
+
 def test_progress_labels_and_eta(capsys):
   from tcn_jax import metrics  # pylint: disable=g-import-not-at-top
   before = metrics.set_progress('log')
@@ -555,6 +628,53 @@ def test_progress_labels_and_eta(capsys):
   err = capsys.readouterr().err.splitlines()
   assert 'with compilation' in err[1] and 'val_mse=0.5000' in err[1], err
   assert '10.0 s/epoch, ETA 10 s' in err[2], err
+
+
+def test_student_stage_is_named_by_its_members(net, tmp_path, capsys):
+  """A group of n students is named by its members (students[0,1]), not by
+  its group index (students[0], which read as one student)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tcn_jax as tcn  # pylint: disable=g-import-not-at-top
+  from tcn_jax import metrics  # pylint: disable=g-import-not-at-top
+  from tcn_jax.students import stage_name  # pylint: disable=g-import-not-at-top
+  assert stage_name([0]) == 'students[0]'
+  assert stage_name([0, 1]) == 'students[0,1]'
+  assert stage_name([4, 5, 6, 7]) == 'students[4-7]'
+  assert stage_name([0, 2, 3]) == 'students[0,2,3]'
+  before = metrics.set_progress('log')
+  try:
+    tcn.train_students('C2 MP F', _images(8), np.zeros((8, 4), np.float32),
+                       2, epochs=1, batch_size=4)
+  finally:
+    metrics.set_progress(before)
+  err = capsys.readouterr().err
+  assert '[students[0,1]] epoch 1/1' in err and 'students[0]]' not in err, err
+
+
+def test_load_tcn_logs_nothing(net, tmp_path):
+  """load_tcn (a read-only Orbax checkpoint) logs nothing at WARNING or
+  above: Orbax's three read-only notices are not printed."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  import tcn_jax as tcn  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / 'tcn')
+  tcn.save_tcn(path, net[0])
+  records = []
+
+  class Collect(logging.Handler):
+    def emit(self, record):
+      records.append(record)
+  handler = Collect(logging.WARNING)
+  loggers = [logging.getLogger(), absl_logging.get_absl_logger()]
+  for logger in loggers:
+    logger.addHandler(handler)
+  try:
+    for _ in range(2):
+      tcn.load_tcn(path)
+  finally:
+    for logger in loggers:
+      logger.removeHandler(handler)
+  assert not records, [r.getMessage() for r in records]
 
 
 def test_stop_message_says_the_epoch_was_saved():

@@ -61,7 +61,7 @@ STOPS = [
     ('students start', signal.SIGKILL,
      lambda w, log: os.path.exists(os.path.join(w, 'features.npz'))),
     ('students', signal.SIGKILL,
-     lambda w, log: '[students[0]] epoch 1/2' in log),
+     lambda w, log: '[students[0,1]] epoch 1/2' in log),
     ('head', signal.SIGKILL, lambda w, log: '[head] epoch 1/2' in log),
 ]
 
@@ -114,7 +114,7 @@ def test_killed_mid_checkpoint_write(runs):
 @pytest.mark.parametrize('name, resumed', [
     ('teacher', r'[teacher] resuming after epoch '),
     ('students start', 'features: reusing'),
-    ('students', '[students[0]] resuming after epoch '),
+    ('students', '[students[0,1]] resuming after epoch '),
     ('head', '[head] resuming after epoch '),
 ])
 def test_killed_in_stage_resumes(runs, name, resumed):
@@ -213,7 +213,7 @@ def test_gan_students_killed_resume_bitwise(tmp_path):
   assert proc.wait(timeout=600) == -signal.SIGKILL
   proc = _start(workdir, workdir + '.1.log', '--config.method=gan')
   assert proc.wait(timeout=600) == 0, _read(workdir + '.1.log')[-3000:]
-  assert '[students[0]] resuming after epoch' in _read(workdir + '.1.log')
+  assert '[students[0,1]] resuming after epoch' in _read(workdir + '.1.log')
   assert ref_proc.wait(timeout=600) == 0, _read(ref + '.log')[-3000:]
   assert _results(workdir) == _results(ref)
 
