@@ -277,9 +277,12 @@ class StageCheckpoint:
     return out.state, out.record
 
   def stored_keys(self) -> set:
-    """The top-level keys of the latest epoch's stored state."""
-    tree = self.manager.item_metadata(self.latest_epoch())['state'].tree
-    return set(tree)
+    """The top-level keys of the latest epoch's stored state (none where
+    it cannot be read: `restore` then says what is wrong)."""
+    try:
+      return set(self.manager.item_metadata(self.latest_epoch())['state'].tree)
+    except Exception:  # pylint: disable=broad-except
+      return set()
 
   def record(self) -> dict:
     """The JSON record of the latest epoch (no arrays are read)."""
