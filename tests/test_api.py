@@ -2,7 +2,7 @@
 import numpy as np
 
 import tcn_jax as tcn
-from conftest import needs_fmnist
+from helpers import needs_fmnist
 
 
 @needs_fmnist

@@ -25,7 +25,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from conftest import needs_fmnist, ROOT, SMOKE, tiny_config, TINY_FLAGS
+from helpers import needs_fmnist, ROOT, SMOKE, tiny_config, TINY_FLAGS
 from test_data import _synthetic, _write_split
 from tcn_jax import assemble
 from tcn_jax import checkpoint

@@ -13,7 +13,7 @@ from tcn_jax import losses
 from tcn_jax import models
 from tcn_jax import pipeline
 from tcn_jax import students as students_lib
-from conftest import needs_fmnist
+from helpers import needs_fmnist
 from tcn_jax.errors import TCNError
 from test_engine import make_epoch_fn
 

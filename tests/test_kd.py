@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import needs_fmnist
+from helpers import needs_fmnist
 from tcn_jax import chunking
 from tcn_jax import engine
 from tcn_jax import fit
@@ -111,7 +111,7 @@ def test_logit_matching_loss():
 def test_logit_matching_students_in_pipeline(tmp_path):
   """A tiny real-data run with the logit-matching loss: finite, and other
   students than plain MSE gives."""
-  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from helpers import tiny_config  # pylint: disable=g-import-not-at-top
   plain = pipeline.run(tiny_config(), str(tmp_path / 'plain'))
   matched = pipeline.run(tiny_config(students__logit_weight=1.0),
                          str(tmp_path / 'matched'))

@@ -10,7 +10,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 import pytest
 
-from conftest import needs_fmnist, tiny_config
+from helpers import needs_fmnist, tiny_config
 import tcn_jax as tcn
 from tcn_jax import data as data_lib
 from tcn_jax import keras_convert

@@ -13,11 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import needs_fmnist
-from conftest import ROOT
-from conftest import SMOKE
-from conftest import TINY_FLAGS
-from conftest import tiny_config
+from helpers import needs_fmnist
+from helpers import ROOT
+from helpers import SMOKE
+from helpers import TINY_FLAGS
+from helpers import tiny_config
 from tcn_jax import assemble
 from tcn_jax import distributed
 from tcn_jax import pipeline

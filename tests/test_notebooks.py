@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from conftest import needs_fmnist
-from conftest import ROOT
+from helpers import needs_fmnist
+from helpers import ROOT
 
 nbformat = pytest.importorskip('nbformat')
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, 'notebooks', '*.ipynb')))

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import needs_fmnist, tiny_config
+from helpers import needs_fmnist, tiny_config
 from tcn_jax import assemble
 from tcn_jax import baselines
 from tcn_jax import checkpoint

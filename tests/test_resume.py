@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import needs_fmnist, ROOT, SMOKE, TINY_FLAGS
+from helpers import needs_fmnist, ROOT, SMOKE, TINY_FLAGS
 from tcn_jax import assemble
 from tcn_jax import checkpoint
 from tcn_jax import main

@@ -13,10 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import needs_fmnist
-from conftest import ROOT
-from conftest import SMOKE
-from conftest import TINY_FLAGS
+from helpers import needs_fmnist
+from helpers import ROOT
+from helpers import SMOKE
+from helpers import TINY_FLAGS
 from tcn_jax import engine
 from tcn_jax import mesh as mesh_lib
 from tcn_jax import models

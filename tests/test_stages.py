@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from conftest import needs_fmnist, tiny_config
+from helpers import needs_fmnist, tiny_config
 from tcn_jax import pipeline
 from tcn_jax.errors import TCNError
 
