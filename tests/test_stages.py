@@ -40,11 +40,9 @@ def _run(workdir, **overrides):
 
 
 @pytest.fixture(scope='module')
-def first(tmp_path_factory):
-  """A finished tiny run: (workdir, results, stage fingerprints)."""
-  workdir = str(tmp_path_factory.mktemp('stages') / 'run')
-  results = pipeline.run(tiny_config(), workdir)
-  return workdir, results, _stages(workdir)
+def first(tiny_run):
+  """The shared finished tiny run: (workdir, results, stage fingerprints)."""
+  return tiny_run.workdir, tiny_run.results, _stages(tiny_run.workdir)
 
 
 def _copy(first, tmp_path):
@@ -73,6 +71,7 @@ def test_downstream_change_reuses_upstream_bitwise(first, tmp_path):
       'teacher']   # Restored from its checkpoint record, not retrained.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('field,value', [('teacher__epochs', 3),
                                          ('seed', 1)])
 def test_upstream_change_retrains_everything_downstream(first, tmp_path,
@@ -92,6 +91,7 @@ def test_upstream_change_retrains_everything_downstream(first, tmp_path,
           == fresh['tcn_test_acc_after_finetune'])
 
 
+@pytest.mark.slow
 def test_interrupted_head_then_new_seed_retrains_all(first, tmp_path):
   """The head stage half done, then another seed: nothing of seed 0 stays
   (the provenance in results.json is true)."""
@@ -130,6 +130,7 @@ def test_config_json_is_resolved(first):
   assert config['students']['loss'] == 'mse'
 
 
+@pytest.mark.slow
 def test_teacher_init_from_workdir(first, tmp_path):
   """teacher.init_from: a finished run's teacher is used, not trained, and
   the run equals the one that trained it (same teacher, same students)."""
