@@ -35,6 +35,7 @@ def _config(name, preset):
   return config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', CONFIGS)
 def test_every_stage_on_mock_data(name, tmp_path):
   ff_dir, gan_dir = str(tmp_path / 'ff'), str(tmp_path / 'gan')

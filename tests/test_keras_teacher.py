@@ -123,6 +123,7 @@ def test_keras_file_errors(tmp_path, x28):
     tcn.load_teacher(str(tmp_path / 'junk.h5'), teacher, x28)
 
 
+@pytest.mark.slow
 def test_keras_resnet50_onto_imagenet_config(tmp_path):
   """keras.applications.ResNet50 (random weights, random BatchNorm
   statistics) gives configs/imagenet.py's ResNet-50 Keras' logits at 64x64
@@ -149,6 +150,7 @@ def test_keras_resnet50_onto_imagenet_config(tmp_path):
                              np.asarray(model(keras_x)), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_pipeline_with_keras_teacher_skips_training(tmp_path):
   """init_from=<.keras file>: no teacher is trained; the run's teacher is

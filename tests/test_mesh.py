@@ -104,6 +104,7 @@ def _worker(out_dir):
     json.dump(out, f)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_mesh_equals_one_device_on_four_devices(tmp_path):
   proc = subprocess.run(

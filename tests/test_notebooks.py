@@ -36,6 +36,7 @@ def test_there_are_notebooks():
   assert 'quickstart.ipynb' in NAMES
 
 
+@pytest.mark.slow
 @needs_fmnist
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=NAMES)
 def test_notebook_runs_top_to_bottom(path, monkeypatch):

@@ -72,6 +72,7 @@ def _run_four_devices(args, timeout=300, **kw):
                         text=True, timeout=timeout, check=False, **kw)
 
 
+@pytest.mark.slow
 def test_sharded_equals_vmap_and_unrolled_on_four_devices():
   proc = _run_four_devices([
       sys.executable, '-c',
@@ -107,6 +108,7 @@ def test_sharded_on_one_device_is_vmap():
                                 apply_group([0, 1], 'vmap'))
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_cli_with_sharded_students(tmp_path):
   workdir = str(tmp_path / 'run')
