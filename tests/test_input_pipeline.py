@@ -105,7 +105,7 @@ def test_tfds_source_mock_data():
 def test_batches_follow_batch_order_and_split_over_processes():
   x = np.arange(50, dtype=np.float32).reshape(50, 1, 1, 1)
   stream = ip.Stream(ip.ArraySource(x, np.arange(50)), rows=np.arange(50)[::-1])
-  order = input_pipeline.batch_order(3, 1, 50, 10)
+  order = ip.batch_order(3, 1, 50, 10)
   got = list(stream.batches(3, 1, 10))
   assert len(got) == 5
   for batch, idx in zip(got, order):
