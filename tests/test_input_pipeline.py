@@ -303,7 +303,6 @@ def test_online_features_equal_cached():
 
 def test_features_written_as_memory_map(tmp_path, folder):
   from tcn_jax import features  # pylint: disable=g-import-not-at-top
-  from tcn_jax import streaming  # pylint: disable=g-import-not-at-top
   stream = ip.Stream(ip.ImageFolderSource(folder[0]), ip.Transform(8, 3))
   teacher = models.Teacher('C4 MP F D6r', 3, 0.0, 'auto', False)
   t_vars = teacher.init(jax.random.key(0), stream[:1])
@@ -312,7 +311,7 @@ def test_features_written_as_memory_map(tmp_path, folder):
   assert isinstance(got, np.memmap) and got.shape == (24, 6)
   want = features.teacher_features(teacher, t_vars, stream[:], 10)
   np.testing.assert_allclose(got, want, atol=1e-6)
-  rows = input_pipeline.StackedRows([got[:, :2], got[:, 2:4]])
+  rows = ip.StackedRows([got[:, :2], got[:, 2:4]])
   assert rows.shape == (2, 24, 2) and np.ndim(rows) == 3
   np.testing.assert_array_equal(
       np.take(rows, [5, 1], 1), np.stack([got[[5, 1], :2], got[[5, 1], 2:4]]))
