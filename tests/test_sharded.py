@@ -88,7 +88,6 @@ def test_sharded_equals_vmap_and_unrolled_on_four_devices():
   assert (out['3']['mesh'], out['3']['padded']) == (4, 4)
   assert (out['5']['mesh'], out['5']['padded']) == (4, 8)
   for n in ('4', '3', '5'):
-    assert 'unrolled' in out[n] or n == '5'
     # Results come back unpadded: split over the devices where the members
     # divide them, else replicated (every device holds the whole state).
     assert out[n]['shape'] == int(n)
