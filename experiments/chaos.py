@@ -54,7 +54,7 @@ ROOT = common.REPO
 
 CONFIG = 'configs/fashion_mnist.py:smoke'
 TIMING = ('wall_seconds_this_run', 'train_seconds')
-# --stages: a seconds-long run (tests/conftest.py's TINY), and per stage its
+# --stages: a seconds-long run (tests/helpers.py's TINY), and per stage its
 # extra flags, the log line after which it runs, and where it writes.
 TINY = ['--config.num_students=2', '--config.data.train_size=300',
         '--config.data.test_size=200', '--config.teacher.epochs=2',

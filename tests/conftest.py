@@ -1,6 +1,9 @@
-"""Shared fixtures: a tiny real-data config and the repository root."""
+"""Shared fixtures. What tests import (TINY, tiny_config, ROOT, ...) is in
+helpers.py."""
+import collections
+import copy
+import hashlib
 import os
-import sys
 
 import jax
 import pytest
@@ -9,13 +12,7 @@ import pytest
 # default to reduced-precision (TF32) matmuls and convolutions.
 jax.config.update('jax_default_matmul_precision', 'highest')
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'configs'))
-
-FMNIST_DIR = '/usr/share/datasets/fashion-mnist'
-needs_fmnist = pytest.mark.skipif(
-    not os.path.isdir(FMNIST_DIR),
-    reason='needs apt-get install -y dataset-fashion-mnist')
+from helpers import ROOT  # pylint: disable=g-import-not-at-top,unused-import
 
 
 @pytest.fixture
@@ -24,26 +21,33 @@ def smoke_config():
   return fashion_mnist.get_config('smoke')
 
 
-# A seconds-long run of the whole pipeline (small nets, 300 examples, two
-# epochs per stage), as --config flags and as a config object.
-TINY = {'num_students': 2, 'data.train_size': 300, 'data.test_size': 200,
-        'teacher.epochs': 2, 'teacher.body': 'C8 MP F D64r D32r',
-        'students.epochs': 2, 'students.arch': 'C4 MP F D8r',
-        'head.epochs': 2}
-SMOKE = os.path.join(ROOT, 'configs/fashion_mnist.py:smoke')
-TINY_FLAGS = [f'--config.{k}={v}' for k, v in TINY.items()]
+TinyRun = collections.namedtuple('TinyRun', 'workdir results')
 
 
-def tiny_config(**overrides):
-  """The smoke config with TINY and `overrides` ('a__b' sets a.b) applied."""
-  import fashion_mnist  # pylint: disable=g-import-not-at-top
-  config = fashion_mnist.get_config('smoke')
-  for path, value in [*TINY.items(), *((k.replace('__', '.'), v)
-                                       for k, v in overrides.items())]:
-    *parents, field = path.split('.')
-    section = config
-    for p in parents:
-      section = section[p]
-    with section.ignore_type():   # Lets tests build wrongly typed configs.
-      section[field] = value
-  return config
+def _files(workdir):
+  """{relative path: sha256} of every file under `workdir` but its lock."""
+  out = {}
+  for root, _, names in os.walk(workdir):
+    for name in names:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, workdir)
+      if rel != 'lock':
+        with open(path, 'rb') as f:
+          out[rel] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory):
+  """A finished run of tiny_config(), built once per test session and shared:
+  (workdir, results). Tests read it and never change it; one that needs to
+  change a finished run copies the workdir first (shutil.copytree). At the
+  end of the session the workdir and the results are checked unchanged."""
+  from helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  from tcn_jax import pipeline  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp('tiny_run') / 'run')
+  results = pipeline.run(tiny_config(), workdir)
+  files, kept = _files(workdir), copy.deepcopy(results)
+  yield TinyRun(workdir, results)
+  assert _files(workdir) == files, 'a test changed the shared tiny run'
+  assert results == kept, "a test changed the shared tiny run's results"

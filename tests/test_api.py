@@ -1,10 +1,12 @@
 """The functional API used from notebooks, on a small real subset."""
 import numpy as np
+import pytest
 
 import tcn_jax as tcn
-from conftest import needs_fmnist
+from helpers import needs_fmnist
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_functional_api_end_to_end(tmp_path):
   ds = tcn.load_dataset('fashion_mnist', train_size=1500, test_size=500)

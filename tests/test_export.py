@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import tcn_jax as tcn
-from conftest import needs_fmnist
-from conftest import tiny_config
+from helpers import needs_fmnist
+from helpers import tiny_config
 from tcn_jax import engine
 from tcn_jax.export import load
 from tcn_jax.export_cli import main as export_main

@@ -266,6 +266,7 @@ def test_image_folder_in_memory_equals_stream(split_folder):
   assert memory.train.x.shape == (38, 16, 16, 3) and len(memory.test) == 12
 
 
+@pytest.mark.slow
 def test_image_folder_whole_run_streamed(split_folder, tmp_path):
   """Teacher, features, students and head on a streamed, augmented folder."""
   import tcn_jax as tcn  # pylint: disable=g-import-not-at-top
@@ -276,7 +277,6 @@ def test_image_folder_whole_run_streamed(split_folder, tmp_path):
   first = tcn.run(c, str(tmp_path))
   assert 'streamed' in first['data_source']
   assert os.path.isdir(tmp_path / 'students' / 'group0' / 'steps')
-  assert 0 <= first['tcn_test_acc_after_finetune'] <= 1
   assert first['params']['head'] == (16 + 1) * 3   # 3 classes: 3 outputs.
 
 
@@ -307,7 +307,6 @@ def test_online_features_equal_cached():
 
 def test_features_written_as_memory_map(tmp_path, folder):
   from tcn_jax import features  # pylint: disable=g-import-not-at-top
-  from tcn_jax import streaming  # pylint: disable=g-import-not-at-top
   stream = ip.Stream(ip.ImageFolderSource(folder[0]), ip.Transform(8, 3))
   teacher = models.Teacher('C4 MP F D6r', 3, 0.0, 'auto', False)
   t_vars = teacher.init(jax.random.key(0), stream[:1])

@@ -2,8 +2,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from conftest import needs_fmnist
+from helpers import needs_fmnist
 from tcn_jax import chunking
 from tcn_jax import engine
 from tcn_jax import fit
@@ -107,12 +108,13 @@ def test_logit_matching_loss():
                              atol=1e-6)
 
 
+@pytest.mark.slow
 @needs_fmnist
-def test_logit_matching_students_in_pipeline(tmp_path):
+def test_logit_matching_students_in_pipeline(tiny_run, tmp_path):
   """A tiny real-data run with the logit-matching loss: finite, and other
   students than plain MSE gives."""
-  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-  plain = pipeline.run(tiny_config(), str(tmp_path / 'plain'))
+  from helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  plain = tiny_run.results
   matched = pipeline.run(tiny_config(students__logit_weight=1.0),
                          str(tmp_path / 'matched'))
   assert all(np.isfinite(m) for m in matched['student_val_mse'])

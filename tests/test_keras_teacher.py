@@ -10,7 +10,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 import pytest
 
-from conftest import needs_fmnist, tiny_config
+from helpers import needs_fmnist, tiny_config
 import tcn_jax as tcn
 from tcn_jax import data as data_lib
 from tcn_jax import keras_convert
@@ -123,6 +123,7 @@ def test_keras_file_errors(tmp_path, x28):
     tcn.load_teacher(str(tmp_path / 'junk.h5'), teacher, x28)
 
 
+@pytest.mark.slow
 def test_keras_resnet50_onto_imagenet_config(tmp_path):
   """keras.applications.ResNet50 (random weights, random BatchNorm
   statistics) gives configs/imagenet.py's ResNet-50 Keras' logits at 64x64
@@ -149,6 +150,7 @@ def test_keras_resnet50_onto_imagenet_config(tmp_path):
                              np.asarray(model(keras_x)), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_pipeline_with_keras_teacher_skips_training(tmp_path):
   """init_from=<.keras file>: no teacher is trained; the run's teacher is

@@ -13,9 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT
-from conftest import needs_fmnist
-from conftest import tiny_config
+from helpers import ROOT
+from helpers import needs_fmnist
+from helpers import tiny_config
 from tcn_jax import assemble
 from tcn_jax import config as config_lib
 from tcn_jax import engine
@@ -105,6 +105,7 @@ def _worker(out_dir):
     json.dump(out, f)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_mesh_equals_one_device_on_four_devices(tmp_path):
   proc = subprocess.run(

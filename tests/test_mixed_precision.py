@@ -7,8 +7,8 @@ import optax
 import pytest
 
 import tcn_jax as tcn
-from conftest import needs_fmnist
-from conftest import tiny_config
+from helpers import needs_fmnist
+from helpers import tiny_config
 from tcn_jax import layers
 from tcn_jax import models
 from tcn_jax import workdir as workdir_lib

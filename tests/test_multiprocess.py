@@ -13,14 +13,12 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import needs_fmnist
-from conftest import ROOT
-from conftest import SMOKE
-from conftest import TINY_FLAGS
-from conftest import tiny_config
+from helpers import needs_fmnist
+from helpers import ROOT
+from helpers import SMOKE
+from helpers import TINY_FLAGS
 from tcn_jax import assemble
 from tcn_jax import distributed
-from tcn_jax import pipeline
 from tcn_jax.errors import TCNError
 
 # The students axis spans the two processes: student i trains in process i,
@@ -114,8 +112,9 @@ def two_processes(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 @needs_fmnist
-def test_two_processes_equal_one(two_processes, tmp_path):
+def test_two_processes_equal_one(two_processes, tiny_run):
   two = _results(two_processes)
   assert two['mesh'] == {'data': 1, 'students': 2, 'devices': 2,
                          'processes': 2}
@@ -125,12 +124,12 @@ def test_two_processes_equal_one(two_processes, tmp_path):
   assert {'ocdbt.process_0', 'ocdbt.process_1'} <= set(os.listdir(state))
   assert not os.path.exists(os.path.join(two_processes, 'process1'))
 
-  one = pipeline.run(tiny_config(), str(tmp_path / 'one'))
+  one = tiny_run.results   # pipeline.run(tiny_config()) in this process.
   assert one['mesh']['devices'] == 1
   # The teacher and head sum their gradients over the two processes in
   # another order than one process does: equal to float32 rounding (the
   # digests differ), and the metrics equal.
-  for a, b in zip(_variables(two_processes), _variables(str(tmp_path / 'one'))):
+  for a, b in zip(_variables(two_processes), _variables(tiny_run.workdir)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
   for key in ('teacher_test_acc', 'tcn_test_acc_after_finetune'):
     assert two[key] == one[key], key
@@ -157,6 +156,7 @@ def streamed(tmp_path_factory):
   return flags, one, two
 
 
+@pytest.mark.slow
 def test_two_processes_stream_their_own_rows(streamed):
   """A streamed image folder on a mesh whose 'data' axis spans the two
   processes (each decodes and feeds only its half of every batch) trains
@@ -170,6 +170,7 @@ def test_two_processes_stream_their_own_rows(streamed):
     assert _results(two)[key] == _results(one)[key], key
 
 
+@pytest.mark.slow
 def test_killed_process_resumes_from_multihost_checkpoint(streamed, tmp_path):
   """SIGKILL of one process inside the students' streamed epoch: the rerun
   of both resumes at the multi-host step checkpoint (state and iterator

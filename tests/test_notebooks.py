@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from conftest import needs_fmnist
-from conftest import ROOT
+from helpers import needs_fmnist
+from helpers import ROOT
 
 nbformat = pytest.importorskip('nbformat')
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, 'notebooks', '*.ipynb')))
@@ -36,6 +36,7 @@ def test_there_are_notebooks():
   assert 'quickstart.ipynb' in NAMES
 
 
+@pytest.mark.slow
 @needs_fmnist
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=NAMES)
 def test_notebook_runs_top_to_bottom(path, monkeypatch):

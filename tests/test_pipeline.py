@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import needs_fmnist, tiny_config
+from helpers import needs_fmnist, tiny_config
 from tcn_jax import assemble
 from tcn_jax import baselines
 from tcn_jax import checkpoint
@@ -38,6 +38,7 @@ def run_dir(tmp_path_factory):
   return config, workdir, results
 
 
+@pytest.mark.slow
 def test_accuracy_floors(run_dir):
   _, _, r = run_dir
   assert r['teacher_test_acc'] > 0.70           # chance is 0.10
@@ -47,6 +48,7 @@ def test_accuracy_floors(run_dir):
   assert r['params']['students_total'] == sum(r['params']['students_each'])
 
 
+@pytest.mark.slow
 def test_results_name_the_paper_and_the_stage_keys(run_dir):
   """results.json puts the paper's Table 3 numbers beside the run's and
   records the keys of the stages it was computed from (as in the workdir's
@@ -59,6 +61,7 @@ def test_results_name_the_paper_and_the_stage_keys(run_dir):
   assert all(keys[s] == k for s, k in r['stage_keys'].items())
 
 
+@pytest.mark.slow
 def test_kd_and_kdgan_baselines(run_dir):
   _, _, r = run_dir
   kd, kdgan = r['kd'], r['kdgan']
@@ -67,6 +70,7 @@ def test_kd_and_kdgan_baselines(run_dir):
   assert (kd['temperature'], kd['alpha']) == (4.0, 0.9)
 
 
+@pytest.mark.slow
 def test_losses_fall_and_histories_saved(run_dir):
   _, workdir, _ = run_dir
   for stage in ('teacher', 'students/group0', 'head'):
@@ -76,6 +80,7 @@ def test_losses_fall_and_histories_saved(run_dir):
     assert (losses[-1] < losses[0]).all(), (stage, losses)
 
 
+@pytest.mark.slow
 def test_load_tcn_reproduces_accuracy(run_dir):
   config, workdir, r = run_dir
   predict, tcn = assemble.load_tcn(os.path.join(workdir, 'tcn'))
@@ -88,6 +93,7 @@ def test_load_tcn_reproduces_accuracy(run_dir):
   assert acc == pytest.approx(r['tcn_test_acc_after_finetune'], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_stages(run_dir):
   config, workdir, r = run_dir
   again = pipeline.run(config, workdir)
@@ -98,6 +104,7 @@ def test_rerun_skips_finished_stages(run_dir):
       r['wall_seconds_this_run']['students'])
 
 
+@pytest.mark.slow
 def test_finished_head_needs_only_test_outputs(run_dir):
   """Resuming a finished head stage runs the students on the test split only
   (train and val outputs are needed only to train the head)."""
@@ -116,6 +123,7 @@ def test_finished_head_needs_only_test_outputs(run_dir):
   assert not os.path.exists(os.path.join(workdir, 'nothing'))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('stage', ['kd', 'kdgan'])
 def test_finished_baseline_needs_no_teacher_logits(run_dir, stage):
   """Resuming a finished KD / KDGAN stage restores and tests the student
@@ -136,6 +144,7 @@ def test_finished_baseline_needs_no_teacher_logits(run_dir, stage):
   assert out['params'] == r[stage]['params']
 
 
+@pytest.mark.slow
 def test_changed_config_is_refused(run_dir):
   config, workdir, _ = run_dir
   changed = config.copy_and_resolve_references()
@@ -144,6 +153,7 @@ def test_changed_config_is_refused(run_dir):
     pipeline.run(changed, workdir)
 
 
+@pytest.mark.slow
 def test_pca_chunks_run_and_basis_is_saved(tmp_path):
   import fashion_mnist  # pylint: disable=g-import-not-at-top
   config = fashion_mnist.get_config('smoke')
@@ -170,6 +180,7 @@ def _adam_steps(stage_dir):
   return counts.pop()
 
 
+@pytest.mark.slow
 def test_flip_augmentation_targets_and_steps(tmp_path):
   """augment='flip': the students' extra targets are the teacher's features
   of the mirrored images, and they take twice the steps per epoch."""

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from tcn_jax import chunking
 from tcn_jax import config as config_lib
 from tcn_jax import models

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import tcn_jax as tcn
-from conftest import needs_fmnist
+from helpers import needs_fmnist
 from tcn_jax import metrics
 
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import needs_fmnist, ROOT, SMOKE, TINY_FLAGS
+from helpers import needs_fmnist, ROOT, SMOKE, TINY_FLAGS
 from tcn_jax import assemble
 from tcn_jax import checkpoint
 from tcn_jax import main
@@ -103,6 +103,7 @@ def _start_named(starts, name):
   return starts[i], (starts[i + 1] if i + 1 < len(starts) else None)
 
 
+@pytest.mark.slow
 def test_killed_mid_checkpoint_write(runs):
   _, workdir, starts = runs
   stopped, after = _start_named(starts, 'teacher checkpoint write')
@@ -111,6 +112,7 @@ def test_killed_mid_checkpoint_write(runs):
   assert not _tmp_dirs(workdir)   # Leftovers are removed on the next start.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name, resumed', [
     ('teacher', r'[teacher] resuming after epoch '),
     ('students start', 'features: reusing'),
@@ -124,6 +126,7 @@ def test_killed_in_stage_resumes(runs, name, resumed):
   assert resumed in after['log'], after['log'][-2000:]
 
 
+@pytest.mark.slow
 def test_no_start_fails(runs):
   """Only the SIGTERM stop prints an error line; nothing crashes."""
   _, _, starts = runs
@@ -133,6 +136,7 @@ def test_no_start_fails(runs):
     assert 'Traceback' not in start['log'], start['log'][-3000:]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_with_one_line_and_resumes(runs):
   _, _, starts = runs
   stopped, after = _start_named(starts, 'features')
@@ -142,6 +146,7 @@ def test_sigterm_stops_with_one_line_and_resumes(runs):
   assert '[teacher] resuming after epoch 2/2' in after['log']
 
 
+@pytest.mark.slow
 def test_stopped_run_ends_bitwise_equal_to_uninterrupted(runs):
   plain, workdir, starts = runs
   assert starts[-1]['rc'] == 0, starts[-1]['log'][-3000:]
@@ -162,6 +167,7 @@ def test_stopped_run_ends_bitwise_equal_to_uninterrupted(runs):
       _results(workdir)['digests']['tcn'])
 
 
+@pytest.mark.slow
 def test_same_seed_same_results_other_seed_other(runs):
   plain, _, _ = runs
   first, again, other = (_results(plain[n])
@@ -199,6 +205,7 @@ def test_stop_signal_waits_for_the_checkpoint_write(tmp_path, monkeypatch):
   assert record == {'epoch': 1}
 
 
+@pytest.mark.slow
 def test_gan_students_killed_resume_bitwise(tmp_path):
   """GAN students (generator, discriminator and both optimizer states)
   resume bitwise too."""
@@ -230,6 +237,7 @@ def _image_folder(root):
             os.path.join(root, split, f'class{c}', f'{i}.png'))
 
 
+@pytest.mark.slow
 def test_streamed_epoch_killed_between_step_checkpoints(tmp_path):
   """A streamed teacher epoch (image folder, a step checkpoint every 3 of
   its 18 steps) killed right after its first step checkpoint resumes at a

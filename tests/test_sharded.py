@@ -13,10 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import needs_fmnist
-from conftest import ROOT
-from conftest import SMOKE
-from conftest import TINY_FLAGS
+from helpers import needs_fmnist
+from helpers import ROOT
+from helpers import SMOKE
+from helpers import TINY_FLAGS
 from tcn_jax import engine
 from tcn_jax import mesh as mesh_lib
 from tcn_jax import models
@@ -72,6 +72,7 @@ def _run_four_devices(args, timeout=300, **kw):
                         text=True, timeout=timeout, check=False, **kw)
 
 
+@pytest.mark.slow
 def test_sharded_equals_vmap_and_unrolled_on_four_devices():
   proc = _run_four_devices([
       sys.executable, '-c',
@@ -87,7 +88,6 @@ def test_sharded_equals_vmap_and_unrolled_on_four_devices():
   assert (out['3']['mesh'], out['3']['padded']) == (4, 4)
   assert (out['5']['mesh'], out['5']['padded']) == (4, 8)
   for n in ('4', '3', '5'):
-    assert 'unrolled' in out[n] or n == '5'
     # Results come back unpadded: split over the devices where the members
     # divide them, else replicated (every device holds the whole state).
     assert out[n]['shape'] == int(n)
@@ -107,6 +107,7 @@ def test_sharded_on_one_device_is_vmap():
                                 apply_group([0, 1], 'vmap'))
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_cli_with_sharded_students(tmp_path):
   workdir = str(tmp_path / 'run')

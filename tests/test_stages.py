@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from conftest import needs_fmnist, tiny_config
+from helpers import needs_fmnist, tiny_config
 from tcn_jax import pipeline
 from tcn_jax.errors import TCNError
 
@@ -40,11 +40,24 @@ def _run(workdir, **overrides):
 
 
 @pytest.fixture(scope='module')
-def first(tmp_path_factory):
-  """A finished tiny run: (workdir, results, stage fingerprints)."""
-  workdir = str(tmp_path_factory.mktemp('stages') / 'run')
-  results = pipeline.run(tiny_config(), workdir)
-  return workdir, results, _stages(workdir)
+def first(tiny_run):
+  """The shared finished tiny run: (workdir, results, stage fingerprints)."""
+  return tiny_run.workdir, tiny_run.results, _stages(tiny_run.workdir)
+
+
+@pytest.fixture(scope='module')
+def fresh(tmp_path_factory):
+  """fresh(**overrides): the results of a fresh run of tiny_config(
+  **overrides), computed once per module (tests only read them)."""
+  runs = {}
+
+  def run(**overrides):
+    key = tuple(sorted(overrides.items()))
+    if key not in runs:
+      runs[key] = pipeline.run(tiny_config(**overrides),
+                               str(tmp_path_factory.mktemp('fresh') / 'run'))
+    return runs[key]
+  return run
 
 
 def _copy(first, tmp_path):
@@ -73,9 +86,10 @@ def test_downstream_change_reuses_upstream_bitwise(first, tmp_path):
       'teacher']   # Restored from its checkpoint record, not retrained.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('field,value', [('teacher__epochs', 3),
                                          ('seed', 1)])
-def test_upstream_change_retrains_everything_downstream(first, tmp_path,
+def test_upstream_change_retrains_everything_downstream(first, fresh, tmp_path,
                                                         field, value):
   workdir = _copy(first, tmp_path)
   results = _run(workdir, **{field: value})
@@ -86,13 +100,14 @@ def test_upstream_change_retrains_everything_downstream(first, tmp_path,
   assert results['digests']['teacher'] != first[1]['digests']['teacher']
   assert results['digests']['tcn'] != first[1]['digests']['tcn']
   # The recomputed run equals a fresh run of the changed config.
-  fresh = pipeline.run(tiny_config(**{field: value}), str(tmp_path / 'new'))
-  assert results['digests'] == fresh['digests']
+  again = fresh(**{field: value})
+  assert results['digests'] == again['digests']
   assert (results['tcn_test_acc_after_finetune']
-          == fresh['tcn_test_acc_after_finetune'])
+          == again['tcn_test_acc_after_finetune'])
 
 
-def test_interrupted_head_then_new_seed_retrains_all(first, tmp_path):
+@pytest.mark.slow
+def test_interrupted_head_then_new_seed_retrains_all(first, fresh, tmp_path):
   """The head stage half done, then another seed: nothing of seed 0 stays
   (the provenance in results.json is true)."""
   workdir = _copy(first, tmp_path)
@@ -100,9 +115,8 @@ def test_interrupted_head_then_new_seed_retrains_all(first, tmp_path):
   shutil.rmtree(os.path.join(workdir, 'head', '2'))   # Epoch 1 of 2 left.
   os.remove(os.path.join(workdir, 'results.json'))
   results = _run(workdir, seed=1)
-  fresh = pipeline.run(tiny_config(seed=1), str(tmp_path / 'new'))
   assert results['seed'] == 1
-  assert results['digests'] == fresh['digests']
+  assert results['digests'] == fresh(seed=1)['digests']
 
 
 def test_changed_config_refused_without_allow(first, tmp_path):
@@ -130,6 +144,7 @@ def test_config_json_is_resolved(first):
   assert config['students']['loss'] == 'mse'
 
 
+@pytest.mark.slow
 def test_teacher_init_from_workdir(first, tmp_path):
   """teacher.init_from: a finished run's teacher is used, not trained, and
   the run equals the one that trained it (same teacher, same students)."""

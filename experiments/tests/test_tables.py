@@ -14,7 +14,8 @@ import statistics
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 RESULTS = os.path.join(ROOT, 'experiments', 'results')
 
 
