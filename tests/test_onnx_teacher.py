@@ -14,7 +14,7 @@ from onnx import TensorProto
 import onnxruntime as ort
 import pytest
 
-from conftest import needs_fmnist, tiny_config
+from helpers import needs_fmnist, tiny_config
 import tcn_jax as tcn
 from tcn_jax import config as config_lib
 from tcn_jax import data as data_lib

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from conftest import needs_fmnist, ROOT, SMOKE, TINY_FLAGS
+from helpers import needs_fmnist, ROOT, SMOKE, TINY_FLAGS
 from tcn_jax import workdir as workdir_lib
 from tcn_jax.errors import TCNError
 
@@ -118,7 +118,7 @@ def test_second_run_refused_after_lock_file_deleted(tmp_path):
 from test_bad_inputs import _read_only_dir  # pylint: disable=g-import-not-at-top,wrong-import-position
 from test_bad_inputs import finished  # pylint: disable=unused-import,g-import-not-at-top,wrong-import-position
 from test_bad_inputs import run_main  # pylint: disable=unused-import,g-import-not-at-top,wrong-import-position
-from conftest import tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from helpers import tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _unfinished_source(tmp, wd):
