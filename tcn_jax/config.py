@@ -300,7 +300,8 @@ def parse_arch(field, spec):
 
 # An image folder's input when neither the config nor a Keras teacher file
 # gives it (data.image_size / data.channels 0: 'auto').
-FOLDER_IMAGE_SIZE, FOLDER_CHANNELS = 64, 3
+FOLDER_IMAGE_SIZE = data_lib.FOLDER_AUTO_SIZE
+FOLDER_CHANNELS = data_lib.FOLDER_AUTO_CHANNELS
 # 'auto' architectures (configs/image_folder.py): conv + pooling stages
 # (valid 3x3 convolutions, 2x2 max pooling), as many as keep the trunk's
 # last feature map at least MIN_SIDE wide, then the dense tail.
