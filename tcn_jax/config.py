@@ -373,11 +373,16 @@ def auto_arch(field: str, image_size) -> str:
 
 
 def scale_archs(c):
-  """'auto' in teacher.body / students.arch: sized to data.image_size."""
+  """'auto' in teacher.body / students.arch: sized to data.image_size
+  ('auto bn': with BatchNorm before each ReLU, the 'bn' preset)."""
+  from tcn_jax import presets  # pylint: disable=g-import-not-at-top
   for field in AUTO_ARCHS:
     section, name = field.split('.')
-    if c[section].get(name) == 'auto':
-      c[section][name] = auto_arch(field, c.data.get('image_size'))
+    value = c[section].get(name)
+    if value in ('auto', 'auto bn'):
+      arch = auto_arch(field, c.data.get('image_size'))
+      c[section][name] = (presets.with_batchnorm(arch) if value == 'auto bn'
+                          else arch)
 
 
 def _check_feature(c):

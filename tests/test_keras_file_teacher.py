@@ -93,6 +93,12 @@ def test_folder_follows_the_keras_file(files):
   trunk = models.output_shape('C16 MP C32 MP', (28, 28, 1))
   assert trunk[:2] == (5, 5)
   assert config_lib.resolve(r).to_dict() == r.to_dict()   # Idempotent.
+  # The 'bn' preset on the 'auto' students: sized, then BatchNorm added.
+  import image_folder  # pylint: disable=g-import-not-at-top
+  c = image_folder.get_config('bn')
+  c.data.dir, c.teacher.init_from = files['folder'], files['keras']
+  assert config_lib.resolve(c).students.arch == (
+      'C16lin BN R MP C32lin BN R MP F D32 BN R Do.3')
 
 
 @pytest.mark.parametrize('overrides, line', [
