@@ -7,7 +7,10 @@ each with one sub-folder of JPEG/PNG images per class (ImageNet's layout).
 Class names and count come from train/'s sub-folders; the validation split
 (data.val_fraction) is carved from train with data.split_seed. Images are
 decoded, resized (shorter side) and centre-cropped to data.image_size with
-data.channels (1 grey, 3 RGB). data.augment='crop_flip' trains on random-
+data.channels (1 grey, 3 RGB); left unset (0) they follow a Keras teacher
+file's input (teacher.init_from=model.keras), else 64x64 RGB. The teacher's
+and students' default architectures ('auto') have as many conv + pooling
+stages as the image size allows (students end 4x4 or wider). data.augment='crop_flip' trains on random-
 resized crops and flips (per epoch, seeded), 'flip' on flips only.
 
 The splits are held in memory when the decoded train split fits in
@@ -25,14 +28,19 @@ def get_config(preset: str = ''):
   c = config_lib.base_config()
   c.num_students = 2
   c.data.name = 'image_folder'
-  c.data.update(dict(image_size=64, channels=3, augment='', streaming='auto',
+  # image_size, channels 0: a Keras teacher file's input
+  # (teacher.init_from), else 64x64 RGB (config.resolve).
+  c.data.update(dict(image_size=0, channels=0, augment='', streaming='auto',
                      memory_limit_mb=1024, workers=0,
                      checkpoint_every_steps=0, bad_images='stop',
                      val_fraction=0.1))
   t, s = c.teacher, c.students
-  t.body = 'C32 MP C64 MP C128 MP C128 MP F D256r'
+  # 'auto': conv + pooling stages sized to data.image_size (config.
+  # auto_arch): at 64x64 'C32 MP C64 MP C128 MP C128 MP F D256r' (2x2) and
+  # 'C16 MP C32 MP C32 MP F D32r Do.3' (6x6); at 28x28 two stages each.
+  t.body = 'auto'
   t.epochs = 30
-  s.arch = 'C16 MP C32 MP C32 MP F D32r Do.3'
+  s.arch = 'auto'
   s.epochs = 20
   s.features = 'auto'   # Online when augmented or too large; logged.
   c.eval_batch_size = 250

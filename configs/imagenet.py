@@ -60,6 +60,9 @@ def get_config(preset: str = ''):
                      checkpoint_every_steps=0))
   t = c.teacher
   t.body, t.head_dropout = RESNET50, 0.0
+  # A Keras init_from (keras.applications.ResNet50) is mapped onto this
+  # body, whose CAFFE token gives it Keras' preprocess_input.
+  t.keras_mode = 'body'
   t.optimizer, t.learning_rate, t.weight_decay = 'sgd', 0.1, 1e-4
   t.batch_size, t.epochs, t.lr_step_epochs, t.lr_step_factor = 256, 90, 30, .1
   s = c.students

@@ -54,6 +54,9 @@ from tcn_jax.onnx_teacher import teacher_from_onnx
 from tcn_jax.metrics import evaluate
 from tcn_jax.metrics import set_progress
 from tcn_jax.pipeline import run
+from tcn_jax.students import Nets
+from tcn_jax.students import Objective
+from tcn_jax.students import Optimizer
 from tcn_jax.students import train_students
 from tcn_jax.teacher import load_teacher
 from tcn_jax.teacher import train_teacher

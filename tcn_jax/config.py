@@ -111,9 +111,13 @@ def base_config() -> ml_collections.ConfigDict:
       # the final Gemm/MatMul's input), input_layout ('' = auto: NCHW when the
       # graph's input is (C, H, W); 'NCHW', 'NHWC'), input_mean / input_std
       # ('0.485,0.456,0.406': per channel; '' = unchanged); allow_chance:
-      # distill a given teacher whose validation accuracy is near chance.
+      # distill a given teacher whose validation accuracy is near chance;
+      # keras_mode, for a Keras init_from: 'model' (the file taken whole,
+      # any architecture; teacher.body unused), 'body' (its weights mapped
+      # onto teacher.body layer for layer), '' (auto: 'body' for a
+      # weights-only file, else 'model').
       features_from='', feature_tensor='', input_layout='',
-      input_mean='', input_std='', allow_chance=False))
+      input_mean='', input_std='', allow_chance=False, keras_mode=''))
   c.students = ml_collections.ConfigDict(dict(
       arch='', arch_by_n=dict(STUDENTS_FMNIST), init='normal', out_relu=False,
       optimizer='adam', learning_rate=1e-3, weight_decay=0.0, batch_size=128,
@@ -219,6 +223,8 @@ def resolve(user: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   n = c.num_students
   if not isinstance(n, int) or isinstance(n, bool) or n < 1:
     raise TCNError(f'config.num_students must be a positive integer, got {n!r}')
+  follow_teacher_input(c)   # Before the architectures are sized to it.
+  scale_archs(c)
   needed = {'gan.disc': c.method == 'gan',
             'gan.g_steps_per_d_step': c.method == 'gan',
             'kd.arch': c.kd.enabled or c.kdgan.enabled}
@@ -292,6 +298,93 @@ def parse_arch(field, spec):
     raise TCNError(f'config.{field}: {e}') from None
 
 
+# An image folder's input when neither the config nor a Keras teacher file
+# gives it (data.image_size / data.channels 0: 'auto').
+FOLDER_IMAGE_SIZE = data_lib.FOLDER_AUTO_SIZE
+FOLDER_CHANNELS = data_lib.FOLDER_AUTO_CHANNELS
+# 'auto' architectures (configs/image_folder.py): conv + pooling stages
+# (valid 3x3 convolutions, 2x2 max pooling), as many as keep the trunk's
+# last feature map at least MIN_SIDE wide, then the dense tail.
+AUTO_ARCHS = {
+    'teacher.body': dict(widths=(32, 64, 128, 128, 256), min_side=2,
+                         tail='F D256r'),
+    'students.arch': dict(widths=(16, 32, 32, 64, 64), min_side=4,
+                          tail='F D32r Do.3'),
+}
+
+
+def _is_folder(c) -> bool:
+  return c.data.name == 'image_folder' or c.data.get('layout') == 'folder'
+
+
+def follow_teacher_input(c):
+  """An image folder's data.image_size and data.channels left 0 ('auto')
+  follow a Keras teacher file's input (else FOLDER_IMAGE_SIZE /
+  FOLDER_CHANNELS); set ones that differ from it fail with one line naming
+  the field to change."""
+  if not _is_folder(c) or 'image_size' not in c.data:
+    return
+  from tcn_jax import keras_convert  # pylint: disable=g-import-not-at-top
+  path = c.teacher.get('init_from', '')
+  want = None
+  if (keras_convert.is_keras_file(path)
+      and not c.teacher.get('features_from')):
+    want = keras_convert.file_input_shape(
+        path, f'config.teacher.init_from {path!r}')
+  if want is not None and len(want) != 3:
+    raise TCNError(f'config.teacher.init_from {path!r} takes inputs of shape '
+                   f'{want}, not images (height, width, channels)')
+  size, channels = c.data.image_size, c.data.get('channels', 3)
+  if size == 0:
+    sides = {d for d in (want or (None,) * 3)[:2] if d is not None}
+    size = sides.pop() if len(sides) == 1 else FOLDER_IMAGE_SIZE
+  if channels == 0:
+    channels = (want[2] if want and want[2] is not None
+                else FOLDER_CHANNELS)
+  c.data.image_size = size
+  if 'channels' in c.data:
+    c.data.channels = channels
+  if want is not None:
+    problem = given_teacher.input_mismatch(c, want, (size, size, channels),
+                                           path)
+    if problem:
+      raise TCNError(problem)
+
+
+def auto_arch(field: str, image_size) -> str:
+  """The 'auto' architecture of `field` for square images of `image_size`:
+  the most conv + pooling stages (up to 5) whose trunk still ends at least
+  AUTO_ARCHS[field]['min_side'] wide (e.g. students: 64 -> 3 stages, 6x6;
+  28 -> 2 stages, 5x5)."""
+  a = AUTO_ARCHS[field]
+  if (not isinstance(image_size, int) or isinstance(image_size, bool)
+      or image_size < 1):
+    raise TCNError(f"config.{field}='auto' sizes itself to data.image_size, "
+                   f'which is {image_size!r}; give an architecture string')
+  side, stages = image_size, 0
+  for _ in a['widths']:
+    nxt = (side - 2) // 2   # A valid 3x3 convolution, then 2x2 pooling.
+    if nxt < a['min_side']:
+      break
+    side, stages = nxt, stages + 1
+  stages = max(stages, 1 if image_size >= 4 else 0)
+  convs = ' '.join(f'C{w} MP' for w in a['widths'][:stages])
+  return f'{convs} {a["tail"]}'.strip()
+
+
+def scale_archs(c):
+  """'auto' in teacher.body / students.arch: sized to data.image_size
+  ('auto bn': with BatchNorm before each ReLU, the 'bn' preset)."""
+  from tcn_jax import presets  # pylint: disable=g-import-not-at-top
+  for field in AUTO_ARCHS:
+    section, name = field.split('.')
+    value = c[section].get(name)
+    if value in ('auto', 'auto bn'):
+      arch = auto_arch(field, c.data.get('image_size'))
+      c[section][name] = (presets.with_batchnorm(arch) if value == 'auto bn'
+                          else arch)
+
+
 def _check_feature(c):
   """The teacher's body ends in a feature at least n wide."""
   body = parse_arch('teacher.body', c.teacher.body)
@@ -363,6 +456,10 @@ def _validate(c):
     raise TCNError('config.teacher.init_from must be a path (a workdir, a '
                    'teacher checkpoint, a Keras or an ONNX file), got '
                    f'{c.teacher.init_from!r}')
+  if c.teacher.get('keras_mode', '') not in given_teacher.KERAS_MODES:
+    raise TCNError("config.teacher.keras_mode must be '' (auto), 'model' (a "
+                   "Keras init_from taken whole) or 'body' (its weights "
+                   f'mapped onto teacher.body), got {c.teacher.keras_mode!r}')
   check_number('students.logit_weight', c.students.logit_weight, float, 0)
   check_number('students.logit_temperature', c.students.logit_temperature,
                float, 0, strict=True)

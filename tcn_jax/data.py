@@ -68,6 +68,9 @@ IMAGE_SIZE, VOCAB_SIZE, MAX_LEN = 224, 1000, 500  # Optional config defaults.
 # than data.memory_limit_mb, or when data.augment asks for per-epoch crops.
 STREAMING = ('auto', 'always', 'never')
 FOLDER_AUGMENTS = ('', 'flip', 'crop_flip')
+# configs/image_folder.py's data.image_size / data.channels 0 ('auto'): a
+# Keras teacher file's input (config.follow_teacher_input), else these.
+FOLDER_AUTO_SIZE, FOLDER_AUTO_CHANNELS = 64, 3
 FOLDER_DEFAULTS = dict(image_size=32, channels=3, augment='', streaming='auto',
                        memory_limit_mb=1024, workers=0,
                        checkpoint_every_steps=0, bad_images='stop')
@@ -389,6 +392,10 @@ def folder_options(cfg) -> dict:
   """The image-folder fields of `cfg` (FOLDER_DEFAULTS where unset),
   checked; TCNError naming the first bad one."""
   opts = {k: cfg.get(k, v) for k, v in FOLDER_DEFAULTS.items()}
+  for field, auto in (('image_size', FOLDER_AUTO_SIZE),
+                      ('channels', FOLDER_AUTO_CHANNELS)):
+    if opts[field] == 0 and not isinstance(opts[field], bool):
+      opts[field] = auto   # 0: 'auto' (config.resolve: a Keras teacher's).
   for field in ('image_size', 'channels', 'memory_limit_mb'):
     _option(opts, field, 0, 1)
   for field in ('workers', 'checkpoint_every_steps'):

@@ -1,5 +1,7 @@
-"""Teachers the pipeline is given from outside JAX: an ONNX graph
-(`teacher.init_from=model.onnx`) or precomputed features
+"""Teachers the pipeline is given as they are: an ONNX graph
+(`teacher.init_from=model.onnx`), a Keras model file taken whole
+(`teacher.init_from=model.keras|.h5`, `teacher.keras_mode`: no
+architecture string mirrors it) or precomputed features
 (`teacher.features_from=DIR`).
 
 Both are loaded and checked before anything is written (`load`), give the
@@ -22,11 +24,14 @@ import os
 from typing import Any
 
 from absl import logging
+import jax
 import numpy as np
 
 from tcn_jax import chunking
 from tcn_jax import checkpoint
+from tcn_jax import function_teacher
 from tcn_jax import input_pipeline
+from tcn_jax import keras_convert
 from tcn_jax import metrics
 from tcn_jax import onnx_teacher
 from tcn_jax import record
@@ -37,27 +42,74 @@ SPLITS = ('train', 'val', 'test')
 # Config fields of the teacher section added for given teachers, with the
 # value that means "not used" (kept out of stage keys at that value, so
 # the keys of earlier runs stay the same).
+# keras_mode: how a Keras init_from is used: 'model' (the file as it is,
+# through `function_teacher.teacher_from_keras`; teacher.body unused),
+# 'body' (its weights mapped onto teacher.body, `keras_convert`), ''
+# (auto: 'body' for a weights-only file, which holds no architecture, else
+# 'model').
 FIELDS = {'features_from': '', 'feature_tensor': '', 'input_layout': '',
-          'input_mean': '', 'input_std': '', 'allow_chance': False}
+          'input_mean': '', 'input_std': '', 'allow_chance': False,
+          'keras_mode': ''}
+KERAS_MODES = ('', 'model', 'body')
 # Validation accuracy under CHANCE_FACTOR / classes stops the run.
 CHANCE_FACTOR = 1.5
 
 
+def keras_mode(config) -> str:
+  """'model' or 'body' for a Keras init_from (see FIELDS), else ''."""
+  t = config.teacher
+  path = t.get('init_from', '')
+  if not keras_convert.is_keras_file(path) or t.get('features_from'):
+    return ''
+  mode = t.get('keras_mode', '')
+  if mode:
+    return mode
+  return 'body' if keras_convert.is_weights_file(path) else 'model'
+
+
 def kind(config) -> str:
-  """'onnx', 'features' or '' (a teacher of this library, Keras, ...)."""
+  """'onnx', 'keras' (a Keras file taken whole), 'features' or '' (a
+  teacher of this library, a Keras file mapped onto teacher.body)."""
   t = config.teacher
   if t.get('features_from'):
     return 'features'
   if onnx_teacher.is_onnx_file(t.get('init_from', '')):
     return 'onnx'
+  if keras_mode(config) == 'model':
+    return 'keras'
+  return ''
+
+
+def input_mismatch(config, want, got, path: str) -> str:
+  """'' when inputs of shape `got` (H, W, C) fit a teacher taking `want`
+  (None: any size), else one line naming the field to change."""
+  if want is None or len(want) != len(got):
+    return ''
+  name = os.path.basename(path)
+  folder = 'image_size' in config.data and len(got) == 3
+  if folder and want[-1] is not None and want[-1] != got[-1]:
+    s = '' if want[-1] == 1 else 's'
+    return (f'data.channels={got[-1]} but the teacher {name} takes '
+            f'{want[-1]} channel{s}; set --config.data.channels={want[-1]}')
+  if folder and any(w is not None and w != g
+                    for w, g in zip(want[:2], got[:2])):
+    size = want[0] if want[0] == want[1] else max(w or 0 for w in want[:2])
+    return (f'data.image_size={got[0]} but the teacher {name} takes '
+            f'{want[0]}x{want[1]} images; set '
+            f'--config.data.image_size={size}')
+  if any(w is not None and w != g for w, g in zip(want, got)):
+    return (f'the data ({config.data.name}) has inputs of shape '
+            f'{tuple(got)}, the teacher {name} takes '
+            f'{tuple(w for w in want)}: give data of its input shape')
   return ''
 
 
 def key_fields(section: dict) -> dict:
   """The teacher section without the given-teacher fields at their
-  defaults (stage keys of runs without them are unchanged)."""
+  defaults (stage keys of runs without them are unchanged) and without
+  keras_mode (a loaded teacher's key holds its parameters' digest)."""
   return {k: v for k, v in section.items()
-          if k not in FIELDS or v != FIELDS[k]}
+          if k != 'keras_mode' and (k not in FIELDS or v != FIELDS[k])}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +134,15 @@ def check_config(config):
   if k == 'features' and t.init_from:
     raise TCNError('config.teacher.features_from and config.teacher.'
                    'init_from are both set: give the teacher one way')
-  what = ('an ONNX teacher' if k == 'onnx' else
-          'precomputed features (teacher.features_from)')
+  what = {'onnx': 'an ONNX teacher',
+          'keras': 'a Keras file taken whole (teacher.keras_mode=model)',
+          'features': 'precomputed features (teacher.features_from)'}[k]
+  if k == 'keras' and s.get('features') == 'online':
+    raise TCNError(
+        f'config.students.features=online does not work with {what}: its '
+        'features are cached before the students train; use '
+        'students.features=cached, or teacher.keras_mode=body with a '
+        'teacher.body that mirrors the model layer for layer')
   if s.get('features') == 'online':
     raise TCNError(
         f'config.students.features=online does not work with {what}: online '
@@ -121,6 +180,8 @@ def load(run: record.Run) -> Given | None:
         what=f'config.teacher.init_from {t.init_from!r}')
     given = Given('onnx', model, variables, model.info['digest'],
                   {'source': 'onnx', **model.info})
+  elif k == 'keras':
+    given = from_keras_file(run)
   else:
     given = from_directory(c.teacher.features_from,
                            {s: len(getattr(run.ds, s)) for s in SPLITS})
@@ -131,6 +192,29 @@ def load(run: record.Run) -> Given | None:
                    'a teacher of these classes is needed')
   chunking.chunk_sizes(int(width), c.num_students)
   return given
+
+
+def from_keras_file(run: record.Run) -> Given:
+  """`teacher.init_from=model.keras|.h5` taken whole: any architecture,
+  through `function_teacher.teacher_from_keras` (checked to reproduce the
+  model's output)."""
+  path = run.config.teacher.init_from
+  what = f'config.teacher.init_from {path!r}'
+  model = keras_convert.load_keras_model(path, 0, None, what)
+  x = np.asarray(run.ds.train.x[:8])
+  shape = model.inputs[0].shape if model.inputs else None
+  problem = input_mismatch(run.config, shape and tuple(shape[1:]),
+                           x.shape[1:], path)
+  if problem:
+    raise TCNError(problem)
+  teacher, variables = function_teacher.teacher_from_keras(model,
+                                                           x_example=x)
+  digest = onnx_teacher.file_digest(path)
+  info = {'source': 'keras', 'path': path, 'digest': digest,
+          'input_shape': [d for d in (shape[1:] if shape else [])],
+          'params': int(model.count_params()),
+          'width': int(variables['params']['head']['out']['kernel'].shape[0])}
+  return Given('keras', teacher, variables, digest, info)
 
 
 def _problems_error(where: str, problems: list[str]):
@@ -273,6 +357,8 @@ def key(run: record.Run, given: Given) -> str:
 def _logits_fn(given: Given):
   if given.kind == 'onnx':
     return lambda x: given.model.run_host(x)[0]
+  if given.kind == 'keras':
+    return jax.jit(lambda x: given.model.apply(given.variables, x))
   out = given.variables['params']['head']['out']
   return lambda f: np.maximum(np.asarray(f, np.float32), 0) @ out['kernel'] \
       + out['bias']
@@ -281,7 +367,7 @@ def _logits_fn(given: Given):
 def accuracy(given: Given, split, batch_size: int, name: str) -> float:
   """The teacher's accuracy on a data split: the ONNX session's own
   output, or the head on the precomputed features."""
-  x = split.x if given.kind == 'onnx' else given.features[name]
+  x = split.x if given.model is not None else given.features[name]
   logits = input_pipeline.batched(_logits_fn(given), x, batch_size)
   return metrics.accuracy(logits, np.asarray(split.y))
 

@@ -42,6 +42,43 @@ def is_keras_file(path) -> bool:
   return isinstance(path, str) and path.endswith(KERAS_SUFFIXES)
 
 
+def is_weights_file(path) -> bool:
+  """Whether `path` is a Keras weights-only file (`.weights.h5`, or an `.h5`
+  without a model, as `ResNet50(weights='imagenet')` downloads): it holds
+  no architecture, so it needs `teacher.body` (mapped onto it)."""
+  if not is_keras_file(path) or path.endswith('.keras'):
+    return False
+  if path.endswith('.weights.h5'):
+    return True
+  if not os.path.isfile(path) or os.path.getsize(path) == 0:
+    return False
+  try:
+    import h5py  # pylint: disable=g-import-not-at-top
+    with h5py.File(path, 'r') as f:
+      return 'model_config' not in f.attrs
+  except (ImportError, OSError):
+    return False
+
+
+_INPUTS = {}
+
+
+def file_input_shape(path: str, what: str):
+  """The per-example input shape (H, W, C) (None for a free dimension) of
+  the whole Keras model in `path`; None for a weights-only or missing
+  file. Loaded once per file version."""
+  if (not is_keras_file(path) or not os.path.isfile(path)
+      or is_weights_file(path)):
+    return None
+  stamp = (os.path.realpath(path), os.stat(path).st_mtime_ns,
+           os.path.getsize(path))
+  if stamp not in _INPUTS:
+    model = load_keras_model(path, 0, None, what)
+    shape = model.inputs[0].shape if model.inputs else None
+    _INPUTS[stamp] = None if shape is None else tuple(shape[1:])
+  return _INPUTS[stamp]
+
+
 def import_keras():
   """keras, on the JAX backend unless KERAS_BACKEND says otherwise."""
   os.environ.setdefault('KERAS_BACKEND', 'jax')

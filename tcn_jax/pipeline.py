@@ -55,6 +55,30 @@ def check_fits(field, spec, input_shape, impl, dtype=np.float32):
   return out[0]
 
 
+def check_trunk(field, spec, input_shape, impl, dtype=np.float32):
+  """Fails, naming `field` and the image size, when `spec`'s convolutional
+  trunk (the layers before its first F, Flatten) shrinks an image input
+  (H, W, C) with more than one pixel to 1x1 (a global average pool, GAP,
+  may end at 1x1, as ResNets on small images do)."""
+  tokens = spec.split()
+  cut = next((i for i, t in enumerate(tokens) if t == 'F'), None)
+  if cut is None or len(input_shape) != 3 or input_shape[0] * input_shape[1] \
+      <= 1:
+    return
+  try:
+    out = models.output_shape(' '.join(tokens[:cut]), input_shape, impl,
+                              dtype)
+  except ValueError:
+    return   # check_fits names the layer.
+  if len(out) == 3 and out[0] * out[1] <= 1:
+    h, w = input_shape[:2]
+    raise TCNError(f'config.{field} {spec!r} shrinks the {h}x{w} input '
+                   f'(data.image_size) to {out[0]}x{out[1]} before its '
+                   f'{tokens[cut]}: use fewer pooling stages (or '
+                   f"{field}='auto' with configs/image_folder.py, sized to "
+                   'the image)')
+
+
 def check_data(config, ds: data_lib.Dataset):
   """Every check of the data against the config that needs no training:
   non-empty splits of one input shape that the architectures fit."""
@@ -76,6 +100,7 @@ def check_data(config, ds: data_lib.Dataset):
   for spec in dict.fromkeys(config_lib.student_specs(config)):
     check_fits('students.arch', spec + ' D1', shape, config.layers_impl,
                dtype)
+    check_trunk('students.arch', spec, shape, config.layers_impl, dtype)
   if config.kd.enabled or config.kdgan.enabled:
     check_fits('kd.arch', config.kd.arch + ' D1', shape, config.layers_impl,
                dtype)

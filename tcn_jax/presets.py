@@ -106,7 +106,9 @@ def _tuned(c):
 def _bn(c):
   c.students.arch_by_n = {k: with_batchnorm(v)
                           for k, v in c.students.arch_by_n.items()}
-  if c.students.arch:
+  if c.students.arch in ('auto', 'auto bn'):   # Sized in config.resolve.
+    c.students.arch = 'auto bn'
+  elif c.students.arch:
     c.students.arch = with_batchnorm(c.students.arch)
 
 

@@ -2,10 +2,11 @@
 
 `teacher.init_from` names a workdir of this library (its `teacher/`), a
 teacher checkpoint directory, or a Keras model file (`.keras`, `.h5`; see
-`keras_convert`): that teacher is used as it is (the paper's "huge
-pre-trained network"), checked against `teacher.body` by shape. An ONNX
-file (`init_from=*.onnx`) or precomputed features (`features_from`) take
-`given_teacher`'s stage instead.
+`keras_convert`, with `teacher.keras_mode=body`): that teacher is used as
+it is (the paper's "huge pre-trained network"), checked against
+`teacher.body` by shape. An ONNX file (`init_from=*.onnx`), a Keras file
+taken whole (the default for a whole-model file) or precomputed features
+(`features_from`) take `given_teacher`'s stage instead.
 """
 import json
 import os

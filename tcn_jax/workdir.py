@@ -29,7 +29,9 @@ RUN_OUTPUTS = ('results.json', 'tcn', 'export')
 # Fields that may change between reruns without being a change of config.
 IGNORED = ('allow_config_change', 'classes', 'distributed', 'export', 'mesh')
 # Fields added since earlier runs, with the value that is their behaviour.
-ADDED = {'dtype': 'float32'}
+# (teacher.keras_mode 'body': configs/imagenet.py's Keras ResNet-50, as
+# Keras files were read before the field.)
+ADDED = {'dtype': 'float32', 'teacher.keras_mode': 'body'}
 
 
 def stage_key(**inputs) -> str:

@@ -154,7 +154,8 @@ def test_keras_resnet50_onto_imagenet_config(tmp_path):
 @needs_fmnist
 def test_pipeline_with_keras_teacher_skips_training(tmp_path):
   """init_from=<.keras file>: no teacher is trained; the run's teacher is
-  the Keras model (its test accuracy is Keras')."""
+  the Keras model (its test accuracy is Keras'), taken whole, or with
+  keras_mode='body' mapped onto teacher.body (a mismatch: one line)."""
   keras.utils.set_random_seed(2)
   model = keras.Sequential([
       keras.Input((28, 28, 1)), L.Conv2D(8, 3, activation='relu'),
@@ -165,8 +166,8 @@ def test_pipeline_with_keras_teacher_skips_training(tmp_path):
   with pytest.raises(tcn.TCNError, match=r"init_from '.*teacher.keras': "
                      r"Keras layer 'dense\w*' \(Dense\) kernel has shape "
                      r"\(1352, 64\), teacher layer trunk/Dense_0 \('D32r'\)"):
-    pipeline.run(tiny_config(teacher__init_from=path,
-                             teacher__body='C8 MP F D32r D32r'),
+    pipeline.run(tiny_config(teacher__init_from=path, teacher__keras_mode=
+                             'body', teacher__body='C8 MP F D32r D32r'),
                  str(tmp_path / 'refused'))
   assert not os.path.exists(tmp_path / 'refused')   # Nothing written.
   config = tiny_config(teacher__init_from=path, students__epochs=1,
