@@ -25,9 +25,9 @@ def get_config(preset: str = ''):
   c = config_lib.base_config()
   c.num_students = 2
   c.data.name = 'image_folder'
-  c.data.update(dict(image_size=64, channels=3, augment='', streaming='auto',
-                     memory_limit_mb=1024, workers=0,
-                     checkpoint_every_steps=0, val_fraction=0.1))
+  # The image-folder fields (channels, augment, streaming, memory_limit_mb,
+  # workers, checkpoint_every_steps) keep base_config's values.
+  c.data.image_size, c.data.val_fraction = 64, 0.1
   t, s = c.teacher, c.students
   t.body = 'C32 MP C64 MP C128 MP C128 MP F D256r'
   t.epochs = 30

@@ -70,14 +70,14 @@ def memory_child(root, mode, workers):
   import jax
   from absl import flags
   flags.FLAGS.mark_as_parsed()
-  from tcn_jax import data as data_lib
+  from tcn_jax import input_pipeline
   from tcn_jax import students
   cfg = common.get_config('image_folder')
   cfg.data.update(dict(dir=root, image_size=32, channels=1,
                        streaming='always' if mode == 'stream' else 'never',
                        workers=workers, val_fraction=0.01))
   t = time.time()
-  ds = data_lib.load(cfg.data)
+  ds = input_pipeline.load(cfg.data)
   load_s = time.time() - t
   n = len(ds.train)
   path = os.path.join(root, f'features_{n}.npy')

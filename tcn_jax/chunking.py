@@ -26,7 +26,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from tcn_jax import input_pipeline
+from tcn_jax import data as data_lib
 
 from tcn_jax.errors import TCNError
 from tcn_jax.registry import Registry
@@ -182,13 +182,13 @@ def fit_pca_blocks(features) -> dict:
   total = np.zeros(d, np.float64)
   for rows in _blocks(features):
     total += np.asarray(features[rows], np.float64).sum(0)
-    input_pipeline.drop_pages(features)
+    data_lib.drop_pages(features)
   mean = total / max(n, 1)
   cov = np.zeros((d, d), np.float64)
   for rows in _blocks(features):
     x = np.asarray(features[rows], np.float64) - mean
     cov += x.T @ x
-    input_pipeline.drop_pages(features)
+    data_lib.drop_pages(features)
   variance, vectors = np.linalg.eigh(cov / max(n - 1, 1))
   order = np.argsort(-variance, kind='stable')
   return {'mean': mean.astype(np.float32),
@@ -206,9 +206,9 @@ def encode_blocks(features, basis: dict) -> np.memmap:
                   shape=(len(features), matrix.shape[0]))
   for rows in _blocks(features):
     out[rows] = (np.asarray(features[rows]) - mean) @ matrix.T
-    input_pipeline.drop_pages(features)
+    data_lib.drop_pages(features)
   out.flush()
-  input_pipeline.drop_pages(out)
+  data_lib.drop_pages(out)
   return out
 
 

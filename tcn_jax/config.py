@@ -6,7 +6,12 @@ from the field's `<field>_by_n` table. `resolve` turns it into the config a
 run uses: every per-n value chosen, the tables dropped, every value and name
 checked (names through the registries, with a "choose one of" error). The
 workdir's `config.json` is the resolved config, so nothing downstream (the
-stages, experiments, tables) derives a value again.
+stages, experiments, tables) derives a value again; `upgrade` reads the
+config.json of a run made before a field existed as today's fields.
+
+This module is data and checks: it imports only light modules (the name
+registries and parsers: no checkpointing, no input pipeline, no training
+loop), so loading a `configs/*.py` file imports neither Orbax nor Grain.
 """
 import copy
 import json
@@ -14,17 +19,17 @@ import math
 
 import ml_collections
 
+from tcn_jax import augment
 from tcn_jax import chunking
 from tcn_jax import data as data_lib
 from tcn_jax import distributed
-from tcn_jax import engine
-from tcn_jax.export import parse_formats
-from tcn_jax import fit
+from tcn_jax import formats
 from tcn_jax import gan as gan_lib
 from tcn_jax import layers
 from tcn_jax import losses
 from tcn_jax import mesh as mesh_lib
 from tcn_jax import models
+from tcn_jax import optim
 from tcn_jax.errors import TCNError
 from tcn_jax.registry import Registry
 
@@ -35,12 +40,11 @@ UNSET = ('', -1, -1.0, None)
 METHODS = Registry('method', 'method')
 METHODS.register('ff', 'regression loss only (paper: FF)')
 METHODS.register('gan', 'adversarial + regression loss (paper: GAN)')
-LR_SCHEDULES = Registry('learning-rate schedule', 'students.lr_schedule')
-LR_SCHEDULES.register('constant', 'the paper')
-LR_SCHEDULES.register('cosine', 'to 0 over the epochs (not in the paper)')
-AUGMENTS = Registry('augmentation', 'students.augment')
-AUGMENTS.register('', 'none (the paper)')
-AUGMENTS.register('flip', 'mirrored training images too (not in the paper)')
+STRATEGIES = Registry('strategy', 'students.strategy')
+STRATEGIES.register('auto', 'vmap on one device, sharded over several')
+STRATEGIES.register('vmap', 'the members of a group in one vmapped program')
+STRATEGIES.register('unrolled', 'the members one after another in a program')
+STRATEGIES.register('sharded', 'the members over the devices')
 FEATURE_MODES = Registry('features mode', 'students.features')
 FEATURE_MODES.register('', 'cached (the default)')
 FEATURE_MODES.register('cached', 'computed once, memory-mapped when streamed')
@@ -96,7 +100,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.pca_assignment = 'balanced'
   c.data = ml_collections.ConfigDict(dict(
       name='fashion_mnist', dir='', split_seed=0, val_fraction=0.2,
-      train_size=0, test_size=0))
+      train_size=0, test_size=0,
+      # Images resized (shorter side) and centre-cropped to image_size
+      # (ImageNet, image folders).
+      image_size=data_lib.IMAGE_SIZE,
+      vocab_size=data_lib.VOCAB_SIZE, max_len=data_lib.MAX_LEN,   # IMDB.
+      # Augmentation of the training images by name (tcn_jax/augment.py):
+      # '' (the paper), 'mirror' (in memory: the images and their mirrors),
+      # 'flip' / 'crop_flip' (per epoch: a streamed image folder).
+      augment='',
+      # Image folders (name='image_folder', or layout='folder' for a
+      # dataset's folder copy): channels 1 (grey) or 3 (RGB); streaming
+      # 'auto' (when train is over memory_limit_mb or augment changes images
+      # per epoch), 'always' or 'never'; Grain decoding worker processes; a
+      # mid-epoch checkpoint every K steps (0: at epoch ends).
+      layout='', channels=3, streaming='auto', memory_limit_mb=1024,
+      workers=0, checkpoint_every_steps=0))
   # init_from: a workdir of this library (its teacher/), a teacher
   # checkpoint directory or a Keras model file (.keras, .h5): that trained
   # teacher is used, none is trained.
@@ -107,7 +126,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.students = ml_collections.ConfigDict(dict(
       arch='', arch_by_n=dict(STUDENTS_FMNIST), init='normal', out_relu=False,
       optimizer='adam', learning_rate=1e-3, weight_decay=0.0, batch_size=128,
-      epochs=10, strategy='auto', lr_schedule='constant', augment='',
+      # lr_schedule: by name (tcn_jax/optim.py), 'constant' (the paper) or
+      # 'cosine'.
+      epochs=10, strategy='auto', lr_schedule='constant',
       # The regression loss by name (losses.STUDENT_LOSSES); '' = the
       # paper's 'mse', or 'logit_matching' when logit_weight > 0.
       loss='',
@@ -173,7 +194,7 @@ def _choose(config, path, n, needed):
   table = section.get(field + '_by_n') or {}
   if field + '_by_n' in section:
     del section[field + '_by_n']
-  if section.get(field) not in UNSET or not table:
+  if section[field] not in UNSET or not table:
     return
   if str(n) in table:
     section[field] = table[str(n)]
@@ -208,20 +229,78 @@ def resolve(user: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_feature(c)   # Before per-n values: n > D is the real problem.
   for path in PER_N:
     _choose(c, path, n, needed.get(path, True))
-  if not c.students.get('loss'):
-    c.students.loss = 'logit_matching' if c.students.logit_weight else 'mse'
-  if 'init_from' not in c.teacher:   # A config made before the field.
-    c.teacher.init_from = ''
-  if 'forward_impl' not in c:   # A config made before the field.
-    c.forward_impl = ''
-  if 'dtype' not in c:   # A config made before the field.
-    c.dtype = 'float32'
-  if 'export' not in c:   # A config made before the section.
-    c.export = base_config().export
-  if 'mesh' not in c:
-    c.mesh = base_config().mesh
+  _choose_defaults(c)
   _validate(c)
   return c
+
+
+def _choose_defaults(c):
+  """The values that unset fields take from others (the '' loss): in
+  `resolve`, and in `upgrade` for an old config.json."""
+  if not c.students.loss:
+    c.students.loss = 'logit_matching' if c.students.logit_weight else 'mse'
+
+
+def data_config(**fields) -> ml_collections.ConfigDict:
+  """A `data` section as a resolved config holds it: `base_config().data`
+  with `fields` set (e.g. name, dir, train_size):
+  what `data.load` and `input_pipeline.load` take."""
+  c = base_config()
+  c.data.update(fields)
+  return c.data
+
+
+def upgrade(config):
+  """A config written by an earlier version (an old workdir's
+  `config.json`, as a dict or a ConfigDict) as today's fields: every
+  back-compat rule is here.
+
+  - Fields and sections added since (teacher.init_from, forward_impl,
+    dtype, export, mesh, students.loss, students.features, the data
+    section's image fields, ...) take today's default, which is the
+    behaviour of the runs made before them; per-n tables are not added
+    (the run's values were chosen).
+  - `students.augment='flip'` (mirrored copies in memory) is now
+    `data.augment='mirror'`.
+  - An image folder's `data.image_size` was 32 when unset (ImageNet's
+    224, today's default for all).
+  - Unset values chosen from others are chosen as `resolve` does.
+
+  Returns the same type it was given; a config of today is returned equal.
+  """
+  given_dict = isinstance(config, dict)
+  c = copy.deepcopy(config if given_dict else config.to_dict())
+  students, data = c.get('students', {}), c.setdefault('data', {})
+  if 'augment' in students:   # Before the one augmentation registry.
+    old = students.pop('augment')
+    if old:
+      if data.get('augment'):
+        raise TCNError(f'this config sets students.augment={old!r} and '
+                       f"data.augment={data['augment']!r}; set only "
+                       "config.data.augment (students.augment='flip' is "
+                       "'mirror') and use a new workdir")
+      data['augment'] = {'flip': 'mirror'}.get(old, old)
+  if 'image_size' not in data and (data.get('name') == 'image_folder' or
+                                   data.get('layout') == 'folder'):
+    data['image_size'] = 32   # Before the field was in base_config.
+  c = _with_defaults(c, base_config().to_dict())
+  out = ml_collections.ConfigDict(c)
+  _choose_defaults(out)
+  return out.to_dict() if given_dict else out
+
+
+def _with_defaults(cfg: dict, defaults: dict) -> dict:
+  """cfg plus each field of `defaults` it lacks (not the `*_by_n` tables:
+  per-n values stay those of the run's own config)."""
+  out = dict(cfg)
+  for k, v in defaults.items():
+    if k.endswith('_by_n'):
+      continue
+    if k not in out:
+      out[k] = copy.deepcopy(v)
+    elif isinstance(v, dict) and isinstance(out[k], dict):
+      out[k] = _with_defaults(out[k], v)
+  return out
 
 
 def to_json(config) -> dict:
@@ -284,7 +363,7 @@ def _check_feature(c):
 
 
 def _check_optimizer(field, name, learning_rate):
-  fit.make_optimizer(name, learning_rate, f'config.{field}')
+  optim.make_optimizer(name, learning_rate, f'config.{field}')
 
 
 def _validate(c):
@@ -294,13 +373,18 @@ def _validate(c):
   check_number('data.split_seed', c.data.split_seed, int, 0)
   METHODS.check(c.method)
   DATASETS.check(c.data.name)
-  if c.data.name == 'image_folder' or c.data.get('layout') == 'folder':
-    data_lib.check_folder(c.data)
-  elif c.data.get('layout'):
+  if c.data.layout not in data_lib.LAYOUTS:
     raise TCNError("config.data.layout must be '' (the dataset's own source) "
                    f"or 'folder', got {c.data.layout!r}")
-  engine.check_strategy(c.students.strategy)
-  distributed.validate(c.get('distributed'), n)
+  if data_lib.is_folder(c.data):
+    data_lib.check_folder(c.data)
+  aug = augment.get(c.data.augment)
+  if aug.per_epoch and not data_lib.is_folder(c.data):
+    raise TCNError(f'config.data.augment={c.data.augment!r} changes images '
+                   'per epoch, which needs a streamed image folder; in '
+                   "memory use 'mirror'")
+  STRATEGIES.check(c.students.strategy)
+  distributed.validate(c.distributed, n)
   mesh_lib.validate(c.mesh)
   LAYERS_IMPLS.check(c.layers_impl)
   if c.forward_impl:
@@ -326,10 +410,11 @@ def _validate(c):
   check_number('students.logit_temperature', c.students.logit_temperature,
                float, 0, strict=True)
   losses.STUDENT_LOSSES.check(c.students.loss)
-  LR_SCHEDULES.check(c.students.lr_schedule)
-  AUGMENTS.check(c.students.augment)
-  FEATURE_MODES.check(c.students.get('features', ''))
-  if c.students.get('features') == 'online' and c.kdgan.enabled:
+  if optim.LR_SCHEDULES.check(c.students.lr_schedule) == 'step':
+    raise TCNError("config.students.lr_schedule 'step' is the teacher's "
+                   "(teacher.lr_step_epochs); choose 'constant' or 'cosine'")
+  FEATURE_MODES.check(c.students.features)
+  if c.students.features == 'online' and c.kdgan.enabled:
     raise TCNError("config.students.features='online' leaves no cached "
                    'features for KDGAN (config.kdgan.enabled); use cached')
   check_number('teacher.lr_step_epochs', c.teacher.lr_step_epochs, int, 0)
@@ -342,7 +427,7 @@ def _validate(c):
   check_number('data.train_size', c.data.train_size, int, 0)
   check_number('data.test_size', c.data.test_size, int, 0)
   check_number('eval_batch_size', c.eval_batch_size, int, 1)
-  parse_formats(c.export.formats)
+  formats.parse_formats(c.export.formats)
   check_number('export.batch_size', c.export.batch_size, int, 0)
   chunking.CHUNKINGS.check(c.chunking)
   chunking.PCA_ASSIGNMENTS.check(c.pca_assignment)

@@ -11,18 +11,19 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from tcn_jax import assemble
+from tcn_jax import augment
 from tcn_jax import chunking
-from tcn_jax import data as data_lib
 from tcn_jax import engine
 from tcn_jax import fit
 from tcn_jax import gan as gan_lib
+from tcn_jax import input_pipeline
 from tcn_jax import inputs
 from tcn_jax import losses
 from tcn_jax import metrics
 from tcn_jax import models
+from tcn_jax import optim
 from tcn_jax import record
 from tcn_jax import streaming
 from tcn_jax import teacher as teacher_lib
@@ -109,7 +110,7 @@ def train_students(specs, x, features, num_students, *, epochs,
                    f'num_students={num_students}')
   where = 'train_students'
   inputs.epochs(where, epochs)
-  streamed = hasattr(x, 'in_order')   # A Stream is checked as it is read.
+  streamed = isinstance(x, input_pipeline.Stream)   # Checked as it is read.
   if not streamed:
     x = inputs.batch(where, 'x', x, spec=specs[0])
   if online is None:
@@ -137,10 +138,8 @@ def train_students(specs, x, features, num_students, *, epochs,
   else:
     raise TCNError('online features need val=(x_val, val features)')
   seed = fit.stage_seed(seed, 'students')
-  lr = learning_rate
-  if lr_schedule == 'cosine':
-    lr = optax.cosine_decay_schedule(
-        learning_rate, max(1, epochs * (len(x) // batch_size)))
+  lr = optim.schedule(lr_schedule, learning_rate, epochs=epochs,
+                      steps_per_epoch=len(x) // batch_size)
   tx = fit.make_optimizer(optimizer, lr, 'config.students.optimizer')
   val_mse, histories, seconds = {}, [], 0.0
   for gi, group in enumerate(groups):
@@ -153,7 +152,7 @@ def train_students(specs, x, features, num_students, *, epochs,
                                                  **(loss_context or {}))
     if online is None:
       targets = _targets(loss, features, chunks, bounds, group.member_ids,
-                         lazy=hasattr(x, 'in_order'))
+                         lazy=isinstance(x, input_pipeline.Stream))
     common = dict(
         name=f'students[{gi}]', x=x, ids=group.member_ids,
         targets=targets if online is None else {},
@@ -216,8 +215,9 @@ def key(run: record.Run, features_key: str) -> str:
   return workdir_lib.stage_key(
       stage='students', features=features_key, n=c.num_students,
       method=c.method, chunking=c.chunking, pca_assignment=c.pca_assignment,
-      students={k: v for k, v in c.students.to_dict().items()
-                if v or k != 'features'},   # Keys from before the field.
+      students={**{k: v for k, v in c.students.to_dict().items()
+                   if v or k != 'features'},   # Keys from before the field.
+                'augment': augment.key_name(c.data.augment)},
       gan=c.gan.to_dict() if c.method == 'gan' else None,
       layers_impl=c.layers_impl, seed=c.seed, data=run.data_key,
       **workdir_lib.dtype_key(c))
@@ -260,8 +260,8 @@ def run_stage(run: record.Run, shared: dict,
   if targets is None:   # Online features (features.run_stage chose).
     online = {'teacher': teacher_lib.model(run),
               'variables': shared['teacher'], 'chunker': chunker}
-  if s.augment == 'flip':   # Mirrored images, with the teacher's features.
-    x = np.concatenate([x, data_lib.hflip(x)])
+  if augment.get(c.data.augment).mirrored_copies:   # With their features.
+    x = np.concatenate([x, augment.hflip(x)])
     if online is None:
       targets = np.concatenate([targets, shared['train_flip']])
   groups, info = train_students(

@@ -5,11 +5,12 @@ import hashlib
 import os
 import struct
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from tcn_jax import augment
+from tcn_jax import config as config_lib
 from tcn_jax import data
 from tcn_jax.errors import TCNError
 
@@ -52,10 +53,10 @@ def _synthetic(n, seed, num_classes=10):
 
 
 def _cfg(**kw):
-  base = dict(name='fashion_mnist', dir='', split_seed=0, val_fraction=0.2,
-              train_size=0, test_size=0)
-  base.update(kw)
-  return ml_collections.ConfigDict(base)
+  """A resolved data section of dataset 'fashion_mnist' with fields `kw`."""
+  c = config_lib.data_config(name='fashion_mnist')
+  c.update(kw)
+  return c
 
 
 def _hashes(x):
@@ -309,9 +310,9 @@ def test_load_tfds_missing(tmp_path):
 
 def test_hflip_mirrors_images_and_refuses_other_inputs():
   x = np.arange(2 * 3 * 4 * 1).reshape(2, 3, 4, 1)
-  y = data.hflip(x)
+  y = augment.hflip(x)
   assert y.shape == x.shape and (y[:, :, 0] == x[:, :, -1]).all()
-  assert (data.hflip(y) == x).all()
-  with pytest.raises(TCNError, match=r"config.students.augment='flip' needs "
+  assert (augment.hflip(y) == x).all()
+  with pytest.raises(TCNError, match=r"config.data.augment='mirror' needs "
                      r'images .* shape \(500,\)'):
-    data.hflip(np.zeros((3, 500), np.int32))
+    augment.hflip(np.zeros((3, 500), np.int32))

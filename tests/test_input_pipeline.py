@@ -105,7 +105,7 @@ def test_tfds_source_mock_data():
 def test_batches_follow_batch_order_and_split_over_processes():
   x = np.arange(50, dtype=np.float32).reshape(50, 1, 1, 1)
   stream = ip.Stream(ip.ArraySource(x, np.arange(50)), rows=np.arange(50)[::-1])
-  order = input_pipeline.batch_order(3, 1, 50, 10)
+  order = ip.batch_order(3, 1, 50, 10)
   got = list(stream.batches(3, 1, 10))
   assert len(got) == 5
   for batch, idx in zip(got, order):
@@ -250,9 +250,8 @@ def split_folder(tmp_path_factory):
 
 
 def test_image_folder_in_memory_equals_stream(split_folder):
-  from tcn_jax import data as data_lib
-  memory = data_lib.load(_folder_config(split_folder, streaming='never').data)
-  stream = data_lib.load(_folder_config(split_folder, streaming='always').data)
+  memory = ip.load(_folder_config(split_folder, streaming='never').data)
+  stream = ip.load(_folder_config(split_folder, streaming='always').data)
   assert memory.classes == ['class0', 'class1', 'class2']
   assert memory.num_classes == 3 and 'in memory' in memory.source
   assert isinstance(stream.train.x, ip.Stream) and 'streamed' in stream.source
@@ -319,13 +318,12 @@ def test_features_written_as_memory_map(tmp_path, folder):
 
 
 def test_auto_features_mode(split_folder):
-  from tcn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from tcn_jax import features  # pylint: disable=g-import-not-at-top
   from tcn_jax import record  # pylint: disable=g-import-not-at-top
 
   def mode(**data):
     c = _folder_config(split_folder, **data)
-    return features.choose_mode(record.Run(c, '', data_lib.load(c.data), ''))
+    return features.choose_mode(record.Run(c, '', ip.load(c.data), ''))
   assert mode(streaming='never')[0] == 'cached'
   assert mode(streaming='always')[0] == 'cached'
   assert mode(augment='flip') == ('online', 'the training images are '
@@ -335,7 +333,6 @@ def test_auto_features_mode(split_folder):
 def test_imagenet_config_reads_an_ilsvrc_folder(tmp_path):
   import imagenet  # pylint: disable=g-import-not-at-top
   from tcn_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from tcn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from tcn_jax import pipeline  # pylint: disable=g-import-not-at-top
   from PIL import Image
   for split, n in (('train', 4), ('val', 2)):
@@ -348,15 +345,15 @@ def test_imagenet_config_reads_an_ilsvrc_folder(tmp_path):
   c.data.layout, c.data.dir = 'folder', str(tmp_path)
   c.data.val_fraction = 0.25
   c = config_lib.resolve(c)
-  ds = data_lib.load(c.data)
+  ds = ip.load(c.data)
   assert ds.classes == ['n01440764', 'n01443537'] and ds.num_classes == 2
   assert ds.train.x.shape[1:] == (32, 32, 3) and len(ds.test) == 4
   c.teacher.batch_size = c.students.batch_size = c.head.batch_size = 2
   c.kd.batch_size = 2
-  c.students.augment = 'flip'
+  c.data.augment = 'mirror'
   c.data.streaming = 'always'
   with pytest.raises(TCNError, match="config.data.augment='flip'"):
-    pipeline.check_data(c, data_lib.load(c.data))
+    pipeline.check_data(c, ip.load(c.data))
   c.data.layout = 'tfrecord'
   with pytest.raises(TCNError, match='config.data.layout must be'):
     config_lib.resolve(c)
