@@ -72,18 +72,6 @@ def chunk(features, n: int) -> list:
   return [features[:, a:b] for a, b in chunk_bounds(features.shape[-1], n)]
 
 
-def unchunk(chunks) -> np.ndarray:
-  """Inverse of `chunk`: concatenates chunks in order.
-
-  Args:
-    chunks: (N, D_i) arrays (e.g. the students' outputs), in feature order.
-
-  Returns:
-    The (N, D) feature as a numpy array.
-  """
-  return np.concatenate([np.asarray(c) for c in chunks], axis=-1)
-
-
 @dataclasses.dataclass(frozen=True)
 class Chunker:
   """A fitted split of D-wide features between `num_students` students.
@@ -233,8 +221,3 @@ def pca_basis(pca: dict, order) -> dict:
   """The map from concatenated coefficients (in `order`) to features."""
   return {'matrix': np.asarray(pca['components'])[np.asarray(order)],
           'mean': np.asarray(pca['mean'])}
-
-
-def to_coefficients(features, basis: dict) -> np.ndarray:
-  """Inverse of the basis map (the matrix is orthonormal)."""
-  return Chunker(1, len(basis['mean']), basis).encode(features)

@@ -234,20 +234,6 @@ def _read_tfds(name, source, indices, image_size) -> Split:
   return Split(np.stack(images) if images else np.zeros(0, np.uint8), y)
 
 
-def load_tfds(name: str, split: str, data_dir: str | None = None,
-              indices=None, image_size: int = IMAGE_SIZE) -> Split:
-  """Random-access TFDS source (works without TensorFlow) to numpy arrays.
-
-  `name` is a config name (TFDS_NAMES maps it) or a TFDS name. Only the
-  records `indices` (default: all) are decoded. Images stay uint8 (ImageNet's
-  resized to image_size); IMDB's x is an object array of raw review texts.
-  """
-  source = tfds_source(name, split, data_dir)
-  if indices is None:
-    indices = range(len(source))
-  return _read_tfds(name, source, indices, image_size)
-
-
 def _check_dir(data_dir):
   if data_dir and not os.path.isdir(data_dir):
     raise TCNError(f'config.data.dir {data_dir!r} is not a directory')
@@ -273,17 +259,6 @@ def _open(name, split, data_dir, image_size):
   source = tfds_source(name, split, data_dir or None)
   return (len(source), lambda i: _read_tfds(name, source, i, image_size),
           'tfds')
-
-
-def load_split(name: str, split: str, data_dir: str = '',
-               image_size: int = IMAGE_SIZE) -> tuple[Split, str]:
-  """Loads the whole raw 'train' or 'test' split; returns (split, source).
-
-  x is uint8 images, or raw review texts for IMDB; data_dir is an IDX dir
-  for MNIST-style datasets, else a TFDS data_dir ('' = TFDS's default).
-  """
-  size, read, source = _open(name, split, data_dir, image_size)
-  return read(np.arange(size)), source
 
 
 def _check_labels(name, y, num_classes):
