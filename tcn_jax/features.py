@@ -19,8 +19,8 @@ from tcn_jax import engine
 from tcn_jax import input_pipeline
 from tcn_jax import inputs
 from tcn_jax import layers
-from tcn_jax import mesh as mesh_lib
 from tcn_jax import models
+from tcn_jax import mesh as mesh_lib
 from tcn_jax import record
 from tcn_jax import workdir as workdir_lib
 
