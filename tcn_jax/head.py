@@ -136,7 +136,7 @@ def _train(tcn, ds, feats, stage_dir, *, epochs, batch_size, optimizer,
   seed = fit.stage_seed(seed, 'head')
   variables, history, seconds = fit.fit(
       stage_dir, name='head', model=head, loss=losses.classification,
-      tx=fit.make_optimizer(
+      tx=optim.make_optimizer(
           optimizer, optim.schedule('constant', learning_rate,
                                     steps_per_epoch=0),
           'config.head.optimizer'),

@@ -140,7 +140,7 @@ def train_students(specs, x, features, num_students, *, epochs,
   seed = fit.stage_seed(seed, 'students')
   lr = optim.schedule(lr_schedule, learning_rate, epochs=epochs,
                       steps_per_epoch=len(x) // batch_size)
-  tx = fit.make_optimizer(optimizer, lr, 'config.students.optimizer')
+  tx = optim.make_optimizer(optimizer, lr, 'config.students.optimizer')
   val_mse, histories, seconds = {}, [], 0.0
   for gi, group in enumerate(groups):
     if members is not None:   # gi stays the index among all groups.
@@ -172,8 +172,8 @@ def train_students(specs, x, features, num_students, *, epochs,
     else:
       disc = gan_lib.Discriminator(gan['disc_widths'], group.out_dim,
                                    gan['disc_first_bias'], gan['recon_relu'])
-      d_tx = fit.make_optimizer(gan['d_optimizer'], gan['d_learning_rate'],
-                                'config.gan.d_optimizer')
+      d_tx = optim.make_optimizer(gan['d_optimizer'], gan['d_learning_rate'],
+                                  'config.gan.d_optimizer')
       init_fn = lambda k, model=model, disc=disc, d_tx=d_tx: (
           gan_lib.init_state(model, disc, tx, d_tx, k, x[:1]))
       state, hist, secs = fit.fit_group(

@@ -54,7 +54,7 @@ def train_teacher(teacher, ds, *, epochs, batch_size=256, optimizer='adam',
   variables, history, seconds = fit.fit(
       workdir and os.path.join(workdir, 'teacher'), name='teacher',
       model=teacher, loss=losses.classification,
-      tx=fit.make_optimizer(optimizer, lr, 'config.teacher.optimizer'),
+      tx=optim.make_optimizer(optimizer, lr, 'config.teacher.optimizer'),
       variables=engine.init_group(lambda k: teacher.init(k, ds.train.x[:1]),
                                   seed, [0]),
       x=ds.train.x, targets={'label': ds.train.y[None]}, ids=[0],
