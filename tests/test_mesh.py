@@ -67,13 +67,13 @@ def _worker(out_dir):
   students = [g.variables for g in groups]
   head_kw = dict(epochs=1, batch_size=64, eval_batch_size=50)
   one_net, one_head = tcn.finetune_head(net, ds, **head_kw)
-  one_out = input_pipeline.batched(mesh_lib.forward(outputs, students),
+  one_out = ip.batched(mesh_lib.forward(outputs, students),
                            ds.test.x[:99], 50)
   one_acc = tcn.evaluate(mesh_lib.forward(teacher.apply, one), ds.test.x,
                          ds.test.y, 50)
   with mesh_lib.use(mesh):
     four_net, four_head = tcn.finetune_head(net, ds, **head_kw)
-    four_out = input_pipeline.batched(mesh_lib.forward(outputs, students),
+    four_out = ip.batched(mesh_lib.forward(outputs, students),
                               ds.test.x[:99], 50)
     four_acc = tcn.evaluate(mesh_lib.forward(teacher.apply, one), ds.test.x,
                             ds.test.y, 50)
