@@ -29,11 +29,9 @@ def get_config(preset: str = ''):
   c.num_students = 2
   c.data.name = 'image_folder'
   # image_size, channels 0: a Keras teacher file's input
-  # (teacher.init_from), else 64x64 RGB (config.resolve).
-  c.data.update(dict(image_size=0, channels=0, augment='', streaming='auto',
-                     memory_limit_mb=1024, workers=0,
-                     checkpoint_every_steps=0, bad_images='stop',
-                     val_fraction=0.1))
+  # (teacher.init_from), else 64x64 RGB (config.resolve); the other
+  # image-folder fields keep base_config's values.
+  c.data.image_size, c.data.channels, c.data.val_fraction = 0, 0, 0.1
   t, s = c.teacher, c.students
   # 'auto': conv + pooling stages sized to data.image_size (config.
   # auto_arch): at 64x64 'C32 MP C64 MP C128 MP C128 MP F D256r' (2x2) and

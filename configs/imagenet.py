@@ -52,12 +52,10 @@ def get_config(preset: str = ''):
   c.num_students = 2
   c.data.name = 'imagenet'
   c.data.image_size, c.data.val_fraction = 224, 0.01
-  # layout='folder': data.dir is an ILSVRC-layout folder (train/<wnid>/
-  # *.JPEG, val/<wnid>/*.JPEG) read through tcn_jax.input_pipeline, streamed
-  # when it does not fit (configs/image_folder.py says how).
-  c.data.update(dict(layout='', augment='', streaming='auto',
-                     memory_limit_mb=1024, workers=0,
-                     checkpoint_every_steps=0))
+  # --config.data.layout=folder: data.dir is an ILSVRC-layout folder
+  # (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG) read through
+  # tcn_jax.input_pipeline, streamed when it does not fit (data.streaming,
+  # data.memory_limit_mb, data.workers: configs/image_folder.py says how).
   t = c.teacher
   t.body, t.head_dropout = RESNET50, 0.0
   # A Keras init_from (keras.applications.ResNet50) is mapped onto this

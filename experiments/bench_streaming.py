@@ -71,14 +71,14 @@ def memory_child(root, mode, workers):
   import jax
   from absl import flags
   flags.FLAGS.mark_as_parsed()
-  from tcn_jax import data as data_lib
+  from tcn_jax import input_pipeline
   from tcn_jax import students
   cfg = common.get_config('image_folder')
   cfg.data.update(dict(dir=root, image_size=32, channels=1,
                        streaming='always' if mode == 'stream' else 'never',
                        workers=workers, val_fraction=0.01))
   t = time.time()
-  ds = data_lib.load(cfg.data)
+  ds = input_pipeline.load(cfg.data)
   load_s = time.time() - t
   n = len(ds.train)
   path = os.path.join(root, f'features_{n}.npy')
@@ -150,7 +150,7 @@ def consumption(steps):
   2 students, batch 128, on device arrays: no input cost)."""
   import jax
   import jax.numpy as jnp
-  from tcn_jax import engine, fit, input_pipeline, losses
+  from tcn_jax import engine, input_pipeline, losses, optim
   from tcn_jax import assemble
   groups = assemble.group_students([STUDENT] * N_STUDENTS,
                                    [FEATURE_DIM // N_STUDENTS] * N_STUDENTS,
@@ -161,7 +161,7 @@ def consumption(steps):
                                                   np.float32))
   tb = {'chunk': jnp.zeros((N_STUDENTS, BATCH, FEATURE_DIM // N_STUDENTS))}
   loss = losses.STUDENT_LOSSES.get('mse')(group.out_dim)
-  tx = fit.make_optimizer('adam', 1e-3, 'x')
+  tx = optim.make_optimizer('adam', 1e-3, 'x')
   params = engine.init_group(lambda k: model.init(k, x[:1]), 0,
                              group.member_ids)['params']
 

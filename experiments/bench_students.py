@@ -61,6 +61,7 @@ from tcn_jax import input_pipeline
 from tcn_jax import layers
 from tcn_jax import losses
 from tcn_jax import models
+from tcn_jax import optim
 from tcn_jax.state import MemberState
 
 RESULTS = common.RESULTS
@@ -175,7 +176,7 @@ class Group:
     self.targets = targets
     init = lambda k: model.init(k, x[:1])['params']
     self.params = engine.init_group(init, 0, self.ids)
-    self.tx = fit.make_optimizer('adam', 1e-3, 'optimizer')
+    self.tx = optim.make_optimizer('adam', 1e-3, 'optimizer')
     self.opt_state = jax.vmap(self.tx.init)(self.params)
     self.keys = engine.member_keys(0, self.ids)
     self.epoch, self.strategy = 0, strategy

@@ -55,32 +55,16 @@ def get_config(name='fashion_mnist', preset=''):
 def resolve(cfg):
   """The resolved config, as plain JSON data, of `cfg` (a ConfigDict or the
   data of a config.json): per-n values chosen for `num_students`, no
-  `*_by_n` tables (tcn_jax.config.resolve; idempotent). A field that an
-  older config.json lacks takes today's default (an option added since that
-  run, off by default: the run's behaviour)."""
+  `*_by_n` tables (tcn_jax.config.resolve; idempotent). An older
+  config.json is read as today's fields first (`tcn_jax.config.upgrade`:
+  an option added since that run takes the value that is its behaviour)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from tcn_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   if not isinstance(cfg, dict):
     cfg = json.loads(cfg.to_json_best_effort())
-  base = getattr(config_lib, 'base_config', None)
-  if base is not None:
-    cfg = _with_defaults(cfg, json.loads(base().to_json_best_effort()))
+  cfg = config_lib.upgrade(cfg)
   out = config_lib.resolve(ml_collections.ConfigDict(cfg))
   return json.loads(out.to_json_best_effort())
-
-
-def _with_defaults(cfg, defaults):
-  """cfg plus each field of `defaults` it lacks (not the `*_by_n` tables:
-  per-n values stay those of the run's own config)."""
-  out = dict(cfg)
-  for k, v in defaults.items():
-    if k.endswith('_by_n'):
-      continue
-    if k not in out:
-      out[k] = v
-    elif isinstance(v, dict) and isinstance(out[k], dict):
-      out[k] = _with_defaults(out[k], v)
-  return out
 
 
 @functools.cache

@@ -15,56 +15,58 @@ Functional API, one call per stage of the paper's pipeline:
   predict = tcn.make_predict(net)          # images -> logits, no teacher
   tcn.export(net, 'tcn.stablehlo', 'stablehlo', input_shape=(28, 28, 1))
 
-A teacher trained elsewhere: `tcn.from_keras(path_or_model, teacher, x)` (a
-Keras model that follows an architecture string), or `tcn.teacher_from_flax`
-/ `tcn.teacher_from_keras` / `tcn.function_teacher` (any model), which return
-(teacher, t_vars) for the same calls; `tcn.teacher_from_onnx(path,
-x_example=x[:8])` for an ONNX graph (PyTorch, TensorFlow) run by onnxruntime,
-and `tcn.precomputed_teacher(features, kernel, bias)` for features computed
-elsewhere.
+A teacher trained elsewhere: `tcn.teacher_variables_from_keras(path_or_model,
+teacher, x)` (the variables of a `Teacher` from a Keras model that follows
+its architecture string), or `tcn.teacher_from_flax` / `tcn.teacher_from_keras`
+/ `tcn.function_teacher` (any model), which return (teacher, t_vars) for the
+same calls; `tcn.teacher_from_onnx(path, x_example=x[:8])` for an ONNX graph
+(PyTorch, TensorFlow) run by onnxruntime, and `tcn.precomputed_teacher(
+features, kernel, bias)` for features computed elsewhere.
+
+Names are imported on first use (PEP 562), so `import tcn_jax.config` (what
+`configs/*.py` do) stays light.
 """
-from tcn_jax.assemble import load_tcn
-from tcn_jax.assemble import make_predict
-from tcn_jax.assemble import save_tcn
-from tcn_jax.assemble import StudentGroup
-from tcn_jax.assemble import teacher_head
-from tcn_jax.assemble import TCN
-from tcn_jax.data import Dataset
-from tcn_jax.data import Split
-from tcn_jax.errors import TCNError
-from tcn_jax.export import export
-from tcn_jax.chunking import chunk
-from tcn_jax.chunking import chunk_sizes
-from tcn_jax.chunking import Chunker
-from tcn_jax.chunking import unchunk
-from tcn_jax.config import resolve as resolve_config
-from tcn_jax.features import teacher_features
-from tcn_jax.function_teacher import function_teacher
-from tcn_jax.function_teacher import FunctionTeacher
-from tcn_jax.function_teacher import teacher_from_flax
-from tcn_jax.function_teacher import teacher_from_keras
-from tcn_jax.given_teacher import precomputed_teacher
-from tcn_jax.head import finetune_head
-from tcn_jax.keras_convert import from_keras
-from tcn_jax.models import Head
-from tcn_jax.models import Net
-from tcn_jax.models import student
-from tcn_jax.models import Teacher
-from tcn_jax.onnx_teacher import teacher_from_onnx
-from tcn_jax.metrics import evaluate
-from tcn_jax.metrics import set_progress
-from tcn_jax.pipeline import run
-from tcn_jax.students import Nets
-from tcn_jax.students import Objective
-from tcn_jax.students import Optimizer
-from tcn_jax.students import train_students
-from tcn_jax.teacher import load_teacher
-from tcn_jax.teacher import train_teacher
+import importlib
+import sys
+import types
+
+# The public API by stage: name -> the module that defines it.
+_API = {
+    # Data.
+    'load_dataset': __name__, 'Dataset': 'tcn_jax.data',
+    'Split': 'tcn_jax.data',
+    # Teacher.
+    'Teacher': 'tcn_jax.models', 'train_teacher': 'tcn_jax.teacher',
+    'load_teacher': 'tcn_jax.teacher',
+    'teacher_variables_from_keras': 'tcn_jax.keras_convert',
+    'teacher_from_keras': 'tcn_jax.function_teacher',
+    'teacher_from_flax': 'tcn_jax.function_teacher',
+    'function_teacher': 'tcn_jax.function_teacher',
+    'teacher_from_onnx': 'tcn_jax.onnx_teacher',
+    'precomputed_teacher': 'tcn_jax.given_teacher',
+    # Features.
+    'teacher_features': 'tcn_jax.features', 'chunk': 'tcn_jax.chunking',
+    # Students.
+    'train_students': 'tcn_jax.students', 'Optimizer': 'tcn_jax.students',
+    'Nets': 'tcn_jax.students', 'Objective': 'tcn_jax.students',
+    # Head and assembly.
+    'TCN': 'tcn_jax.assemble', 'Head': 'tcn_jax.models',
+    'teacher_head': 'tcn_jax.assemble', 'finetune_head': 'tcn_jax.head',
+    'make_predict': 'tcn_jax.assemble', 'evaluate': 'tcn_jax.metrics',
+    'save_tcn': 'tcn_jax.assemble', 'load_tcn': 'tcn_jax.assemble',
+    # Export.
+    'export': 'tcn_jax.export',
+    # A whole run, as `python -m tcn_jax.main` does it.
+    'run': 'tcn_jax.pipeline', 'resolve_config': 'tcn_jax.config',
+    'set_progress': 'tcn_jax.metrics', 'TCNError': 'tcn_jax.errors',
+}
+_RENAMED = {'resolve_config': 'resolve'}
+__all__ = list(_API)
 
 
 def load_dataset(name: str = 'fashion_mnist', data_dir: str = '',
                  split_seed: int = 0, val_fraction: float = 0.2,
-                 train_size: int = 0, test_size: int = 0) -> Dataset:
+                 train_size: int = 0, test_size: int = 0):
   """Loads a dataset into memory, with a seeded validation split.
 
   Fashion-MNIST and MNIST come from `data_dir` (IDX files), else the system
@@ -85,8 +87,35 @@ def load_dataset(name: str = 'fashion_mnist', data_dir: str = '',
     A `Dataset` (train, val, test, num_classes, source). Raises TCNError
     saying how to get a dataset that is not there.
   """
-  import ml_collections  # pylint: disable=g-import-not-at-top
+  from tcn_jax import config  # pylint: disable=g-import-not-at-top
   from tcn_jax import data  # pylint: disable=g-import-not-at-top
-  return data.load(ml_collections.ConfigDict(dict(
+  return data.load(config.data_config(
       name=name, dir=data_dir, split_seed=split_seed,
-      val_fraction=val_fraction, train_size=train_size, test_size=test_size)))
+      val_fraction=val_fraction, train_size=train_size, test_size=test_size))
+
+
+def __getattr__(name):
+  if name not in _API:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  value = getattr(importlib.import_module(_API[name]),
+                  _RENAMED.get(name, name))
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+  """API names that are also submodules' names (`export`,
+  `function_teacher`) stay the API's functions: importing the submodule
+  (which binds it on the package) leaves them so."""
+
+  def __setattr__(self, name, value):
+    if name in _API and isinstance(value, types.ModuleType):
+      return
+    super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -14,6 +14,7 @@ from tcn_jax import losses
 from tcn_jax import mesh as mesh_lib
 from tcn_jax import metrics
 from tcn_jax import models
+from tcn_jax import optim
 from tcn_jax import record
 from tcn_jax import workdir as workdir_lib
 
@@ -36,7 +37,7 @@ def train_kd_student(spec, teacher_logits, ds, *, epochs, temperature=4.0,
   variables, history, seconds = fit.fit(
       workdir and os.path.join(workdir, 'kd'), name='kd', model=model,
       loss=losses.kd(temperature, alpha),
-      tx=fit.make_optimizer(optimizer, learning_rate, 'config.kd.optimizer'),
+      tx=optim.make_optimizer(optimizer, learning_rate, 'config.kd.optimizer'),
       variables=engine.init_group(lambda k: model.init(k, ds.train.x[:1]),
                                   seed, [0]),
       x=ds.train.x, targets=targets, ids=[0], epochs=epochs,
@@ -60,9 +61,9 @@ def train_kdgan_student(spec, teacher_logits, teacher_feats, ds, *, epochs,
   model = models.Net(f'{spec} D{ds.num_classes}', init, impl, dtype)
   disc = kdgan_lib.LabelDiscriminator(tuple(disc_widths))
   seed = fit.stage_seed(seed, 'kdgan')
-  c_tx = fit.make_optimizer(optimizer, learning_rate, 'config.kd.optimizer')
-  d_tx = fit.make_optimizer(d_optimizer, d_learning_rate,
-                            'config.kdgan.d_optimizer')
+  c_tx = optim.make_optimizer(optimizer, learning_rate, 'config.kd.optimizer')
+  d_tx = optim.make_optimizer(d_optimizer, d_learning_rate,
+                              'config.kdgan.d_optimizer')
   targets = None if teacher_logits is None else {
       'logits': np.asarray(teacher_logits, np.float32)[None],
       'feature': np.asarray(teacher_feats, np.float32)[None],

@@ -26,7 +26,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from tcn_jax import input_pipeline
+from tcn_jax import data as data_lib
 
 from tcn_jax.errors import TCNError
 from tcn_jax.registry import Registry
@@ -70,18 +70,6 @@ def chunk(features, n: int) -> list:
     n arrays (N, D_i), in feature order (widths: `chunk_sizes`).
   """
   return [features[:, a:b] for a, b in chunk_bounds(features.shape[-1], n)]
-
-
-def unchunk(chunks) -> np.ndarray:
-  """Inverse of `chunk`: concatenates chunks in order.
-
-  Args:
-    chunks: (N, D_i) arrays (e.g. the students' outputs), in feature order.
-
-  Returns:
-    The (N, D) feature as a numpy array.
-  """
-  return np.concatenate([np.asarray(c) for c in chunks], axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,13 +170,13 @@ def fit_pca_blocks(features) -> dict:
   total = np.zeros(d, np.float64)
   for rows in _blocks(features):
     total += np.asarray(features[rows], np.float64).sum(0)
-    input_pipeline.drop_pages(features)
+    data_lib.drop_pages(features)
   mean = total / max(n, 1)
   cov = np.zeros((d, d), np.float64)
   for rows in _blocks(features):
     x = np.asarray(features[rows], np.float64) - mean
     cov += x.T @ x
-    input_pipeline.drop_pages(features)
+    data_lib.drop_pages(features)
   variance, vectors = np.linalg.eigh(cov / max(n - 1, 1))
   order = np.argsort(-variance, kind='stable')
   return {'mean': mean.astype(np.float32),
@@ -206,9 +194,9 @@ def encode_blocks(features, basis: dict) -> np.memmap:
                   shape=(len(features), matrix.shape[0]))
   for rows in _blocks(features):
     out[rows] = (np.asarray(features[rows]) - mean) @ matrix.T
-    input_pipeline.drop_pages(features)
+    data_lib.drop_pages(features)
   out.flush()
-  input_pipeline.drop_pages(out)
+  data_lib.drop_pages(out)
   return out
 
 
@@ -233,8 +221,3 @@ def pca_basis(pca: dict, order) -> dict:
   """The map from concatenated coefficients (in `order`) to features."""
   return {'matrix': np.asarray(pca['components'])[np.asarray(order)],
           'mean': np.asarray(pca['mean'])}
-
-
-def to_coefficients(features, basis: dict) -> np.ndarray:
-  """Inverse of the basis map (the matrix is orthonormal)."""
-  return Chunker(1, len(basis['mean']), basis).encode(features)

@@ -6,7 +6,12 @@ from the field's `<field>_by_n` table. `resolve` turns it into the config a
 run uses: every per-n value chosen, the tables dropped, every value and name
 checked (names through the registries, with a "choose one of" error). The
 workdir's `config.json` is the resolved config, so nothing downstream (the
-stages, experiments, tables) derives a value again.
+stages, experiments, tables) derives a value again; `upgrade` reads the
+config.json of a run made before a field existed as today's fields.
+
+This module is data and checks: it imports only light modules (the name
+registries and parsers: no checkpointing, no input pipeline, no training
+loop), so loading a `configs/*.py` file imports neither Orbax nor Grain.
 """
 import copy
 import json
@@ -14,18 +19,17 @@ import math
 
 import ml_collections
 
+from tcn_jax import augment
 from tcn_jax import chunking
 from tcn_jax import data as data_lib
 from tcn_jax import distributed
-from tcn_jax import engine
-from tcn_jax.export import parse_formats
-from tcn_jax import fit
+from tcn_jax import formats
 from tcn_jax import gan as gan_lib
-from tcn_jax import given_teacher
 from tcn_jax import layers
 from tcn_jax import losses
 from tcn_jax import mesh as mesh_lib
 from tcn_jax import models
+from tcn_jax import optim
 from tcn_jax.errors import TCNError
 from tcn_jax.registry import Registry
 
@@ -36,12 +40,11 @@ UNSET = ('', -1, -1.0, None)
 METHODS = Registry('method', 'method')
 METHODS.register('ff', 'regression loss only (paper: FF)')
 METHODS.register('gan', 'adversarial + regression loss (paper: GAN)')
-LR_SCHEDULES = Registry('learning-rate schedule', 'students.lr_schedule')
-LR_SCHEDULES.register('constant', 'the paper')
-LR_SCHEDULES.register('cosine', 'to 0 over the epochs (not in the paper)')
-AUGMENTS = Registry('augmentation', 'students.augment')
-AUGMENTS.register('', 'none (the paper)')
-AUGMENTS.register('flip', 'mirrored training images too (not in the paper)')
+STRATEGIES = Registry('strategy', 'students.strategy')
+STRATEGIES.register('auto', 'unrolled on CPU, vmap elsewhere')
+STRATEGIES.register('vmap', 'the members of a group in one vmapped program')
+STRATEGIES.register('unrolled', 'the members one after another in a program')
+STRATEGIES.register('sharded', "vmap, every device on the mesh's students axis")
 FEATURE_MODES = Registry('features mode', 'students.features')
 FEATURE_MODES.register('', 'cached (the default)')
 FEATURE_MODES.register('cached', 'computed once, memory-mapped when streamed')
@@ -73,6 +76,39 @@ STUDENTS_FMNIST = {
 }
 
 
+# Teachers given from outside (tcn_jax/given_teacher.py): their teacher
+# fields and defaults.
+GIVEN_FIELDS = {'features_from': '', 'feature_tensor': '', 'input_layout': '',
+                'input_mean': '', 'input_std': '', 'allow_chance': False,
+                'keras_mode': ''}
+KERAS_MODES = ('', 'model', 'body')
+
+
+def input_mismatch(config, want, got, path: str) -> str:
+  """'' when inputs of shape `got` (H, W, C) fit a teacher taking `want`
+  (None: any size), else one line naming the field to change."""
+  if want is None or len(want) != len(got):
+    return ''
+  name = path.rsplit('/', 1)[-1]
+  folder = 'image_size' in config.data and len(got) == 3
+  if folder and want[-1] is not None and want[-1] != got[-1]:
+    s = '' if want[-1] == 1 else 's'
+    return (f'data.channels={got[-1]} but the teacher {name} takes '
+            f'{want[-1]} channel{s}; set --config.data.channels={want[-1]}')
+  if folder and any(w is not None and w != g
+                    for w, g in zip(want[:2], got[:2])):
+    size = want[0] if want[0] == want[1] else max(w or 0 for w in want[:2])
+    return (f'data.image_size={got[0]} but the teacher {name} takes '
+            f'{want[0]}x{want[1]} images; set '
+            f'--config.data.image_size={size}')
+  if any(w is not None and w != g for w, g in zip(want, got)):
+    return (f'the data ({config.data.name}) has inputs of shape '
+            f'{tuple(got)}, the teacher {name} takes '
+            f'{tuple(w for w in want)}: give data of its input shape')
+  return ''
+
+
+
 def base_config() -> ml_collections.ConfigDict:
   """The paper's Fashion-MNIST setup (n = 4 FF students), which the other
   datasets' configs change: every field a run reads, with its default."""
@@ -97,7 +133,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.pca_assignment = 'balanced'
   c.data = ml_collections.ConfigDict(dict(
       name='fashion_mnist', dir='', split_seed=0, val_fraction=0.2,
-      train_size=0, test_size=0))
+      train_size=0, test_size=0,
+      # Images resized (shorter side) and centre-cropped to image_size
+      # (ImageNet, image folders).
+      image_size=data_lib.IMAGE_SIZE,
+      vocab_size=data_lib.VOCAB_SIZE, max_len=data_lib.MAX_LEN,   # IMDB.
+      # Augmentation of the training images by name (tcn_jax/augment.py):
+      # '' (the paper), 'mirror' (in memory: the images and their mirrors),
+      # 'flip' / 'crop_flip' (per epoch: a streamed image folder).
+      augment='',
+      # Image folders (name='image_folder', or layout='folder' for a
+      # dataset's folder copy): channels 1 (grey) or 3 (RGB); streaming
+      # 'auto' (when train is over memory_limit_mb or augment changes images
+      # per epoch), 'always' or 'never'; Grain decoding worker processes; a
+      # mid-epoch checkpoint every K steps (0: at epoch ends).
+      layout='', channels=3, streaming='auto', memory_limit_mb=1024,
+      workers=0, checkpoint_every_steps=0,
+      # An image that does not decode: 'stop' (one error naming the file)
+      # or 'skip' files that are not images.
+      bad_images='stop'))
   # init_from: a workdir of this library (its teacher/), a teacher
   # checkpoint directory, a Keras model file (.keras, .h5) or an ONNX file
   # (.onnx): that trained teacher is used, none is trained.
@@ -121,7 +175,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.students = ml_collections.ConfigDict(dict(
       arch='', arch_by_n=dict(STUDENTS_FMNIST), init='normal', out_relu=False,
       optimizer='adam', learning_rate=1e-3, weight_decay=0.0, batch_size=128,
-      epochs=10, strategy='auto', lr_schedule='constant', augment='',
+      # lr_schedule: by name (tcn_jax/optim.py), 'constant' (the paper) or
+      # 'cosine'.
+      epochs=10, strategy='auto', lr_schedule='constant',
       # The regression loss by name (losses.STUDENT_LOSSES); '' = the
       # paper's 'mse', or 'logit_matching' when logit_weight > 0.
       loss='',
@@ -189,7 +245,7 @@ def _choose(config, path, n, needed):
   table = section.get(field + '_by_n') or {}
   if field + '_by_n' in section:
     del section[field + '_by_n']
-  if section.get(field) not in UNSET or not table:
+  if section[field] not in UNSET or not table:
     return
   if str(n) in table:
     try:
@@ -231,23 +287,83 @@ def resolve(user: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_feature(c)   # Before per-n values: n > D is the real problem.
   for path in PER_N:
     _choose(c, path, n, needed.get(path, True))
-  if not c.students.get('loss'):
-    c.students.loss = 'logit_matching' if c.students.logit_weight else 'mse'
-  if 'init_from' not in c.teacher:   # A config made before the field.
-    c.teacher.init_from = ''
-  for k, v in given_teacher.FIELDS.items():   # Made before these fields.
-    if k not in c.teacher:
-      c.teacher[k] = v
-  if 'forward_impl' not in c:   # A config made before the field.
-    c.forward_impl = ''
-  if 'dtype' not in c:   # A config made before the field.
-    c.dtype = 'float32'
-  if 'export' not in c:   # A config made before the section.
-    c.export = base_config().export
-  if 'mesh' not in c:
-    c.mesh = base_config().mesh
+  _choose_defaults(c)
   _validate(c)
   return c
+
+
+def _choose_defaults(c):
+  """The values that unset fields take from others (the '' loss): in
+  `resolve`, and in `upgrade` for an old config.json."""
+  if not c.students.loss:
+    c.students.loss = 'logit_matching' if c.students.logit_weight else 'mse'
+
+
+def data_config(**fields) -> ml_collections.ConfigDict:
+  """A `data` section as a resolved config holds it: `base_config().data`
+  with `fields` set (e.g. name, dir, train_size):
+  what `data.load` and `input_pipeline.load` take."""
+  c = base_config()
+  c.data.update(fields)
+  return c.data
+
+
+def upgrade(config):
+  """A config written by an earlier version (an old workdir's
+  `config.json`, as a dict or a ConfigDict) as today's fields: every
+  back-compat rule is here.
+
+  - Fields and sections added since (teacher.init_from, forward_impl,
+    dtype, export, mesh, students.loss, students.features, the data
+    section's image fields, ...) take today's default, which is the
+    behaviour of the runs made before them; per-n tables are not added
+    (the run's values were chosen).
+  - `students.augment='flip'` (mirrored copies in memory) is now
+    `data.augment='mirror'`.
+  - A Keras `teacher.init_from` was mapped onto `teacher.body`
+    (`keras_mode='body'`).
+  - An image folder's `data.image_size` was 32 when unset (ImageNet's
+    224, today's default for all).
+  - Unset values chosen from others are chosen as `resolve` does.
+
+  Returns the same type it was given; a config of today is returned equal.
+  """
+  given_dict = isinstance(config, dict)
+  c = copy.deepcopy(config if given_dict else config.to_dict())
+  students, data = c.get('students', {}), c.setdefault('data', {})
+  if 'augment' in students:   # Before the one augmentation registry.
+    old = students.pop('augment')
+    if old:
+      if data.get('augment'):
+        raise TCNError(f'this config sets students.augment={old!r} and '
+                       f"data.augment={data['augment']!r}; set only "
+                       "config.data.augment (students.augment='flip' is "
+                       "'mirror') and use a new workdir")
+      data['augment'] = {'flip': 'mirror'}.get(old, old)
+  teacher = c.get('teacher', {})
+  if teacher and 'keras_mode' not in teacher:
+    teacher['keras_mode'] = 'body'   # Keras files read onto teacher.body.
+  if 'image_size' not in data and (data.get('name') == 'image_folder' or
+                                   data.get('layout') == 'folder'):
+    data['image_size'] = 32   # Before the field was in base_config.
+  c = _with_defaults(c, base_config().to_dict())
+  out = ml_collections.ConfigDict(c)
+  _choose_defaults(out)
+  return out.to_dict() if given_dict else out
+
+
+def _with_defaults(cfg: dict, defaults: dict) -> dict:
+  """cfg plus each field of `defaults` it lacks (not the `*_by_n` tables:
+  per-n values stay those of the run's own config)."""
+  out = dict(cfg)
+  for k, v in defaults.items():
+    if k.endswith('_by_n'):
+      continue
+    if k not in out:
+      out[k] = copy.deepcopy(v)
+    elif isinstance(v, dict) and isinstance(out[k], dict):
+      out[k] = _with_defaults(out[k], v)
+  return out
 
 
 def to_json(config) -> dict:
@@ -345,7 +461,7 @@ def follow_teacher_input(c):
   if 'channels' in c.data:
     c.data.channels = channels
   if want is not None:
-    problem = given_teacher.input_mismatch(c, want, (size, size, channels),
+    problem = input_mismatch(c, want, (size, size, channels),
                                            path)
     if problem:
       raise TCNError(problem)
@@ -397,7 +513,7 @@ def _check_feature(c):
 
 
 def _check_optimizer(field, name, learning_rate):
-  fit.make_optimizer(name, learning_rate, f'config.{field}')
+  optim.make_optimizer(name, learning_rate, f'config.{field}')
 
 
 def check_combinations(c):
@@ -405,20 +521,22 @@ def check_combinations(c):
 
   Cached teacher features are computed once from the centre crop of each
   training image; students that see per-epoch crops or flips
-  (`data.augment`) would regress onto features of other pixels.
+  (`data.augment`) would regress onto features of other pixels ('mirror'
+  caches the mirrored images' features too).
   """
-  augment = c.data.get('augment', '')
-  features = c.students.get('features', '')
-  if augment and features in ('', 'cached'):
+  per_epoch = augment.get(c.data.augment).per_epoch
+  aug = c.data.augment if per_epoch else ''
+  features = c.students.features
+  if aug and features in ('', 'cached'):
     raise TCNError(f'config.students.features={features or "cached"!r} '
-                   f'with config.data.augment={augment!r}: cached features '
+                   f'with config.data.augment={aug!r}: cached features '
                    'are of the un-augmented images, so students would learn '
                    "other targets than their inputs; use students.features="
                    "'online' (or 'auto'), or data.augment=''")
-  if augment and c.kdgan.enabled:
+  if aug and c.kdgan.enabled:
     raise TCNError(f'config.kdgan.enabled needs cached teacher features, '
                    'which are of the un-augmented images; set '
-                   f"config.data.augment='' (now {augment!r})")
+                   f"config.data.augment='' (now {aug!r})")
 
 
 def _validate(c):
@@ -428,13 +546,18 @@ def _validate(c):
   check_number('data.split_seed', c.data.split_seed, int, 0)
   METHODS.check(c.method)
   DATASETS.check(c.data.name)
-  if c.data.name == 'image_folder' or c.data.get('layout') == 'folder':
-    data_lib.check_folder(c.data)
-  elif c.data.get('layout'):
+  if c.data.layout not in data_lib.LAYOUTS:
     raise TCNError("config.data.layout must be '' (the dataset's own source) "
                    f"or 'folder', got {c.data.layout!r}")
-  engine.check_strategy(c.students.strategy)
-  distributed.validate(c.get('distributed'), n)
+  if data_lib.is_folder(c.data):
+    data_lib.check_folder(c.data)
+  aug = augment.get(c.data.augment)
+  if aug.per_epoch and not data_lib.is_folder(c.data):
+    raise TCNError(f'config.data.augment={c.data.augment!r} changes images '
+                   'per epoch, which needs a streamed image folder; in '
+                   "memory use 'mirror'")
+  STRATEGIES.check(c.students.strategy)
+  distributed.validate(c.distributed, n)
   mesh_lib.validate(c.mesh)
   LAYERS_IMPLS.check(c.layers_impl)
   if c.forward_impl:
@@ -456,7 +579,7 @@ def _validate(c):
     raise TCNError('config.teacher.init_from must be a path (a workdir, a '
                    'teacher checkpoint, a Keras or an ONNX file), got '
                    f'{c.teacher.init_from!r}')
-  if c.teacher.get('keras_mode', '') not in given_teacher.KERAS_MODES:
+  if c.teacher.get('keras_mode', '') not in KERAS_MODES:
     raise TCNError("config.teacher.keras_mode must be '' (auto), 'model' (a "
                    "Keras init_from taken whole) or 'body' (its weights "
                    f'mapped onto teacher.body), got {c.teacher.keras_mode!r}')
@@ -464,11 +587,12 @@ def _validate(c):
   check_number('students.logit_temperature', c.students.logit_temperature,
                float, 0, strict=True)
   losses.STUDENT_LOSSES.check(c.students.loss)
-  LR_SCHEDULES.check(c.students.lr_schedule)
-  AUGMENTS.check(c.students.augment)
-  FEATURE_MODES.check(c.students.get('features', ''))
+  if optim.LR_SCHEDULES.check(c.students.lr_schedule) == 'step':
+    raise TCNError("config.students.lr_schedule 'step' is the teacher's "
+                   "(teacher.lr_step_epochs); choose 'constant' or 'cosine'")
+  FEATURE_MODES.check(c.students.features)
   check_combinations(c)
-  if c.students.get('features') == 'online' and c.kdgan.enabled:
+  if c.students.features == 'online' and c.kdgan.enabled:
     raise TCNError("config.students.features='online' leaves no cached "
                    'features for KDGAN (config.kdgan.enabled); use cached')
   check_number('teacher.lr_step_epochs', c.teacher.lr_step_epochs, int, 0)
@@ -481,7 +605,7 @@ def _validate(c):
   check_number('data.train_size', c.data.train_size, int, 0)
   check_number('data.test_size', c.data.test_size, int, 0)
   check_number('eval_batch_size', c.eval_batch_size, int, 1)
-  parse_formats(c.export.formats)
+  formats.parse_formats(c.export.formats)
   check_number('export.batch_size', c.export.batch_size, int, 0)
   chunking.CHUNKINGS.check(c.chunking)
   chunking.PCA_ASSIGNMENTS.check(c.pca_assignment)

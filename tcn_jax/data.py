@@ -12,6 +12,7 @@ needs Pillow or OpenCV.
 import collections
 import dataclasses
 import gzip
+import mmap
 import os
 import re
 import struct
@@ -62,18 +63,16 @@ CLASS_NAMES = {
 TFDS_NAMES = {'imdb': 'imdb_reviews', 'imagenet': 'imagenet2012'}
 TEST_SPLITS = {'imagenet': 'validation'}  # imagenet2012 has no labelled test.
 RESIZED = ('imagenet',)  # Images of varying sizes: resized to image_size.
-IMAGE_SIZE, VOCAB_SIZE, MAX_LEN = 224, 1000, 500  # Optional config defaults.
 # Image folders (data.name='image_folder', or data.layout='folder'):
 # data.streaming 'auto' streams when the decoded train split would take more
-# than data.memory_limit_mb, or when data.augment asks for per-epoch crops.
+# than data.memory_limit_mb, or when data.augment changes images per epoch.
 STREAMING = ('auto', 'always', 'never')
-FOLDER_AUGMENTS = ('', 'flip', 'crop_flip')
+LAYOUTS = ('', 'folder')   # data.layout: the dataset's own source, or a folder.
+# The defaults of base_config's data.image_size, vocab_size, max_len.
+IMAGE_SIZE, VOCAB_SIZE, MAX_LEN = 224, 1000, 500
 # configs/image_folder.py's data.image_size / data.channels 0 ('auto'): a
 # Keras teacher file's input (config.follow_teacher_input), else these.
 FOLDER_AUTO_SIZE, FOLDER_AUTO_CHANNELS = 64, 3
-FOLDER_DEFAULTS = dict(image_size=32, channels=3, augment='', streaming='auto',
-                       memory_limit_mb=1024, workers=0,
-                       checkpoint_every_steps=0, bad_images='stop')
 # data.bad_images: 'stop' at an image that does not decode (one error naming
 # the file), or 'skip' files that are not images (truncated ones decode as
 # far as they go).
@@ -166,19 +165,7 @@ def load_idx(directory: str, split: str) -> Split:
   return Split(x[..., None], y.astype(np.int32))
 
 
-def hflip(x: np.ndarray) -> np.ndarray:
-  """Left-right mirror images of an (N, H, W, C) batch (augmentation)."""
-  if hasattr(x, 'in_order'):   # A streamed split: flipped by its Transform.
-    raise TCNError("config.students.augment='flip' needs the data in "
-                   "memory; a streamed image folder flips with "
-                   "config.data.augment='flip'")
-  if x.ndim != 4:
-    raise TCNError("config.students.augment='flip' needs images (N, H, W, "
-                   f'C); this dataset gives inputs of shape {x.shape[1:]}')
-  return x[:, :, ::-1]
-
-
-def _resize_weights(n_in: int, n_out: int) -> np.ndarray:
+def resize_weights(n_in: int, n_out: int) -> np.ndarray:
   """(n_out, n_in) triangle-filter weights, widened when shrinking so every
   input pixel counts (antialiasing, like PIL's BILINEAR)."""
   scale = n_in / n_out
@@ -196,8 +183,8 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
   scale = size / min(h, w)
   new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
   top, left = (new_h - size) // 2, (new_w - size) // 2
-  rows = _resize_weights(h, new_h)[top:top + size]
-  cols = _resize_weights(w, new_w)[left:left + size]
+  rows = resize_weights(h, new_h)[top:top + size]
+  cols = resize_weights(w, new_w)[left:left + size]
   out = np.einsum('oh,hwc->owc', rows, image.astype(np.float32))
   out = np.einsum('pw,owc->opc', cols, out)
   return np.clip(np.rint(out), 0, 255).astype(np.uint8)
@@ -236,7 +223,7 @@ def encode(texts, vocab: dict[str, int], max_len: int = MAX_LEN) -> np.ndarray:
   return out
 
 
-def _tfds_source(name: str, split: str, data_dir: str | None = None):
+def tfds_source(name: str, split: str, data_dir: str | None = None):
   """Opens a TFDS split for random access; TCNError saying how to get it."""
   import tensorflow_datasets as tfds  # Imported lazily: slow to import.
   tfds_name = TFDS_NAMES.get(name, name)
@@ -272,20 +259,6 @@ def _read_tfds(name, source, indices, image_size) -> Split:
   return Split(np.stack(images) if images else np.zeros(0, np.uint8), y)
 
 
-def load_tfds(name: str, split: str, data_dir: str | None = None,
-              indices=None, image_size: int = IMAGE_SIZE) -> Split:
-  """Random-access TFDS source (works without TensorFlow) to numpy arrays.
-
-  `name` is a config name (TFDS_NAMES maps it) or a TFDS name. Only the
-  records `indices` (default: all) are decoded. Images stay uint8 (ImageNet's
-  resized to image_size); IMDB's x is an object array of raw review texts.
-  """
-  source = _tfds_source(name, split, data_dir)
-  if indices is None:
-    indices = range(len(source))
-  return _read_tfds(name, source, indices, image_size)
-
-
 def _check_dir(data_dir):
   if data_dir and not os.path.isdir(data_dir):
     raise TCNError(f'config.data.dir {data_dir!r} is not a directory')
@@ -308,20 +281,9 @@ def _open(name, split, data_dir, image_size):
       return len(whole), lambda i: Split(whole.x[i], whole.y[i]), directory
   if split == 'test':
     split = TEST_SPLITS.get(name, split)
-  source = _tfds_source(name, split, data_dir or None)
+  source = tfds_source(name, split, data_dir or None)
   return (len(source), lambda i: _read_tfds(name, source, i, image_size),
           'tfds')
-
-
-def load_split(name: str, split: str, data_dir: str = '',
-               image_size: int = IMAGE_SIZE) -> tuple[Split, str]:
-  """Loads the whole raw 'train' or 'test' split; returns (split, source).
-
-  x is uint8 images, or raw review texts for IMDB; data_dir is an IDX dir
-  for MNIST-style datasets, else a TFDS data_dir ('' = TFDS's default).
-  """
-  size, read, source = _open(name, split, data_dir, image_size)
-  return read(np.arange(size)), source
 
 
 def _check_labels(name, y, num_classes):
@@ -330,8 +292,8 @@ def _check_labels(name, y, num_classes):
                    f'found {y.min()}..{y.max()}')
 
 
-def _option(cfg, field, default, least):
-  value = cfg.get(field, default)
+def _option(cfg, field, least):
+  value = cfg[field]
   if not isinstance(value, int) or isinstance(value, bool) or value < least:
     raise TCNError(f'config.data.{field} must be an integer >= {least}, '
                    f'got {value!r}')
@@ -343,32 +305,25 @@ def load(cfg) -> Dataset:
 
   Images become float32 in [0, 1] (divided by 255, no mean/std, as the
   paper's code); ImageNet's are first resized (shorter side) and centre-
-  cropped to `cfg.image_size` (default 224). IMDB becomes int32 ids (see
-  `encode`) over a vocabulary of `cfg.vocab_size` (default 1000) built from
-  the whole TFDS train split (val carve-out included, test never), padded to
-  `cfg.max_len` (default 500). `cfg.train_size` / `cfg.test_size` (0 = all)
+  cropped to `cfg.image_size`. IMDB becomes int32 ids (see `encode`) over a
+  vocabulary of `cfg.vocab_size` built from the whole TFDS train split (val
+  carve-out included, test never), padded to `cfg.max_len`. `cfg` is a
+  whole `data` section of `config.base_config()` (`config.data_config`
+  makes one). `cfg.train_size` / `cfg.test_size` (0 = all)
   take seeded subsets; only their records are read from TFDS. Whole splits
   are held in memory: full ImageNet (~1.28M images) does not fit, so use it
   through train_size / test_size subsets.
   """
-  if cfg.name == 'image_folder' or cfg.get('layout') == 'folder':
-    return load_folder(cfg)
-  image_size = _option(cfg, 'image_size', IMAGE_SIZE, 1)
-  vocab_size = _option(cfg, 'vocab_size', VOCAB_SIZE, INDEX_FROM + 1)
-  max_len = _option(cfg, 'max_len', MAX_LEN, 1)
+  if is_folder(cfg):
+    raise TCNError('an image folder (config.data.layout) is loaded by '
+                   'tcn_jax.input_pipeline.load')
+  image_size = _option(cfg, 'image_size', 1)
+  vocab_size = _option(cfg, 'vocab_size', INDEX_FROM + 1)
+  max_len = _option(cfg, 'max_len', 1)
   num_classes = NUM_CLASSES.get(cfg.name, 10)
   n_train, read_train, source = _open(cfg.name, 'train', cfg.dir, image_size)
   n_test, read_test, _ = _open(cfg.name, 'test', cfg.dir, image_size)
-  rng = np.random.default_rng(cfg.split_seed)
-  order = rng.permutation(n_train)
-  n_val = int(round(n_train * cfg.val_fraction))
-  val_idx, train_idx = order[:n_val], order[n_val:]
-  if cfg.train_size:
-    train_idx = train_idx[:cfg.train_size]
-    val_idx = val_idx[:max(cfg.train_size // 4, 1)]
-  test_idx = np.arange(n_test)
-  if cfg.test_size:
-    test_idx = rng.permutation(n_test)[:cfg.test_size]
+  train_idx, val_idx, test_idx = split_rows(n_train, n_test, cfg)
   vocab = None
   if cfg.name == 'imdb':  # The vocabulary needs every train text.
     whole = read_train(np.arange(n_train))
@@ -388,43 +343,67 @@ def load(cfg) -> Dataset:
   return Dataset(*map(finish, parts), num_classes, source)
 
 
-def folder_options(cfg) -> dict:
-  """The image-folder fields of `cfg` (FOLDER_DEFAULTS where unset),
-  checked; TCNError naming the first bad one."""
-  opts = {k: cfg.get(k, v) for k, v in FOLDER_DEFAULTS.items()}
-  for field, auto in (('image_size', FOLDER_AUTO_SIZE),
-                      ('channels', FOLDER_AUTO_CHANNELS)):
-    if opts[field] == 0 and not isinstance(opts[field], bool):
-      opts[field] = auto   # 0: 'auto' (config.resolve: a Keras teacher's).
-  for field in ('image_size', 'channels', 'memory_limit_mb'):
-    _option(opts, field, 0, 1)
-  for field in ('workers', 'checkpoint_every_steps'):
-    _option(opts, field, 0, 0)
-  if opts['channels'] not in (1, 3):
+def is_folder(cfg) -> bool:
+  """Whether data section `cfg` names an image folder."""
+  return cfg.name == 'image_folder' or cfg.layout == 'folder'
+
+
+def split_rows(n_train, n_test, cfg):
+  """(train, val, test) row indices of a dataset's raw train and test
+  splits: a seeded validation part of train, seeded subsets."""
+  rng = np.random.default_rng(cfg.split_seed)
+  order = rng.permutation(n_train)
+  n_val = int(round(n_train * cfg.val_fraction))
+  val_idx, train_idx = order[:n_val], order[n_val:]
+  if cfg.train_size:
+    train_idx = train_idx[:cfg.train_size]
+    val_idx = val_idx[:max(cfg.train_size // 4, 1)]
+  test_idx = np.arange(n_test)
+  if cfg.test_size:
+    test_idx = rng.permutation(n_test)[:cfg.test_size]
+  return train_idx, val_idx, test_idx
+
+
+def check_folder_options(cfg):
+  """The image-folder fields of data section `cfg`, checked; TCNError
+  naming the first bad one (the augmentation is checked by the config)."""
+  _option(cfg, 'memory_limit_mb', 1)
+  for field in ('image_size', 'channels', 'workers',   # Sizes 0: 'auto'.
+                'checkpoint_every_steps'):
+    _option(cfg, field, 0)
+  if folder_shape(cfg)[1] not in (1, 3):
     raise TCNError(f"config.data.channels must be 1 or 3, got "
-                   f"{opts['channels']!r}")
-  for field, allowed in (('augment', FOLDER_AUGMENTS),
-                         ('streaming', STREAMING),
-                         ('bad_images', BAD_IMAGES)):
-    if opts[field] not in allowed:
-      raise TCNError(f'config.data.{field} must be one of {allowed}, got '
-                     f'{opts[field]!r}')
-  size, channels = opts['image_size'], opts['channels']
+                   f"{cfg.channels!r}")
+  if cfg.streaming not in STREAMING:
+    raise TCNError(f'config.data.streaming must be one of {STREAMING}, got '
+                   f'{cfg.streaming!r}')
+  if cfg.bad_images not in BAD_IMAGES:
+    raise TCNError(f'config.data.bad_images must be one of {BAD_IMAGES}, got '
+                   f'{cfg.bad_images!r}')
+  size, channels = folder_shape(cfg)
   need = size * size * channels * 4 * IMAGE_MEMORY_FACTOR
-  if need > opts['memory_limit_mb'] * 2 ** 20:
+  if need > cfg.memory_limit_mb * 2 ** 20:
     raise TCNError(
-        f'config.data.image_size={size} needs {size * size * channels * 4 / 2 ** 20:,.0f} MB '
-        f'per decoded image ({channels} channels, float32), too much for '
-        f"config.data.memory_limit_mb={opts['memory_limit_mb']} (at least "
+        f'config.data.image_size={size} needs '
+        f'{size * size * channels * 4 / 2 ** 20:,.0f} MB per decoded image '
+        f'({channels} channels, float32), too much for '
+        f'config.data.memory_limit_mb={cfg.memory_limit_mb} (at least '
         f'{IMAGE_MEMORY_FACTOR} images are in flight); lower image_size or '
         'raise memory_limit_mb')
-  return opts
+
+
+def folder_shape(cfg) -> tuple[int, int]:
+  """(image_size, channels) of an image folder's data section; 0 is
+  'auto' (config.resolve: a Keras teacher file's input), else
+  FOLDER_AUTO_SIZE / FOLDER_AUTO_CHANNELS."""
+  return (cfg.image_size or FOLDER_AUTO_SIZE,
+          cfg.channels or FOLDER_AUTO_CHANNELS)
 
 
 def check_folder(cfg):
   """The checks of an image-folder config that read no image: the folder
   and its train/ and test/ (or val/) sub-folders exist."""
-  folder_options(cfg)
+  check_folder_options(cfg)
   root = cfg.dir
   if not root:
     raise TCNError('config.data.dir must name the image folder: '
@@ -437,65 +416,10 @@ def check_folder(cfg):
                      ' folder: ' + HOW_TO_GET['image_folder'])
 
 
-def load_folder(cfg) -> Dataset:
-  """An image folder (`cfg.dir`/train/<class>/*.jpg|png and test/ or val/,
-  ImageNet's layout) as a Dataset: class names and count from train's
-  sub-folders; images decoded, resized (shorter side) and centre-cropped
-  to `cfg.image_size` with `cfg.channels`; a seeded validation split of
-  train as `load`. Splits are `input_pipeline.Stream`s when
-  `cfg.streaming` asks (or 'auto' finds train too large for
-  `cfg.memory_limit_mb`, or `cfg.augment` crops per epoch), else arrays
-  decoded once (the in-memory path).
-  """
-  from tcn_jax import input_pipeline as ip   # pylint: disable=g-import-not-at-top
-  check_folder(cfg)
-  opts = folder_options(cfg)
-  root = cfg.dir
-  train_src = ip.ImageFolderSource(os.path.join(root, 'train'),
-                                   'config.data.dir train/',
-                                   bad_images=opts['bad_images'])
-  test_dir = next(os.path.join(root, n) for n in ('test', 'val')
-                  if os.path.isdir(os.path.join(root, n)))
-  test_src = ip.ImageFolderSource(test_dir, f'config.data.dir '
-                                  f'{os.path.basename(test_dir)}/',
-                                  classes=train_src.classes,
-                                  bad_images=opts['bad_images'])
-  skipped = train_src.skipped + test_src.skipped
-  if skipped:
-    logging.warning('config.data.bad_images=skip: left out %d files that are '
-                    'not images, e.g. %s', len(skipped), skipped[0])
-  transform = ip.Transform(opts['image_size'], opts['channels'],
-                           crop=opts['augment'] == 'crop_flip',
-                           flip=opts['augment'] in ('flip', 'crop_flip'))
-  rng = np.random.default_rng(cfg.split_seed)
-  order = rng.permutation(len(train_src))
-  n_val = int(round(len(train_src) * cfg.val_fraction))
-  val_idx, train_idx = order[:n_val], order[n_val:]
-  if cfg.train_size:
-    train_idx = train_idx[:cfg.train_size]
-    val_idx = val_idx[:max(cfg.train_size // 4, 1)]
-  test_idx = np.arange(len(test_src))
-  if cfg.test_size:
-    test_idx = rng.permutation(len(test_src))[:cfg.test_size]
-  settings = dict(workers=opts['workers'],
-                  checkpoint_every_steps=opts['checkpoint_every_steps'])
-  streams = [ip.Stream(train_src, transform, train_idx, **settings),
-             ip.Stream(train_src, transform, val_idx, **settings),
-             ip.Stream(test_src, transform, test_idx, **settings)]
-  size = opts['image_size'] ** 2 * opts['channels'] * 4 * len(train_idx)
-  stream = opts['streaming'] == 'always' or (
-      opts['streaming'] == 'auto' and (
-          opts['augment'] or size > opts['memory_limit_mb'] * 2 ** 20))
-  if opts['streaming'] == 'never' and opts['augment']:
-    raise TCNError(f"config.data.augment={opts['augment']!r} crops or flips "
-                   "per epoch, which needs config.data.streaming 'auto' or "
-                   "'always'")
-  if stream:
-    parts = [Split(s, s.labels) for s in streams]
-  else:   # Decoded once, in order, through Grain (workers if any).
-    shape = streams[0].shape[1:]
-    parts = [Split(np.concatenate([np.zeros((0,) + shape, np.float32)] + [
-        b['image'] for b in s.in_order(256)]), s.labels) for s in streams]
-  return Dataset(*parts, len(train_src.classes),
-                 f'{root} ({"streamed" if stream else "in memory"})',
-                 train_src.classes)
+def drop_pages(a):
+  """Drops the pages of memory map `a` from this process (the OS's file
+  cache keeps them), so resident memory does not grow with the file."""
+  while a is not None and getattr(a, '_mmap', None) is None:
+    a = getattr(a, 'base', None)
+  if a is not None and hasattr(mmap, 'MADV_DONTNEED'):
+    a._mmap.madvise(mmap.MADV_DONTNEED)  # pylint: disable=protected-access

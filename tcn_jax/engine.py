@@ -31,11 +31,12 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
+from tcn_jax import config as config_lib
 from tcn_jax import mesh as mesh_lib
 from tcn_jax.errors import TCNError
 from tcn_jax.state import MemberState
 
-STRATEGIES = ('auto', 'vmap', 'unrolled', 'sharded')
+STRATEGIES = tuple(config_lib.STRATEGIES.names())
 
 # loss_fn(params, x, target, dropout_key) -> scalar loss for one member.
 LossFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]

@@ -19,83 +19,24 @@ exports a trained workdir's `tcn/` into `<workdir>/export/` (`export_workdir`);
 `--config.export.formats=...` makes a run do the same at its end.
 """
 import dataclasses
-import importlib
 import json
-import logging as py_logging
 import os
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tcn_jax import assemble
 from tcn_jax import checkpoint
+from tcn_jax import config as config_lib
 from tcn_jax import engine
+from tcn_jax import input_pipeline
 from tcn_jax import layers
 from tcn_jax.errors import TCNError
-from tcn_jax.registry import Registry
-
-FORMATS = Registry('export format', 'export.formats')
-EXTENSIONS = {'stablehlo': '.stablehlo', 'onnx': '.onnx'}
-
-
-def _optional(module: str):
-  """An optional dependency (slow to import), or TCNError saying how to get
-  it."""
-  try:
-    return importlib.import_module(module)
-  except ImportError:
-    raise TCNError(f"the onnx export format needs {module}: pip install -e "
-                   "'.[onnx]'") from None
-
-
-def _spec(shape, dtype):
-  """The input's abstract value; a symbolic 'batch' axis if shape[0] is
-  None."""
-  if shape[0] is None:
-    shape = (jax.export.symbolic_shape('batch')[0], *shape[1:])
-  return jax.ShapeDtypeStruct(shape, dtype)
-
-
-@FORMATS.register('stablehlo')
-def _stablehlo(fn, shape, dtype, platforms=None) -> bytes:
-  """A serialized `jax.export` artifact."""
-  exported = jax.export.export(jax.jit(fn), platforms=platforms)(
-      _spec(shape, dtype))
-  return bytes(exported.serialize())
-
-
-@FORMATS.register('onnx')
-def _onnx(fn, shape, dtype, platforms=None) -> bytes:
-  """An ONNX model (jax2onnx, its default opset)."""
-  del platforms   # ONNX runtimes pick their own device.
-  jax2onnx = _optional('jax2onnx')
-  # jax2onnx logs a warning per untyped shape constant; they are harmless.
-  py_logging.getLogger('onnx_ir.serde').setLevel(py_logging.ERROR)
-  model = jax2onnx.to_onnx(fn, [_spec(shape, dtype)], input_names=['x'],
-                           output_names=['y'])
-  return model.SerializeToString()
-
-
-def check_format(name, where: str = 'config.export.formats') -> str:
-  """`name` if it is a format in `FORMATS`, else one TCNError naming
-  `where` (a config field, an argument or a flag)."""
-  if name not in FORMATS:
-    raise TCNError(f'unknown export format {name!r} ({where}); choose one '
-                   f'of {", ".join(map(repr, FORMATS.names()))}')
-  return name
-
-
-def parse_formats(text: str, where: str = 'config.export.formats'
-                  ) -> list[str]:
-  """'stablehlo,onnx' -> ['stablehlo', 'onnx'] (each checked; '' -> [])."""
-  if not isinstance(text, str):
-    raise TCNError(f'{where} must be comma-separated export formats '
-                   f'({", ".join(FORMATS.names())}), got {text!r}')
-  names = [s.strip() for s in text.split(',') if s.strip()]
-  return list(dict.fromkeys(check_format(n, where) for n in names))
-
+from tcn_jax.formats import check_format
+from tcn_jax.formats import EXTENSIONS
+from tcn_jax.formats import FORMATS
+from tcn_jax.formats import load   # pylint: disable=unused-import
 
 def forward(net: assemble.TCN, student: int | None = None,
             impl: str | None = None) -> Callable:
@@ -193,30 +134,11 @@ def export_all(net: assemble.TCN, directory: str, formats: Sequence[str], *,
   return paths
 
 
-def load(path: str) -> Callable[[np.ndarray], np.ndarray]:
-  """A written artifact as `x -> outputs` (numpy): jax for '.stablehlo',
-  onnxruntime for '.onnx'. Needs none of tcn_jax's model code."""
-  if path.endswith(EXTENSIONS['stablehlo']):
-    with open(path, 'rb') as f:
-      exported = jax.export.deserialize(bytearray(f.read()))
-    return lambda x: np.asarray(exported.call(jnp.asarray(x)))
-  if path.endswith(EXTENSIONS['onnx']):
-    onnxruntime = _optional('onnxruntime')
-    session = onnxruntime.InferenceSession(
-        path, providers=['CPUExecutionProvider'])
-    name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: np.asarray(x)})[0]
-  raise TCNError(f'export.load: {path} is neither a .stablehlo nor an .onnx '
-                 'file')
-
-
 def export_workdir(workdir: str, formats: Sequence[str],
                    batch_size: int | None = None,
                    input_shape: Sequence[int] | None = None) -> list[str]:
   """Exports a trained workdir's `tcn/` into `<workdir>/export/`; the input
   shape (unless given) from the data named in its config.json."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from tcn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   tcn_dir = os.path.join(workdir, 'tcn')
   if not os.path.isdir(tcn_dir):
     raise TCNError(f'export: {workdir} holds no trained TCN ({tcn_dir} is '
@@ -226,11 +148,11 @@ def export_workdir(workdir: str, formats: Sequence[str],
   config_path = os.path.join(workdir, 'config.json')
   try:
     with open(config_path) as f:
-      data_config = json.load(f)['data']
-  except (OSError, ValueError, KeyError, TypeError):
+      data_config = config_lib.upgrade(json.load(f))['data']
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
     raise TCNError(f'export: {config_path} cannot be read') from None
-  if input_shape is None or data_config.get('name') == 'imdb':
-    ds = data_lib.load(ml_collections.ConfigDict(data_config))
+  if input_shape is None or data_config['name'] == 'imdb':
+    ds = input_pipeline.load(config_lib.data_config(**data_config))
     input_shape = input_shape or ds.test.x.shape[1:]
     dtype = ds.test.x.dtype
   return export_all(net, os.path.join(workdir, 'export'), formats,

@@ -12,8 +12,8 @@ import sys
 
 from tcn_jax.errors import TCNError
 from tcn_jax.export import export_workdir
-from tcn_jax.export import FORMATS
-from tcn_jax.export import parse_formats
+from tcn_jax.formats import FORMATS
+from tcn_jax.formats import parse_formats
 from tcn_jax.workdir import check_path
 
 

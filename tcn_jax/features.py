@@ -13,8 +13,8 @@ from absl import logging
 import jax
 import numpy as np
 
+from tcn_jax import augment
 from tcn_jax import checkpoint
-from tcn_jax import data as data_lib
 from tcn_jax import engine
 from tcn_jax import given_teacher
 from tcn_jax import input_pipeline
@@ -51,7 +51,7 @@ def teacher_features(teacher, variables, x,
         host, x if hasattr(x, 'in_order') else np.asarray(x), batch_size)
   fn = jax.jit(lambda xb: teacher.apply(variables, xb,
                                         method=teacher.features))
-  if hasattr(x, 'in_order'):   # Streams are read (and checked) in batches.
+  if isinstance(x, input_pipeline.Stream):   # Read (and checked) in batches.
     return input_pipeline.batched(fn, x, batch_size)
   x = inputs.batch('teacher_features', 'x', x,
                    spec=getattr(teacher, 'body', None))
@@ -70,19 +70,19 @@ def choose_mode(run: record.Run) -> tuple[str, str]:
   training images are not augmented, else online (KDGAN needs them
   cached)."""
   c, x = run.config, run.ds.train.x
-  mode = c.students.get('features') or 'cached'
+  mode = c.students.features or 'cached'
   if mode != 'auto':
     return mode, 'config.students.features'
   if given_teacher.kind(c):   # Runs on the host, outside the students' step.
     return 'cached', 'a given teacher (ONNX, precomputed) is not run online'
   dim = models.output_shape(c.teacher.body, x.shape[1:], c.layers_impl,
                             x.dtype)[-1]
-  mb = len(x) * dim * 4 * (2 if c.students.augment == 'flip' else 1) / 2**20
-  limit = c.data.get('memory_limit_mb', data_lib.FOLDER_DEFAULTS[
-      'memory_limit_mb'])
+  aug = augment.get(c.data.augment)
+  mb = len(x) * dim * 4 * (2 if aug.mirrored_copies else 1) / 2**20
+  limit = c.data.memory_limit_mb
   if c.kdgan.enabled:
     return 'cached', 'KDGAN needs cached features'
-  if getattr(getattr(x, 'transform', None), 'augments', False):
+  if isinstance(x, input_pipeline.Stream) and x.transform.augments:
     return 'online', 'the training images are augmented every epoch'
   if mb > limit:
     return 'online', (f'they would take {mb:.0f} MB, over '
@@ -96,7 +96,8 @@ def key(run: record.Run, teacher_key: str) -> str:
   c = run.config
   online = choose_mode(run)[0] == 'online'
   return workdir_lib.stage_key(
-      stage='features', teacher=teacher_key, augment=c.students.augment,
+      stage='features', teacher=teacher_key,
+      augment=augment.key_name(c.data.augment),
       eval_batch_size=c.eval_batch_size, data=run.data_key,
       **workdir_lib.forward_key(c), **({'mode': 'online'} if online else {}))
 
@@ -135,7 +136,7 @@ def write_rows(path: str, fn, x, batch_size: int):
 
 def run_stage(run: record.Run, teacher: record.Teacher,
               key: str) -> record.Features:
-  """Features of train / val (and with students.augment='flip' of the
+  """Features of train / val (and with data.augment='mirror' of the
   mirrored train images), read from `features.npz` when its key matches.
 
   Online (`choose_mode`): only val's; the students compute train's. A
@@ -145,12 +146,12 @@ def run_stage(run: record.Run, teacher: record.Teacher,
   ds, c = run.ds, run.config
   mode, why = choose_mode(run)
   logging.info('features: %s (%s)', mode, why)
-  streamed = hasattr(ds.train.x, 'in_order')
+  streamed = isinstance(ds.train.x, input_pipeline.Stream)
   images = {'val': ds.val.x}
   if mode == 'cached':
     images['train'] = ds.train.x
-    if c.students.augment == 'flip':
-      images['train_flip'] = data_lib.hflip(ds.train.x)
+    if augment.get(c.data.augment).mirrored_copies:
+      images['train_flip'] = augment.hflip(ds.train.x)
   path = run.workdir and os.path.join(run.workdir, 'features.npz')
   npy = path and os.path.join(run.workdir, 'features.train.npy')
   feats = None

@@ -22,8 +22,7 @@ every epoch, and with a stream's `checkpoint_every_steps` = K every K steps
 into `<stage>/steps/` (chunks end there) with the Grain iterator's state
 and the epoch's metrics so far, so a resumed run equals an uninterrupted
 one bitwise. Stop signals wait for the chunk in progress and its
-checkpoint. Optimizers are picked by name from `OPTIMIZERS` (Keras'
-defaults).
+checkpoint. Optimizers and schedules are picked by name in `optim`.
 """
 import contextlib
 import dataclasses
@@ -34,7 +33,6 @@ from typing import Any, Callable
 from absl import logging
 import jax
 import numpy as np
-import optax
 
 from tcn_jax import checkpoint
 from tcn_jax import engine
@@ -45,26 +43,13 @@ from tcn_jax import metrics
 from tcn_jax import models
 from tcn_jax import state as state_lib
 from tcn_jax.errors import TCNError
-from tcn_jax.registry import Registry
 
 # The stages whose randomness `stage_seed` separates (order fixed: seeds).
 STAGES = ('teacher', 'students', 'head', 'kd', 'kdgan')
-OPTIMIZERS = Registry('optimizer', 'optimizer')
-OPTIMIZERS.register('adam', lambda lr: optax.adam(lr, eps=1e-7))
-OPTIMIZERS.register('nadam', lambda lr: optax.nadam(lr, eps=1e-7))
-OPTIMIZERS.register('sgd', lambda lr: optax.sgd(lr, momentum=0.9,
-                                                 nesterov=True))
 # A streamed epoch runs as chunks of consecutive batches, each one compiled
 # scan over up to this many batches and bytes.
 MAX_CHUNK_STEPS = 16
 CHUNK_BYTES = 64 << 20
-
-
-def make_optimizer(name: str, learning_rate, field: str):
-  """The optax optimizer `name` (Keras' defaults: Adam/Nadam eps 1e-7, SGD
-  with Nesterov momentum 0.9); `field` names the config field in errors,
-  e.g. 'config.head.optimizer'."""
-  return OPTIMIZERS.get(name, field.removeprefix('config.'))(learning_rate)
 
 
 def stage_seed(seed: int, stage: str) -> int:

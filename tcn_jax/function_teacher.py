@@ -225,7 +225,7 @@ def teacher_from_keras(model, *, x_example, feature_layer: str | None = None):
     raise TCNError('teacher_from_keras needs Keras on the JAX backend '
                    f'(set KERAS_BACKEND=jax before importing keras), not '
                    f'{keras.backend.backend()!r}; or save the model and use '
-                   'from_keras / teacher.init_from')
+                   'teacher_variables_from_keras / teacher.init_from')
   out_layer = model.layers[-1]
   if type(out_layer).__name__ != 'Dense':
     raise TCNError(f'teacher_from_keras: the last layer {out_layer.name!r} '

@@ -29,6 +29,7 @@ import numpy as np
 
 from tcn_jax import chunking
 from tcn_jax import checkpoint
+from tcn_jax import config as config_lib
 from tcn_jax import function_teacher
 from tcn_jax import input_pipeline
 from tcn_jax import keras_convert
@@ -47,16 +48,13 @@ SPLITS = ('train', 'val', 'test')
 # 'body' (its weights mapped onto teacher.body, `keras_convert`), ''
 # (auto: 'body' for a weights-only file, which holds no architecture, else
 # 'model').
-FIELDS = {'features_from': '', 'feature_tensor': '', 'input_layout': '',
-          'input_mean': '', 'input_std': '', 'allow_chance': False,
-          'keras_mode': ''}
-KERAS_MODES = ('', 'model', 'body')
 # Validation accuracy under CHANCE_FACTOR / classes stops the run.
 CHANCE_FACTOR = 1.5
 
 
 def keras_mode(config) -> str:
-  """'model' or 'body' for a Keras init_from (see FIELDS), else ''."""
+  """'model' or 'body' for a Keras init_from (see config.GIVEN_FIELDS),
+  else ''."""
   t = config.teacher
   path = t.get('init_from', '')
   if not keras_convert.is_keras_file(path) or t.get('features_from'):
@@ -80,36 +78,13 @@ def kind(config) -> str:
   return ''
 
 
-def input_mismatch(config, want, got, path: str) -> str:
-  """'' when inputs of shape `got` (H, W, C) fit a teacher taking `want`
-  (None: any size), else one line naming the field to change."""
-  if want is None or len(want) != len(got):
-    return ''
-  name = os.path.basename(path)
-  folder = 'image_size' in config.data and len(got) == 3
-  if folder and want[-1] is not None and want[-1] != got[-1]:
-    s = '' if want[-1] == 1 else 's'
-    return (f'data.channels={got[-1]} but the teacher {name} takes '
-            f'{want[-1]} channel{s}; set --config.data.channels={want[-1]}')
-  if folder and any(w is not None and w != g
-                    for w, g in zip(want[:2], got[:2])):
-    size = want[0] if want[0] == want[1] else max(w or 0 for w in want[:2])
-    return (f'data.image_size={got[0]} but the teacher {name} takes '
-            f'{want[0]}x{want[1]} images; set '
-            f'--config.data.image_size={size}')
-  if any(w is not None and w != g for w, g in zip(want, got)):
-    return (f'the data ({config.data.name}) has inputs of shape '
-            f'{tuple(got)}, the teacher {name} takes '
-            f'{tuple(w for w in want)}: give data of its input shape')
-  return ''
-
-
 def key_fields(section: dict) -> dict:
   """The teacher section without the given-teacher fields at their
   defaults (stage keys of runs without them are unchanged) and without
   keras_mode (a loaded teacher's key holds its parameters' digest)."""
   return {k: v for k, v in section.items()
-          if k != 'keras_mode' and (k not in FIELDS or v != FIELDS[k])}
+          if k != 'keras_mode' and (k not in config_lib.GIVEN_FIELDS
+                                    or v != config_lib.GIVEN_FIELDS[k])}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,8 +126,8 @@ def check_config(config):
            'there is no teacher to run') + '; use students.features=cached '
         '(streamed splits are cached batch by batch in a memory map)')
   if k == 'features':
-    if s.augment:
-      raise TCNError(f'config.students.augment={s.augment!r} needs the '
+    if config.data.augment:
+      raise TCNError(f'config.data.augment={config.data.augment!r} needs the '
                      "teacher's features of the augmented images, which "
                      'precomputed features (teacher.features_from) do not have')
     for b in ('kd', 'kdgan'):
@@ -203,7 +178,7 @@ def from_keras_file(run: record.Run) -> Given:
   model = keras_convert.load_keras_model(path, 0, None, what)
   x = np.asarray(run.ds.train.x[:8])
   shape = model.inputs[0].shape if model.inputs else None
-  problem = input_mismatch(run.config, shape and tuple(shape[1:]),
+  problem = config_lib.input_mismatch(run.config, shape and tuple(shape[1:]),
                            x.shape[1:], path)
   if problem:
     raise TCNError(problem)
@@ -346,7 +321,7 @@ def key(run: record.Run, given: Given) -> str:
   its features' fingerprint) and how it is read."""
   c = run.config
   t = c.teacher
-  how = {k: t.get(k, FIELDS[k]) for k in
+  how = {k: t.get(k, config_lib.GIVEN_FIELDS[k]) for k in
          ('feature_tensor', 'input_layout', 'input_mean', 'input_std')}
   return workdir_lib.stage_key(
       stage='teacher', given=given.kind, fingerprint=given.fingerprint,

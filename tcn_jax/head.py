@@ -26,6 +26,7 @@ from tcn_jax import layers
 from tcn_jax import losses
 from tcn_jax import mesh as mesh_lib
 from tcn_jax import metrics
+from tcn_jax import optim
 from tcn_jax import record
 from tcn_jax import workdir as workdir_lib
 
@@ -65,7 +66,8 @@ def finetune_head(tcn, ds, *, epochs, batch_size=128, optimizer='adam',
   ds = inputs.dataset('finetune_head', ds, spec=tcn.groups[0].spec,
                       num_classes=tcn.num_classes, shape=tcn.input_shape,
                       splits=splits)
-  streamed = 'train' in splits and hasattr(ds.train.x, 'in_order')
+  streamed = 'train' in splits and isinstance(ds.train.x,
+                                              input_pipeline.Stream)
   outputs = assemble.student_outputs_fn(tcn, strategy)
   students = [g.variables for g in tcn.groups]
   if tcn.input_shape is None:   # A TCN saved before students recorded it.
@@ -134,7 +136,10 @@ def _train(tcn, ds, feats, stage_dir, *, epochs, batch_size, optimizer,
   seed = fit.stage_seed(seed, 'head')
   variables, history, seconds = fit.fit(
       stage_dir, name='head', model=head, loss=losses.classification,
-      tx=fit.make_optimizer(optimizer, learning_rate, 'config.head.optimizer'),
+      tx=optim.make_optimizer(
+          optimizer, optim.schedule('constant', learning_rate,
+                                    steps_per_epoch=0),
+          'config.head.optimizer'),
       variables=engine.stack([tcn.head_variables]), x=feats.get('train'),
       targets={'label': ds.train.y[None]}, ids=[0], epochs=epochs,
       batch_size=batch_size, seed=seed, strategy='auto',

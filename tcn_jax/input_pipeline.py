@@ -18,33 +18,28 @@ iterator's `get_state`/`set_state` let a stage stop and resume mid-epoch.
 Grain's worker processes (`workers` > 0) need absl flags parsed (true under
 `absl.app.run`, i.e. `tcn_jax.main`; tests call `flags.FLAGS.mark_as_parsed`).
 """
+import atexit
 import dataclasses
 import hashlib
 import io
 import math
-import atexit
-import mmap
 import os
 import weakref
 
+from absl import logging
 import grain
 import jax
 import numpy as np
 
+from tcn_jax import augment
+from tcn_jax import data as data_lib
 from tcn_jax.errors import TCNError
+
+drop_pages = data_lib.drop_pages   # Where the streamed loop finds it.
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 # Inception-style random-resized crop: area fraction and aspect ratio.
 CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
-
-
-def drop_pages(a):
-  """Drops the pages of memory map `a` from this process (the OS's file
-  cache keeps them), so resident memory does not grow with the file."""
-  while a is not None and getattr(a, '_mmap', None) is None:
-    a = getattr(a, 'base', None)
-  if a is not None and hasattr(mmap, 'MADV_DONTNEED'):
-    a._mmap.madvise(mmap.MADV_DONTNEED)  # pylint: disable=protected-access
 
 
 class ArraySource:
@@ -242,9 +237,8 @@ class TfdsSource:
   access without TensorFlow); record i = {'image', 'label'}."""
 
   def __init__(self, name: str, split: str, data_dir: str | None = None):
-    from tcn_jax import data as data_lib   # Lazy: data imports TFDS lazily.
     self.args = (name, split, data_dir)
-    self.source = data_lib._tfds_source(name, split, data_dir)  # pylint: disable=protected-access
+    self.source = data_lib.tfds_source(name, split, data_dir)
 
   def __len__(self):
     return len(self.source)
@@ -296,9 +290,8 @@ def _resize_box(image, box, size):
     out = np.asarray(img.resize((size, size), _pil().BILINEAR,
                                 box=(left, top, left + cw, top + ch)))
     return out.reshape(size, size, image.shape[-1])
-  from tcn_jax import data as data_lib
-  rows = data_lib._resize_weights(ch, size)   # pylint: disable=protected-access
-  cols = data_lib._resize_weights(cw, size)   # pylint: disable=protected-access
+  rows = data_lib.resize_weights(ch, size)
+  cols = data_lib.resize_weights(cw, size)
   part = image[top:top + ch, left:left + cw].astype(np.float32)
   return np.einsum('pw,owc->opc', cols, np.einsum('oh,hwc->owc', rows, part))
 
@@ -695,3 +688,64 @@ class StackedRows:
       for p in self.parts:
         drop_pages(p)
     return rows
+
+
+def load_folder(cfg) -> data_lib.Dataset:
+  """An image folder (`cfg.dir`/train/<class>/*.jpg|png and test/ or val/,
+  ImageNet's layout) as a Dataset: class names and count from train's
+  sub-folders; images decoded, resized (shorter side) and centre-cropped
+  to `cfg.image_size` with `cfg.channels`; a seeded validation split of
+  train as `data.load`. Splits are `Stream`s when `cfg.streaming` asks (or
+  'auto' finds train too large for `cfg.memory_limit_mb`, or `cfg.augment`
+  changes images per epoch), else arrays decoded once (the in-memory path).
+  """
+  data_lib.check_folder(cfg)
+  aug = augment.get(cfg.augment)
+  root = cfg.dir
+  train_src = ImageFolderSource(os.path.join(root, 'train'),
+                                'config.data.dir train/',
+                                bad_images=cfg.bad_images)
+  test_dir = next(os.path.join(root, n) for n in ('test', 'val')
+                  if os.path.isdir(os.path.join(root, n)))
+  test_src = ImageFolderSource(test_dir, f'config.data.dir '
+                               f'{os.path.basename(test_dir)}/',
+                               classes=train_src.classes,
+                               bad_images=cfg.bad_images)
+  skipped = train_src.skipped + test_src.skipped
+  if skipped:
+    logging.warning('config.data.bad_images=skip: left out %d files that are '
+                    'not images, e.g. %s', len(skipped), skipped[0])
+  image_size, channels = data_lib.folder_shape(cfg)
+  transform = Transform(image_size, channels, crop=aug.crop, flip=aug.flip)
+  train_idx, val_idx, test_idx = data_lib.split_rows(
+      len(train_src), len(test_src), cfg)
+  settings = dict(workers=cfg.workers,
+                  checkpoint_every_steps=cfg.checkpoint_every_steps)
+  streams = [Stream(train_src, transform, train_idx, **settings),
+             Stream(train_src, transform, val_idx, **settings),
+             Stream(test_src, transform, test_idx, **settings)]
+  size = image_size ** 2 * channels * 4 * len(train_idx)
+  stream = cfg.streaming == 'always' or (
+      cfg.streaming == 'auto' and (
+          aug.per_epoch or size > cfg.memory_limit_mb * 2 ** 20))
+  if cfg.streaming == 'never' and aug.per_epoch:
+    raise TCNError(f'config.data.augment={cfg.augment!r} crops or flips '
+                   "per epoch, which needs config.data.streaming 'auto' or "
+                   "'always'")
+  if stream:
+    parts = [data_lib.Split(s, s.labels) for s in streams]
+  else:   # Decoded once, in order, through Grain (workers if any).
+    shape = streams[0].shape[1:]
+    parts = [data_lib.Split(np.concatenate(
+        [np.zeros((0,) + shape, np.float32)]
+        + [b['image'] for b in s.in_order(256)]), s.labels) for s in streams]
+  return data_lib.Dataset(*parts, len(train_src.classes),
+                          f'{root} ({"streamed" if stream else "in memory"})',
+                          train_src.classes)
+
+
+def load(cfg) -> data_lib.Dataset:
+  """The dataset of data section `cfg`: an image folder through
+  `load_folder` (streamed or decoded into memory), any other through
+  `data.load` (in memory)."""
+  return load_folder(cfg) if data_lib.is_folder(cfg) else data_lib.load(cfg)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tcn_jax import input_pipeline
 from tcn_jax import models
 from tcn_jax.errors import TCNError
 
@@ -80,7 +81,7 @@ def batch(where: str, name: str, x, *, spec: str | None = None,
       token ids).
     shape: the per-example shape the network takes, when known.
   """
-  if hasattr(x, 'in_order'):   # A Stream: decoded and checked as it is read.
+  if isinstance(x, input_pipeline.Stream):   # Checked as it is read.
     return x
   x = _array(where, name, x)
   if x.ndim < 2:

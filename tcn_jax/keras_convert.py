@@ -330,8 +330,9 @@ def check_outputs(model, teacher, variables, x_example, what: str):
       'input scaling differs')
 
 
-def from_keras(model, teacher: models.Teacher, x_example, *,
-               check: bool = True, what: str = 'from_keras'):
+def teacher_variables_from_keras(model, teacher: models.Teacher, x_example,
+                                 *, check: bool = True,
+                                 what: str = 'teacher_variables_from_keras'):
   """A Keras model's weights as the Flax variables of `teacher`.
 
   Args:

@@ -292,7 +292,7 @@ COMPUTE_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}
 
 def compute_dtype(config):
   """The compute dtype a resolved config asks for (None: float32)."""
-  return COMPUTE_DTYPES[config.get('dtype', 'float32')]
+  return COMPUTE_DTYPES[config.dtype]
 
 
 def submodule_variables(variables, name: str):

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from tcn_jax import assemble
+from tcn_jax import augment
 from tcn_jax import baselines
 from tcn_jax import checkpoint
 from tcn_jax import chunking
@@ -23,10 +24,11 @@ from tcn_jax import config as config_lib
 from tcn_jax import data as data_lib
 from tcn_jax import distributed
 from tcn_jax.export import export_all
-from tcn_jax.export import parse_formats
 from tcn_jax import features as features_lib
 from tcn_jax import given_teacher
+from tcn_jax.formats import parse_formats
 from tcn_jax import head as head_lib
+from tcn_jax import input_pipeline
 from tcn_jax import mesh as mesh_lib
 from tcn_jax import metrics
 from tcn_jax import models
@@ -104,15 +106,16 @@ def check_data(config, ds: data_lib.Dataset):
   if config.kd.enabled or config.kdgan.enabled:
     check_fits('kd.arch', config.kd.arch + ' D1', shape, config.layers_impl,
                dtype)
-  if config.students.augment == 'flip':
-    data_lib.hflip(ds.train.x[:1] if isinstance(ds.train.x, np.ndarray)
-                   else ds.train.x)   # Fails now, not after stage 1.
+  mirrored = augment.get(config.data.augment).mirrored_copies
+  if mirrored:
+    augment.hflip(ds.train.x[:1] if isinstance(ds.train.x, np.ndarray)
+                  else ds.train.x)   # Fails now, not after stage 1.
   sections = ['teacher', 'students', 'head'] + (
       ['kd'] if config.kd.enabled or config.kdgan.enabled else [])
   for section in sections:
     size = config[section].batch_size
-    examples = len(ds.train) * (2 if section == 'students' and
-                                config.students.augment == 'flip' else 1)
+    examples = len(ds.train) * (2 if section == 'students' and mirrored
+                                else 1)
     if size > examples:
       raise TCNError(f'batch size {size} (config.{section}.batch_size) is '
                      f'larger than the {examples} training examples')
@@ -151,7 +154,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   metrics.stage_start('data', f'loading {config.data.name}'
                       + (f' from {config.data.dir}' if config.data.dir
                          else ''))
-  ds = data_lib.load(config.data)
+  ds = input_pipeline.load(config.data)
   check_data(config, ds)
   wall = {'data': time.time() - t}
   logging.info('data: %s from %s: train %d, val %d, test %d',

@@ -128,7 +128,7 @@ def _slim(c):
 @register('flip', "students also regress the teacher's features of the "
           'mirrored training images', False)
 def _flip(c):
-  c.students.augment = 'flip'
+  c.data.augment = 'mirror'
 
 
 @register('best', 'the best-known recipe within 100k student parameters '

@@ -13,11 +13,10 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from tcn_jax import assemble
+from tcn_jax import augment
 from tcn_jax import chunking
-from tcn_jax import data as data_lib
 from tcn_jax import engine
 from tcn_jax import fit
 from tcn_jax import gan as gan_lib
@@ -26,6 +25,7 @@ from tcn_jax import inputs
 from tcn_jax import losses
 from tcn_jax import metrics
 from tcn_jax import models
+from tcn_jax import optim
 from tcn_jax import record
 from tcn_jax import teacher as teacher_lib
 from tcn_jax import workdir as workdir_lib
@@ -75,7 +75,7 @@ class Optimizer:
   """How the students' parameters are updated.
 
   Attributes:
-    name: an optimizer of `fit.OPTIMIZERS` ('adam', 'nadam', 'sgd').
+    name: an optimizer of `optim.OPTIMIZERS` ('adam', 'nadam', 'sgd').
     learning_rate: its learning rate.
     schedule: 'constant' (the paper) or 'cosine' (to 0 over the epochs).
     weight_decay: L2 of the kernels added to the loss.
@@ -170,7 +170,7 @@ def train_students(specs, x, features, num_students, *, epochs,
                    f'num_students={num_students}')
   where = 'train_students'
   inputs.epochs(where, epochs)
-  streamed = hasattr(x, 'in_order')   # A Stream is checked as it is read.
+  streamed = isinstance(x, input_pipeline.Stream)   # Checked as it is read.
   if not streamed:
     x = inputs.batch(where, 'x', x, spec=specs[0])
   if online is None:
@@ -198,11 +198,9 @@ def train_students(specs, x, features, num_students, *, epochs,
   else:
     raise TCNError('online features need val=(x_val, val features)')
   seed = fit.stage_seed(seed, 'students')
-  lr = optimizer.learning_rate
-  if optimizer.schedule == 'cosine':
-    lr = optax.cosine_decay_schedule(
-        optimizer.learning_rate, max(1, epochs * (len(x) // batch_size)))
-  tx = fit.make_optimizer(optimizer.name, lr, 'config.students.optimizer')
+  lr = optim.schedule(optimizer.schedule, optimizer.learning_rate,
+                      epochs=epochs, steps_per_epoch=len(x) // batch_size)
+  tx = optim.make_optimizer(optimizer.name, lr, 'config.students.optimizer')
   val_mse, histories, seconds = {}, [], 0.0
   for gi, group in enumerate(groups):
     if members is not None:   # gi stays the index among all groups.
@@ -214,7 +212,7 @@ def train_students(specs, x, features, num_students, *, epochs,
                                                  **(loss_context or {}))
     if online is None:
       targets = _targets(loss, features, chunks, bounds, group.member_ids,
-                         lazy=hasattr(x, 'in_order'))
+                         lazy=isinstance(x, input_pipeline.Stream))
     common = dict(
         name=stage_name(group.member_ids), x=x, ids=group.member_ids,
         targets=targets if online is None else {},
@@ -234,8 +232,8 @@ def train_students(specs, x, features, num_students, *, epochs,
     else:
       disc = gan_lib.Discriminator(gan['disc_widths'], group.out_dim,
                                    gan['disc_first_bias'], gan['recon_relu'])
-      d_tx = fit.make_optimizer(gan['d_optimizer'], gan['d_learning_rate'],
-                                'config.gan.d_optimizer')
+      d_tx = optim.make_optimizer(gan['d_optimizer'], gan['d_learning_rate'],
+                                  'config.gan.d_optimizer')
       init_fn = lambda k, model=model, disc=disc, d_tx=d_tx: (
           gan_lib.init_state(model, disc, tx, d_tx, k, x[:1]))
       state, hist, secs = fit.fit_group(
@@ -287,8 +285,9 @@ def key(run: record.Run, features_key: str) -> str:
   return workdir_lib.stage_key(
       stage='students', features=features_key, n=c.num_students,
       method=c.method, chunking=c.chunking, pca_assignment=c.pca_assignment,
-      students={k: v for k, v in c.students.to_dict().items()
-                if v or k != 'features'},   # Keys from before the field.
+      students={**{k: v for k, v in c.students.to_dict().items()
+                   if v or k != 'features'},   # Keys from before the field.
+                'augment': augment.key_name(c.data.augment)},
       gan=c.gan.to_dict() if c.method == 'gan' else None,
       layers_impl=c.layers_impl, seed=c.seed, data=run.data_key,
       **workdir_lib.dtype_key(c))
@@ -331,8 +330,8 @@ def run_stage(run: record.Run, shared: dict,
   if targets is None:   # Online features (features.run_stage chose).
     online = {'teacher': teacher_lib.model(run),
               'variables': shared['teacher'], 'chunker': chunker}
-  if s.augment == 'flip':   # Mirrored images, with the teacher's features.
-    x = np.concatenate([x, data_lib.hflip(x)])
+  if augment.get(c.data.augment).mirrored_copies:   # With their features.
+    x = np.concatenate([x, augment.hflip(x)])
     if online is None:
       targets = np.concatenate([targets, shared['train_flip']])
   groups, info = train_students(

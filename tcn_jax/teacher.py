@@ -12,7 +12,6 @@ import json
 import os
 
 import jax
-import optax
 
 from tcn_jax import checkpoint
 from tcn_jax import engine
@@ -25,6 +24,7 @@ from tcn_jax import losses
 from tcn_jax import mesh as mesh_lib
 from tcn_jax import metrics
 from tcn_jax import models
+from tcn_jax import optim
 from tcn_jax import record
 from tcn_jax import state as state_lib
 from tcn_jax import workdir as workdir_lib
@@ -54,15 +54,13 @@ def train_teacher(teacher, ds, *, epochs, batch_size=256, optimizer='adam',
   ds = inputs.dataset('train_teacher', ds, spec=teacher.body,
                       num_classes=teacher.num_classes, splits=('train', 'val'))
   seed = fit.stage_seed(seed, 'teacher')
-  lr = learning_rate
-  if lr_step_epochs:
-    lr = optax.exponential_decay(
-        learning_rate, lr_step_epochs * (len(ds.train) // batch_size),
-        lr_step_factor, staircase=True)
+  lr = optim.schedule('step' if lr_step_epochs else 'constant', learning_rate,
+                      steps_per_epoch=len(ds.train) // batch_size,
+                      step_epochs=lr_step_epochs, step_factor=lr_step_factor)
   variables, history, seconds = fit.fit(
       workdir and os.path.join(workdir, 'teacher'), name='teacher',
       model=teacher, loss=losses.classification,
-      tx=fit.make_optimizer(optimizer, lr, 'config.teacher.optimizer'),
+      tx=optim.make_optimizer(optimizer, lr, 'config.teacher.optimizer'),
       variables=engine.init_group(lambda k: teacher.init(k, ds.train.x[:1]),
                                   seed, [0]),
       x=ds.train.x, targets={'label': ds.train.y[None]}, ids=[0],
@@ -120,7 +118,8 @@ def load_teacher(path: str, teacher, x_example):
     path: a workdir of this library (its teacher/ stage), a teacher
       checkpoint directory, or a Keras file (`.keras` or whole-model `.h5`
       mapped onto `teacher.body` layer by layer; `.weights.h5` of
-      keras.applications.ResNet50), see `keras_convert.from_keras`.
+      keras.applications.ResNet50), see
+      `keras_convert.teacher_variables_from_keras`.
     teacher: the `models.Teacher` the variables are for.
     x_example: example inputs (N, ...) of the data.
 
@@ -132,8 +131,8 @@ def load_teacher(path: str, teacher, x_example):
     or one of another architecture (the first differing layer).
   """
   if keras_convert.is_keras_file(path):
-    return keras_convert.from_keras(path, teacher, x_example,
-                                    what='config.teacher.init_from')
+    return keras_convert.teacher_variables_from_keras(
+        path, teacher, x_example, what='config.teacher.init_from')
   where = os.path.join(path, 'teacher')
   if not os.path.isdir(where):
     where = path

@@ -17,6 +17,7 @@ import shutil
 from absl import logging
 
 from tcn_jax import checkpoint
+from tcn_jax import config as config_lib
 from tcn_jax.errors import TCNError
 
 # Where each stage keeps its output, relative to the workdir.
@@ -28,10 +29,6 @@ KEYS_FILE = 'stage_keys.json'
 RUN_OUTPUTS = ('results.json', 'tcn', 'export')
 # Fields that may change between reruns without being a change of config.
 IGNORED = ('allow_config_change', 'classes', 'distributed', 'export', 'mesh')
-# Fields added since earlier runs, with the value that is their behaviour.
-# (teacher.keras_mode 'body': configs/imagenet.py's Keras ResNet-50, as
-# Keras files were read before the field.)
-ADDED = {'dtype': 'float32', 'teacher.keras_mode': 'body'}
 
 
 def stage_key(**inputs) -> str:
@@ -44,14 +41,12 @@ def stage_key(**inputs) -> str:
 def dtype_key(config) -> dict:
   """A stage key's compute dtype entry: none for float32 (the keys of
   runs made before the field stay the same)."""
-  dtype = config.get('dtype', 'float32')
-  return {} if dtype == 'float32' else {'dtype': dtype}
+  return {} if config.dtype == 'float32' else {'dtype': config.dtype}
 
 
 def forward_key(config) -> dict:
   """A stage key's `forward_impl` entry: none when unset (as above)."""
-  forward = config.get('forward_impl', '')
-  return {'forward_impl': forward} if forward else {}
+  return {'forward_impl': config.forward_impl} if config.forward_impl else {}
 
 
 def _read_json(path):
@@ -69,16 +64,13 @@ def _read_json(path):
 
 
 def diff(old: dict, new: dict, prefix: str = '') -> list[str]:
-  """The changed fields, as 'path: old -> new' (IGNORED fields skipped). A
-  field the old config lacks and the new one leaves off ('', 0, False) is an
-  option added since that run, with the old behaviour: not a change."""
+  """The changed fields, as 'path: old -> new' (IGNORED fields skipped);
+  `old` is read through `config.upgrade` (fields added since that run take
+  the value that is its behaviour)."""
   out = []
   for k in sorted(set(old) | set(new)):
     a, b = old.get(k, '<unset>'), new.get(k, '<unset>')
     if k in IGNORED:
-      continue
-    if k not in old and not isinstance(b, dict) and (
-        not b or ADDED.get(prefix + k) == b):
       continue
     if isinstance(a, dict) and isinstance(b, dict):
       out += diff(a, b, f'{prefix}{k}.')
@@ -170,7 +162,7 @@ class Workdir:
     config_path = os.path.join(self.path, 'config.json')
     changes = []
     if os.path.exists(config_path):
-      changes = diff(_read_json(config_path), config)
+      changes = diff(config_lib.upgrade(_read_json(config_path)), config)
       if changes and not self.allow_change:
         raise TCNError(f'workdir {self.path} holds a run with another config '
                        f'({"; ".join(changes)}); use a new workdir or '
@@ -205,18 +197,6 @@ class Workdir:
     else:
       return
     logging.info('config changed: removed %s, %s', path, what)
-
-  def claim(self, stage: str, key: str):
-    """Records `key` for a stage whose key became known after opening (a
-    process > 0 of a distributed run), applying the same rule."""
-    if self._exists(stage) and self.keys.get(stage) != key:
-      if not self.allow_change:
-        raise TCNError(f'workdir {self.path}: stage {stage} was computed from '
-                       'other inputs; use a new workdir or '
-                       '--config.allow_config_change=True')
-      self._remove(OUTPUTS[stage], f'stage {stage} (its inputs changed)')
-    self.keys[stage] = key
-    checkpoint.write_json(os.path.join(self.path, KEYS_FILE), self.keys)
 
   def stage_dir(self, *parts) -> str:
     return os.path.join(self.path, *parts)

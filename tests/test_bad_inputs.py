@@ -8,6 +8,7 @@ and the data alone show (found before the workdir is opened) leaves the
 workdir byte for byte as it was, with no file added.
 """
 import contextlib
+import copy
 import fcntl
 import glob
 import hashlib
@@ -196,8 +197,10 @@ CONFIG_VALUES = [
     ('no validation split', {'data__val_fraction': 0.0},
      'config.data.val_fraction must be a number > 0', None),
     ('zero eval batch', {'eval_batch_size': 0}, 'config.eval_batch_size', None),
-    ('unknown augmentation', {'students__augment': 'crop'},
-     "unknown augmentation 'crop' (config.students.augment)", None),
+    ('unknown augmentation', {'data__augment': 'crop'},
+     "unknown augmentation 'crop' (config.data.augment)", None),
+    ('per-epoch augmentation in memory', {'data__augment': 'flip'},
+     "config.data.augment='flip' changes images per epoch", None),
     ('unknown initializer', {'students__init': 'zeros'},
      "unknown initializer 'zeros'", None),
     ('unknown layers impl', {'layers_impl': 'tpu'},
@@ -649,12 +652,16 @@ def test_damaged_features_cache_is_recomputed(finished, tmp_path):
 
 
 def test_config_diff_ignores_options_added_since_the_run():
-  """A field missing from an old run's config.json and left off now is not
-  a change (runs of older versions resume); any other difference is."""
+  """A field missing from an old run's config.json takes the value that is
+  that run's behaviour (`config.upgrade`), so it is not a change (runs of
+  older versions resume); any other difference is."""
+  new = config_lib.to_json(config_lib.resolve(config_lib.base_config()))
+  old = copy.deepcopy(new)
+  del old['students']['features'], old['dtype'], old['data']['augment']
+  assert workdir_lib.diff(config_lib.upgrade(old), new) == []
+  new['data']['augment'] = 'mirror'
+  assert workdir_lib.diff(config_lib.upgrade(old), new) == [
+      "data.augment: '' -> 'mirror'"]
   old = {'students': {'epochs': 10}}
-  assert workdir_lib.diff(old, {'students': {'epochs': 10, 'augment': ''}}) == []
-  assert workdir_lib.diff(old, {'students': {'epochs': 10,
-                                             'augment': 'flip'}}) == [
-      "students.augment: '<unset>' -> 'flip'"]
   assert workdir_lib.diff({'students': {'epochs': 10, 'gone': 0}}, old) == [
       "students.gone: 0 -> '<unset>'"]

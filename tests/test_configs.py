@@ -150,14 +150,14 @@ def test_preset_flip_sets_only_the_augmentation():
   dataset config takes it (text data fails once loaded, naming the field)."""
   fm = importlib.import_module('fashion_mnist')
   base, flip = fm.get_config(), fm.get_config('flip')
-  assert (base.students.augment, flip.students.augment) == ('', 'flip')
+  assert (base.data.augment, flip.data.augment) == ('', 'mirror')
   assert workdir.diff(base.to_dict(), flip.to_dict()) == [
-      "students.augment: '' -> 'flip'"]
+      "data.augment: '' -> 'mirror'"]
   assert workdir.diff(config_lib.to_json(config_lib.resolve(base)),
                       config_lib.to_json(config_lib.resolve(flip))) == [
-      "students.augment: '' -> 'flip'"]
+      "data.augment: '' -> 'mirror'"]
   assert importlib.import_module('cifar10').get_config(
-      'flip').students.augment == 'flip'
+      'flip').data.augment == 'mirror'
 
 
 def test_preset_wide_keeps_the_parameter_budget():

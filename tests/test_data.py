@@ -5,11 +5,13 @@ import hashlib
 import os
 import struct
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import helpers
+from tcn_jax import augment
+from tcn_jax import config as config_lib
 from tcn_jax import data
 from tcn_jax.errors import TCNError
 
@@ -52,10 +54,10 @@ def _synthetic(n, seed, num_classes=10):
 
 
 def _cfg(**kw):
-  base = dict(name='fashion_mnist', dir='', split_seed=0, val_fraction=0.2,
-              train_size=0, test_size=0)
-  base.update(kw)
-  return ml_collections.ConfigDict(base)
+  """A resolved data section of dataset 'fashion_mnist' with fields `kw`."""
+  c = config_lib.data_config(name='fashion_mnist')
+  c.update(kw)
+  return c
 
 
 def _hashes(x):
@@ -139,7 +141,7 @@ def test_load_split_synthetic(tmp_path, style):
   _write_split(tmp_path, 'train', tx, ty, style)
   _write_split(tmp_path, 'test', ex, ey, style)
   for split, x, y in (('train', tx, ty), ('test', ex, ey)):
-    got, source = data.load_split('fashion_mnist', split,
+    got, source = helpers.load_split('fashion_mnist', split,
                                   data_dir=str(tmp_path))
     assert source == str(tmp_path)
     assert got.x.shape == (len(x), 28, 28, 1) and got.x.dtype == np.uint8
@@ -245,7 +247,7 @@ def test_read_idx_corrupt_gzip(tmp_path):
 def test_load_split_missing_files(tmp_path):
   """An empty data dir names the missing file and the directory."""
   with pytest.raises(TCNError) as e:
-    data.load_split('fashion_mnist', 'train', data_dir=str(tmp_path))
+    helpers.load_split('fashion_mnist', 'train', data_dir=str(tmp_path))
   assert 'train-images-idx3-ubyte' in str(e.value)
   assert str(tmp_path) in str(e.value)
 
@@ -256,14 +258,14 @@ def test_load_split_missing_labels_only(tmp_path):
   _write(tmp_path / 'train-images-idx3-ubyte.gz',
          _idx_bytes(tx, IMAGES_MAGIC))
   with pytest.raises(TCNError) as e:
-    data.load_split('fashion_mnist', 'train', data_dir=str(tmp_path))
+    helpers.load_split('fashion_mnist', 'train', data_dir=str(tmp_path))
   assert 'train-labels-idx1-ubyte' in str(e.value)
 
 
 def test_load_split_data_dir_not_a_directory(tmp_path):
   missing = str(tmp_path / 'nowhere')
   with pytest.raises(TCNError) as e:
-    data.load_split('fashion_mnist', 'train', data_dir=missing)
+    helpers.load_split('fashion_mnist', 'train', data_dir=missing)
   assert missing in str(e.value)
 
 
@@ -272,7 +274,7 @@ def test_load_split_count_mismatch(tmp_path):
   tx, ty = _synthetic(5, seed=7)
   _write_split(tmp_path, 'train', tx, ty[:4])
   with pytest.raises(TCNError) as e:
-    data.load_split('fashion_mnist', 'train', data_dir=str(tmp_path))
+    helpers.load_split('fashion_mnist', 'train', data_dir=str(tmp_path))
   msg = str(e.value)
   assert '5 images' in msg and '4 labels' in msg
   assert 'train-images-idx3-ubyte' in msg and 'train-labels-idx1-ubyte' in msg
@@ -281,7 +283,7 @@ def test_load_split_count_mismatch(tmp_path):
 def test_unknown_dataset(tmp_path):
   """An unknown name is reported by name, before touching the disk."""
   with pytest.raises(TCNError, match='cifar11'):
-    data.load_split('cifar11', 'train', data_dir=str(tmp_path))
+    helpers.load_split('cifar11', 'train', data_dir=str(tmp_path))
   with pytest.raises(TCNError, match='cifar11'):
     data.load(_cfg(name='cifar11'))
 
@@ -292,7 +294,7 @@ def test_unknown_dataset(tmp_path):
 def test_load_tfds_mock():
   """Random-access TFDS source: images (N, 28, 28, 1) and int32 labels."""
   with tfds.testing.mock_data(num_examples=20):
-    split = data.load_tfds('mnist', 'train')
+    split = helpers.load_tfds('mnist', 'train')
   assert split.x.shape == (20, 28, 28, 1)
   assert split.y.shape == (20,) and split.y.dtype == np.int32
   assert split.y.min() >= 0 and split.y.max() < 10
@@ -301,7 +303,7 @@ def test_load_tfds_mock():
 def test_load_tfds_missing(tmp_path):
   """A dataset TFDS does not have locally is a one-line TCNError."""
   with pytest.raises(TCNError) as e:
-    data.load_tfds('mnist', 'train', data_dir=str(tmp_path))
+    helpers.load_tfds('mnist', 'train', data_dir=str(tmp_path))
   msg = str(e.value)
   assert 'tfds' in msg and 'mnist' in msg
   assert '\n' not in msg
@@ -309,9 +311,9 @@ def test_load_tfds_missing(tmp_path):
 
 def test_hflip_mirrors_images_and_refuses_other_inputs():
   x = np.arange(2 * 3 * 4 * 1).reshape(2, 3, 4, 1)
-  y = data.hflip(x)
+  y = augment.hflip(x)
   assert y.shape == x.shape and (y[:, :, 0] == x[:, :, -1]).all()
-  assert (data.hflip(y) == x).all()
-  with pytest.raises(TCNError, match=r"config.students.augment='flip' needs "
+  assert (augment.hflip(y) == x).all()
+  with pytest.raises(TCNError, match=r"config.data.augment='mirror' needs "
                      r'images .* shape \(500,\)'):
-    data.hflip(np.zeros((3, 500), np.int32))
+    augment.hflip(np.zeros((3, 500), np.int32))

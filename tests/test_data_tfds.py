@@ -3,11 +3,11 @@
 `tfds.testing.mock_data` generates records without TensorFlow; fake
 random-access sources (lists of records) pin exact values and reads.
 """
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from tcn_jax import config as config_lib
 from tcn_jax import data
 from tcn_jax.errors import TCNError
 
@@ -15,10 +15,10 @@ MOCK_N = 40  # Records per mocked split (train and test alike).
 
 
 def _cfg(**kw):
-  base = dict(name='cifar10', dir='', split_seed=0, val_fraction=0.2,
-              train_size=0, test_size=0)
-  base.update(kw)
-  return ml_collections.ConfigDict(base)
+  """A resolved data section of dataset 'cifar10' with fields `kw`."""
+  c = config_lib.data_config(name='cifar10')
+  c.update(kw)
+  return c
 
 
 class FakeSource:

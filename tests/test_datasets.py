@@ -123,7 +123,7 @@ def test_flip_on_text_fails_before_training(tmp_path):
   """':flip' on IMDB (token ids, not images) fails at once, naming the
   field, before the teacher trains."""
   with tfds.testing.mock_data(num_examples=300):
-    with pytest.raises(TCNError, match=r"config.students.augment='flip' "
+    with pytest.raises(TCNError, match=r"config.data.augment='mirror' "
                        r'needs images .* shape \(\d+,\)'):
       pipeline.run(_config('imdb', 'smoke,flip'), str(tmp_path))
   assert not (tmp_path / 'teacher').exists()

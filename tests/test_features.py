@@ -3,6 +3,7 @@ import jax
 import numpy as np
 import pytest
 
+import helpers
 from tcn_jax import chunking
 from tcn_jax import features
 from tcn_jax import models
@@ -26,7 +27,7 @@ def test_chunk_round_trip_and_order(n):
   for i, c in enumerate(chunks):
     assert c.shape == (5, width)
     np.testing.assert_array_equal(c, f[:, i * width:(i + 1) * width])
-  np.testing.assert_array_equal(chunking.unchunk(chunks), f)
+  np.testing.assert_array_equal(helpers.unchunk(chunks), f)
 
 
 def test_chunk_uneven():
@@ -38,7 +39,7 @@ def test_chunk_uneven():
   assert [c.shape[1] for c in chunks] == [4, 3, 3]
   for c, ref in zip(chunks, np.array_split(f, 3, axis=1)):
     np.testing.assert_array_equal(c, ref)
-  np.testing.assert_array_equal(chunking.unchunk(chunks), f)
+  np.testing.assert_array_equal(helpers.unchunk(chunks), f)
 
 
 def test_chunk_sizes_cover_dim():
@@ -114,7 +115,7 @@ def test_pca_basis_round_trip_and_balance():
     order = F.pca_order(pca['variance'], 4, assignment)
     assert sorted(order) == list(range(16))
     basis = F.pca_basis(pca, order)
-    coeffs = F.to_coefficients(x, basis)
+    coeffs = helpers.to_coefficients(x, basis)
     np.testing.assert_allclose(coeffs @ basis['matrix'] + basis['mean'], x,
                                atol=1e-3)
     shares[assignment] = [pca['variance'][order[a:b]].sum()

@@ -22,6 +22,7 @@ from tcn_jax import input_pipeline as ip
 from tcn_jax import losses
 from tcn_jax import metrics
 from tcn_jax import models
+from tcn_jax import optim
 from tcn_jax.errors import TCNError
 
 
@@ -163,7 +164,7 @@ def _train(x, workdir=None, epochs=2):
   variables = engine.init_group(lambda k: teacher.init(k, _X[:1]), 0, [0])
   out, history, _ = fit.fit(
       workdir, name='t', model=teacher, loss=losses.classification,
-      tx=fit.make_optimizer('adam', 1e-3, 'x'), variables=variables, x=x,
+      tx=optim.make_optimizer('adam', 1e-3, 'x'), variables=variables, x=x,
       targets={'label': _Y[None]}, ids=[0], epochs=epochs, batch_size=16,
       seed=1, strategy='auto', val_x=_X[:40], val_targets=_Y[None, :40],
       val_metric=metrics.accuracy, writer=None)
@@ -253,9 +254,8 @@ def split_folder(tmp_path_factory):
 
 
 def test_image_folder_in_memory_equals_stream(split_folder):
-  from tcn_jax import data as data_lib
-  memory = data_lib.load(_folder_config(split_folder, streaming='never').data)
-  stream = data_lib.load(_folder_config(split_folder, streaming='always').data)
+  memory = ip.load(_folder_config(split_folder, streaming='never').data)
+  stream = ip.load(_folder_config(split_folder, streaming='always').data)
   assert memory.classes == ['class0', 'class1', 'class2']
   assert memory.num_classes == 3 and 'in memory' in memory.source
   assert isinstance(stream.train.x, ip.Stream) and 'streamed' in stream.source
@@ -322,13 +322,12 @@ def test_features_written_as_memory_map(tmp_path, folder):
 
 
 def test_auto_features_mode(split_folder):
-  from tcn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from tcn_jax import features  # pylint: disable=g-import-not-at-top
   from tcn_jax import record  # pylint: disable=g-import-not-at-top
 
   def mode(**data):
     c = _folder_config(split_folder, **data)
-    return features.choose_mode(record.Run(c, '', data_lib.load(c.data), ''))
+    return features.choose_mode(record.Run(c, '', ip.load(c.data), ''))
   assert mode(streaming='never')[0] == 'cached'
   assert mode(streaming='always')[0] == 'cached'
   assert mode(augment='flip') == ('online', 'the training images are '
@@ -338,7 +337,6 @@ def test_auto_features_mode(split_folder):
 def test_imagenet_config_reads_an_ilsvrc_folder(tmp_path):
   import imagenet  # pylint: disable=g-import-not-at-top
   from tcn_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from tcn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from tcn_jax import pipeline  # pylint: disable=g-import-not-at-top
   from PIL import Image
   for split, n in (('train', 4), ('val', 2)):
@@ -351,15 +349,15 @@ def test_imagenet_config_reads_an_ilsvrc_folder(tmp_path):
   c.data.layout, c.data.dir = 'folder', str(tmp_path)
   c.data.val_fraction = 0.25
   c = config_lib.resolve(c)
-  ds = data_lib.load(c.data)
+  ds = ip.load(c.data)
   assert ds.classes == ['n01440764', 'n01443537'] and ds.num_classes == 2
   assert ds.train.x.shape[1:] == (32, 32, 3) and len(ds.test) == 4
   c.teacher.batch_size = c.students.batch_size = c.head.batch_size = 2
   c.kd.batch_size = 2
-  c.students.augment = 'flip'
+  c.data.augment = 'mirror'
   c.data.streaming = 'always'
   with pytest.raises(TCNError, match="config.data.augment='flip'"):
-    pipeline.check_data(c, data_lib.load(c.data))
+    pipeline.check_data(c, ip.load(c.data))
   c.data.layout = 'tfrecord'
   with pytest.raises(TCNError, match='config.data.layout must be'):
     config_lib.resolve(c)

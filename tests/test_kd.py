@@ -10,8 +10,9 @@ from tcn_jax import engine
 from tcn_jax import fit
 from tcn_jax import kdgan
 from tcn_jax import losses
-from tcn_jax.state import MemberState
+from tcn_jax import optim
 from tcn_jax import pipeline
+from tcn_jax.state import MemberState
 
 
 def test_kd_loss_limits():
@@ -49,7 +50,7 @@ def _kdgan_vs_kd(adv_weight, steps=3):
   labels = jnp.asarray(rng.integers(0, 4, 16), jnp.int32)
   net = models.Net('C4 MP F Do.2 D4', 'glorot_uniform', 'im2col')
   disc = kdgan.LabelDiscriminator((8,))
-  tx, d_tx = fit.make_optimizer('adam', 1e-2, ''), fit.make_optimizer(
+  tx, d_tx = optim.make_optimizer('adam', 1e-2, ''), optim.make_optimizer(
       'adam', 1e-2, '')
   loss = losses.kd(4.0, 0.9)
   state = kdgan.init_state(net, disc, tx, d_tx, jax.random.key(1), x[:1], 6,

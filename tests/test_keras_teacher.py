@@ -1,4 +1,5 @@
-"""Keras models as teachers (`teacher.init_from=model.keras`, `from_keras`):
+"""Keras models as teachers (`teacher.init_from=model.keras`,
+`teacher_variables_from_keras`):
 weights mapped onto the architecture string give Keras' features and logits
 on the same inputs; a mismatch is one error naming the layer; ResNet-50 from
 keras.applications converts onto configs/imagenet.py's body."""
@@ -84,14 +85,14 @@ def test_batchnorm_teacher_from_keras_model(x28):
   _randomize_bn(model)
   teacher = tcn.Teacher('C8samelin BN R MP C5-8lin BN1e-5 R F D16r', 10,
                         head_bn=True)
-  variables = tcn.from_keras(model, teacher, x28)
+  variables = tcn.teacher_variables_from_keras(model, teacher, x28)
   np.testing.assert_allclose(teacher.apply(variables, x28),
                              np.asarray(model(x28)), atol=1e-4, rtol=0)
   other = tcn.Teacher('C8samelin BN R MP C5-8lin BN R F D16r', 10,
                       head_bn=True)
   with pytest.raises(tcn.TCNError, match=r"epsilon 1e-05, teacher layer "
                      r"trunk/BatchNorm_1 \('BN'\) uses 0.001"):
-    tcn.from_keras(model, other, x28)
+    tcn.teacher_variables_from_keras(model, other, x28)
 
 
 @pytest.mark.parametrize('body, match', [
@@ -111,7 +112,8 @@ def test_batchnorm_teacher_from_keras_model(x28):
 ])
 def test_mismatch_is_one_error_naming_the_layer(body, match, x28):
   with pytest.raises(tcn.TCNError, match=match):
-    tcn.from_keras(_fmnist_teacher(), tcn.Teacher(body, 10), x28)
+    tcn.teacher_variables_from_keras(_fmnist_teacher(), tcn.Teacher(body, 10),
+                                     x28)
 
 
 def test_keras_file_errors(tmp_path, x28):
@@ -140,7 +142,7 @@ def test_keras_resnet50_onto_imagenet_config(tmp_path):
   teacher = tcn.Teacher(imagenet.get_config().teacher.body, 10,
                         head_dropout=0.0, impl='xla')
   # The conversion's own output check is this test's assertion.
-  variables = tcn.from_keras(path, teacher, x, check=False)
+  variables = tcn.teacher_variables_from_keras(path, teacher, x, check=False)
   assert models.num_params(variables['params']) == model.count_params() \
       - sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)
   keras_x = keras.applications.resnet50.preprocess_input(x * 255.0)

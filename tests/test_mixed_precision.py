@@ -9,6 +9,7 @@ import pytest
 import tcn_jax as tcn
 from helpers import needs_fmnist
 from helpers import tiny_config
+from tcn_jax import config as config_lib
 from tcn_jax import layers
 from tcn_jax import models
 from tcn_jax import workdir as workdir_lib
@@ -94,11 +95,14 @@ def test_dtype_and_forward_impl_config_and_old_workdirs():
   with pytest.raises(TCNError, match=r"'fast' \(config\.forward_impl\)"):
     tcn.resolve_config(tiny_config(forward_impl='fast'))
   # A workdir made before the fields ran in float32, forward work on the
-  # training path: not a change of config.
-  new = {'seed': 0, 'dtype': 'float32', 'forward_impl': ''}
-  assert workdir_lib.diff({'seed': 0}, new) == []
-  assert workdir_lib.diff({'seed': 0}, {**new, 'dtype': 'bfloat16'})
-  assert workdir_lib.diff({'seed': 0}, {**new, 'forward_impl': 'xla'})
+  # training path (its config.json read through config.upgrade): not a
+  # change of config.
+  new = config_lib.to_json(tcn.resolve_config(tiny_config()))
+  old = config_lib.upgrade({k: v for k, v in new.items()
+                            if k not in ('dtype', 'forward_impl')})
+  assert workdir_lib.diff(old, new) == []
+  assert workdir_lib.diff(old, {**new, 'dtype': 'bfloat16'})
+  assert workdir_lib.diff(old, {**new, 'forward_impl': 'xla'})
   assert layers.stage_impl('im2col', '') == 'im2col'
   assert layers.stage_impl('im2col', 'auto') == 'xla'
   assert layers.forward_impl('auto') == 'xla'

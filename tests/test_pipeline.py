@@ -11,6 +11,7 @@ import pytest
 
 from helpers import needs_fmnist, tiny_config
 from tcn_jax import assemble
+from tcn_jax import augment
 from tcn_jax import baselines
 from tcn_jax import checkpoint
 from tcn_jax import config as config_lib
@@ -182,9 +183,9 @@ def _adam_steps(stage_dir):
 
 @pytest.mark.slow
 def test_flip_augmentation_targets_and_steps(tmp_path):
-  """augment='flip': the students' extra targets are the teacher's features
-  of the mirrored images, and they take twice the steps per epoch."""
-  config = tiny_config(students__augment='flip')
+  """augment='mirror': the students' extra targets are the teacher's
+  features of the mirrored images, and they take twice the steps per epoch."""
+  config = tiny_config(data__augment='mirror')
   pipeline.run(config, str(tmp_path))
   c, ds = config.teacher, data.load(config.data)
   epochs, batch = config.students.epochs, config.students.batch_size
@@ -199,6 +200,6 @@ def test_flip_augmentation_targets_and_steps(tmp_path):
   variables = {'params': engine.unstack(state['params'], 1)[0]}
   np.testing.assert_allclose(
       flip_feats, features.teacher_features(teacher, variables,
-                                            data.hflip(ds.train.x)),
+                                            augment.hflip(ds.train.x)),
       rtol=1e-4, atol=1e-5)
   assert np.abs(flip_feats - train_feats).max() > 1e-2
