@@ -7,7 +7,6 @@ import pytest
 from helpers import needs_fmnist
 from tcn_jax import chunking
 from tcn_jax import engine
-from tcn_jax import fit
 from tcn_jax import kdgan
 from tcn_jax import losses
 from tcn_jax import optim
