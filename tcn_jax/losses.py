@@ -8,8 +8,10 @@ a loss that needs the whole teacher feature, e.g. logit matching).
 A student loss is picked by name (`config.students.loss`) from
 `STUDENT_LOSSES`: a builder `make(width, **context) -> loss(pred, target)`,
 where context holds what a loss may need (the teacher's frozen head, its
-variables, the chunking, the config's weight and temperature). A new student
-loss is one function registered here.
+variables, the chunking, the config's weight and temperature, and
+`settings`: the resolved `config.students` section, where a new loss reads
+its own hyperparameters). A new student loss is one function registered
+here (and its hyperparameter a field of `config.base_config().students`).
 """
 import jax
 import jax.numpy as jnp

@@ -324,7 +324,8 @@ def run_stage(run: record.Run, shared: dict,
   context = dict(head=models.Head(ds.num_classes, t.head_dropout,
                                   bn=t.head_bn),
                  head_variables=shared['head'], weight=s.logit_weight,
-                 temperature=s.logit_temperature, chunker=chunker)
+                 temperature=s.logit_temperature, chunker=chunker,
+                 settings=s.to_dict())   # A loss's own fields, by name.
   x, targets = ds.train.x, shared['train']
   online = None
   if targets is None:   # Online features (features.run_stage chose).
