@@ -72,6 +72,15 @@ def chunk(features, n: int) -> list:
   return [features[:, a:b] for a, b in chunk_bounds(features.shape[-1], n)]
 
 
+def encode_with(basis, features):
+  """Features -> the space the chunks are cut from, for a fitted `basis`
+  (None: the features themselves); numpy or jax-traceable (online
+  features encode inside the students' step)."""
+  if basis is None:
+    return features
+  return (features - basis['mean']) @ basis['matrix'].T
+
+
 @dataclasses.dataclass(frozen=True)
 class Chunker:
   """A fitted split of D-wide features between `num_students` students.
@@ -100,7 +109,7 @@ class Chunker:
       return features
     if isinstance(features, np.memmap):
       return encode_blocks(features, self.basis)
-    return (np.asarray(features) - self.basis['mean']) @ self.basis['matrix'].T
+    return encode_with(self.basis, np.asarray(features))
 
   def decode(self, outputs):
     """Concatenated student outputs -> teacher features (jax-traceable)."""

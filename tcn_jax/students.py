@@ -53,8 +53,7 @@ def _online_targets(online, loss_name, bounds, member_ids):
 
   def fn(ctx, xb):
     f = teacher.apply(ctx['teacher'], xb, method=teacher.features)
-    if ctx['basis'] is not None:
-      f = (f - ctx['basis']['mean']) @ ctx['basis']['matrix'].T
+    f = chunking.encode_with(ctx['basis'], f)
     targets = {'chunk': jnp.stack([f[:, bounds[i][0]:bounds[i][1]]
                                    for i in member_ids])}
     if needs_feature:
@@ -66,8 +65,8 @@ def _online_targets(online, loss_name, bounds, member_ids):
   basis = online['chunker'].basis
   return fit.OnlineTargets(fn, {
       'teacher': online['variables'],
-      'basis': None if basis is None else {k: jnp.asarray(basis[k])
-                                           for k in ('mean', 'matrix')}})
+      'basis': None if basis is None else {k: jnp.asarray(v)
+                                           for k, v in basis.items()}})
 
 
 @dataclasses.dataclass(frozen=True)
