@@ -46,11 +46,13 @@ _API = {
     'precomputed_teacher': 'tcn_jax.given_teacher',
     # Features.
     'teacher_features': 'tcn_jax.features', 'chunk': 'tcn_jax.chunking',
+    'Chunker': 'tcn_jax.chunking',
     # Students.
     'train_students': 'tcn_jax.students', 'Optimizer': 'tcn_jax.students',
     'Nets': 'tcn_jax.students', 'Objective': 'tcn_jax.students',
     # Head and assembly.
-    'TCN': 'tcn_jax.assemble', 'Head': 'tcn_jax.models',
+    'TCN': 'tcn_jax.assemble', 'StudentGroup': 'tcn_jax.assemble',
+    'Head': 'tcn_jax.models',
     'teacher_head': 'tcn_jax.assemble', 'finetune_head': 'tcn_jax.head',
     'make_predict': 'tcn_jax.assemble', 'evaluate': 'tcn_jax.metrics',
     'save_tcn': 'tcn_jax.assemble', 'load_tcn': 'tcn_jax.assemble',
