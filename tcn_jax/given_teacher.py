@@ -30,7 +30,7 @@ import numpy as np
 from tcn_jax import chunking
 from tcn_jax import checkpoint
 from tcn_jax import config as config_lib
-from tcn_jax import function_teacher
+from tcn_jax.function_teacher import teacher_from_keras
 from tcn_jax import input_pipeline
 from tcn_jax import keras_convert
 from tcn_jax import metrics
@@ -182,7 +182,7 @@ def from_keras_file(run: record.Run) -> Given:
                            x.shape[1:], path)
   if problem:
     raise TCNError(problem)
-  teacher, variables = function_teacher.teacher_from_keras(model,
+  teacher, variables = teacher_from_keras(model,
                                                            x_example=x)
   digest = onnx_teacher.file_digest(path)
   info = {'source': 'keras', 'path': path, 'digest': digest,

@@ -15,7 +15,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest
 
 from tcn_jax import config as config_lib
-from tcn_jax import data as data_lib
+from tcn_jax import input_pipeline
 from tcn_jax import given_teacher
 from tcn_jax import models
 from tcn_jax import pipeline
@@ -122,7 +122,7 @@ def test_pipeline_with_a_whole_keras_model(files, tmp_path):
   assert results['teacher_source']['source'] == 'keras'
   assert results['teacher_source']['input_shape'] == [28, 28, 1]
   assert results['train_seconds']['teacher'] == 0.0
-  ds = data_lib.load(config_lib.resolve(c).data)
+  ds = input_pipeline.load(config_lib.resolve(c).data)
   probs = files['model'].predict(ds.test.x, verbose=0)
   assert results['teacher_test_acc'] == pytest.approx(
       float(np.mean(np.argmax(probs, -1) == ds.test.y)))

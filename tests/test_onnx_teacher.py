@@ -18,6 +18,7 @@ from helpers import needs_fmnist, tiny_config
 import tcn_jax as tcn
 from tcn_jax import config as config_lib
 from tcn_jax import data as data_lib
+from tcn_jax import input_pipeline
 from tcn_jax import metrics
 from tcn_jax import onnx_teacher
 from tcn_jax import pipeline
@@ -206,7 +207,7 @@ def test_input_scaling_applied_and_warned(caplog):
 
 
 def _splits(config):
-  return data_lib.load(config_lib.resolve(config).data)
+  return input_pipeline.load(config_lib.resolve(config).data)
 
 
 @needs_fmnist
@@ -351,7 +352,7 @@ def test_resnet_onnx_teacher_over_a_streamed_folder(tmp_path):
   work = tmp_path / 'run'
   results = pipeline.run(c, str(work))
   assert 'streamed' in results['data_source']
-  ds = data_lib.load(config_lib.resolve(c).data)
+  ds = input_pipeline.load(config_lib.resolve(c).data)
   cached = np.load(work / 'features.train.npy', mmap_mode='r')
   teacher, _ = tcn.teacher_from_onnx(RESNET, x_example=ds.train.x[:2])
   x = ds.train.x[:]

@@ -483,14 +483,14 @@ def test_bad_image_folder(tmp_path, run_main, name, data, other, setup,
 
 
 def test_hidden_entries_are_not_classes(tmp_path):
-  from tcn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from tcn_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   root = image_folder(tmp_path / 'images')
   for split in ('train', 'test'):
     hidden = os.path.join(root, split, '.ipynb_checkpoints')
     os.makedirs(hidden)
     _png(os.path.join(hidden, 'x.png'), 99)
     _png(os.path.join(root, split, 'a', '.hidden.png'), 98)
-  ds = data_lib.load(folder_config(root).data)
+  ds = input_pipeline.load(folder_config(root).data)
   assert ds.classes == ['a', 'b'] and ds.num_classes == 2
   assert len(ds.train) + len(ds.val) == 12 and len(ds.test) == 4
 
@@ -499,24 +499,24 @@ def test_symlinked_class_folder_is_followed(tmp_path):
   """A class folder that is a link to a directory elsewhere is a class like
   any other (its images read through the link)."""
   import shutil  # pylint: disable=g-import-not-at-top
-  from tcn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from tcn_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   root = image_folder(tmp_path / 'images', classes=('a', 'b', 'c'))
   for split in ('train', 'test'):
     elsewhere = str(tmp_path / f'elsewhere_{split}')
     shutil.move(os.path.join(root, split, 'b'), elsewhere)
     os.symlink(elsewhere, os.path.join(root, split, 'b'))
-  ds = data_lib.load(folder_config(root).data)
+  ds = input_pipeline.load(folder_config(root).data)
   assert ds.classes == ['a', 'b', 'c']
   assert len(ds.train) + len(ds.val) == 18 and len(ds.test) == 6
   assert sorted(set(ds.test.y.tolist())) == [0, 1, 2]
 
 
 def test_bad_images_skip_leaves_out_non_images(tmp_path):
-  from tcn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from tcn_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   root = image_folder(tmp_path / 'images')
   _text_as_jpg(root)
   _truncated_png(root)
-  ds = data_lib.load(folder_config(root, bad_images='skip').data)
+  ds = input_pipeline.load(folder_config(root, bad_images='skip').data)
   assert len(ds.train) + len(ds.val) == 12   # The text file left out.
   assert ds.train.x.shape[1:] == (8, 8, 3)
 
