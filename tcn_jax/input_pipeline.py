@@ -35,7 +35,6 @@ from tcn_jax import augment
 from tcn_jax import data as data_lib
 from tcn_jax.errors import TCNError
 
-drop_pages = data_lib.drop_pages   # Where the streamed loop finds it.
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 # Inception-style random-resized crop: area fraction and aspect ratio.
@@ -686,7 +685,7 @@ class StackedRows:
     self._reads += 1
     if self._reads % self.RELEASE_EVERY == 0:
       for p in self.parts:
-        drop_pages(p)
+        data_lib.drop_pages(p)
     return rows
 
 
