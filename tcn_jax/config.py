@@ -186,6 +186,12 @@ def base_config() -> ml_collections.ConfigDict:
       # same, possibly augmented, batch) or 'auto' (cached when they fit in
       # data.memory_limit_mb and no augmentation is used; logged).
       features='',
+      # The students' own views ('' = the training images as they come): an
+      # augmentation drawn on device per step, by name (tcn_jax/augment.py:
+      # 'flip', 'pad_crop_flip', 'pad_crop_flip_mixup'); the teacher's
+      # features are then computed online from the same view (preset
+      # 'consistent'). The data stay in memory; the teacher is unchanged.
+      views='',
       # Not in the paper (off): + logit_weight * T^2 * KL between the
       # teacher's logits and its frozen head on the feature with this
       # student's chunk swapped in (losses.logit_matching).
@@ -533,6 +539,18 @@ def check_combinations(c):
                    'are of the un-augmented images, so students would learn '
                    "other targets than their inputs; use students.features="
                    "'online' (or 'auto'), or data.augment=''")
+  views = c.students.views
+  if views:
+    augment.check_view(views)
+    if features in ('', 'cached'):
+      raise TCNError(f'config.students.views={views!r} with config.students.'
+                     f'features={features or "cached"!r}: the teacher\'s '
+                     'features must be of the same view, computed online; '
+                     "use students.features='online' (or 'auto')")
+    if aug:
+      raise TCNError(f'config.students.views={views!r} with config.data.'
+                     f'augment={aug!r}: choose one augmentation of the '
+                     "students' images")
   if aug and c.kdgan.enabled:
     raise TCNError(f'config.kdgan.enabled needs cached teacher features, '
                    'which are of the un-augmented images; set '
@@ -552,10 +570,15 @@ def _validate(c):
   if data_lib.is_folder(c.data):
     data_lib.check_folder(c.data)
   aug = augment.get(c.data.augment)
+  if aug.pad or aug.mixup:
+    raise TCNError(f'config.data.augment={c.data.augment!r} is drawn on '
+                   "device for the students only: set config.students.views "
+                   f'={c.data.augment!r} instead')
   if aug.per_epoch and not data_lib.is_folder(c.data):
     raise TCNError(f'config.data.augment={c.data.augment!r} changes images '
                    'per epoch, which needs a streamed image folder; in '
-                   "memory use 'mirror'")
+                   "memory use 'mirror', or config.students.views for the "
+                   "students' views")
   STRATEGIES.check(c.students.strategy)
   distributed.validate(c.distributed, n)
   mesh_lib.validate(c.mesh)

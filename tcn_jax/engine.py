@@ -139,14 +139,18 @@ def _pad_host(tree, padded):
 
 
 def _scan_fn(member_step, num_members: int, strategy: str, resident: bool,
-             target_fn=None):
+             target_fn=None, view=None):
   """`run(state, data, keys, epoch, offset, context) -> (state, metrics
   (steps, members))`, a scan over the batches of `data`: (x, targets,
-  order) gathered on device (`resident`) or fed (xs, ts). target_fn(context,
-  xb) -> a dict of (members, batch, ...) targets computed from each batch
-  (online features) is added to its targets."""
+  order) gathered on device (`resident`) or fed (xs, ts). view = (fn,
+  seed): each batch is replaced by fn(key, xb), key depending only on
+  (seed, epoch, step), so every member sees the same view. target_fn(
+  context, xb) -> a dict of (members, batch, ...) targets computed from
+  each (viewed) batch (online features) is added to its targets."""
   def run(state, data, keys, epoch, offset, context):
     epoch_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, epoch + 1)
+    if view is not None:
+      view_key = jax.random.fold_in(jax.random.key(view[1]), epoch)
     if resident:
       x, targets, order = data
       inputs = (order, offset + jnp.arange(order.shape[0]))
@@ -159,6 +163,8 @@ def _scan_fn(member_step, num_members: int, strategy: str, resident: bool,
         xb, tb = x[idx], jax.tree_util.tree_map(lambda t: t[:, idx], targets)
       else:
         xb, tb, i = inp
+      if view is not None:
+        xb = view[0](jax.random.fold_in(view_key, i), xb)
       if target_fn is not None:
         tb = {**tb, **target_fn(context, xb)}
       return xb, tb, jax.vmap(jax.random.fold_in, (0, None))(epoch_keys, i)
@@ -186,17 +192,18 @@ class Trainer:
   (state, metrics)`: trains a group's stacked `state` on `batches`
   (`Resident` or `Fed`) in one compiled program per batch layout, on
   `group_mesh(strategy, mesh)`. keys: the members' keys (`member_keys`);
+  view: (fn(key, x) -> x, seed), each batch's random view (`_scan_fn`);
   context: the argument of target_fn (e.g. a frozen teacher's variables),
   placed once while the same object. Runs asynchronously: the metrics, a
   dict of (steps, members), are device arrays (read them to wait). The
   state is donated; it comes back in the layout's `state_spec`."""
 
   def __init__(self, member_step, num_members: int, strategy: str,
-               mesh=None, target_fn=None):
+               mesh=None, target_fn=None, view=None):
     self.member_step, self.num_members = member_step, num_members
     self.strategy = resolve_strategy(strategy)
     self.mesh = group_mesh(strategy, mesh)
-    self.target_fn = target_fn
+    self.target_fn, self.view = target_fn, view
     self._programs, self._placed = {}, {}
 
   def layout(self, batch_size: int) -> mesh_lib.Layout:
@@ -214,7 +221,7 @@ class Trainer:
                      f'{"/".join(layout.batch_axes)} axes (config.mesh)')
     local = 'vmap' if layout.member_axis else self.strategy
     body = _scan_fn(self.member_step, layout.padded, local, resident,
-                    self.target_fn)
+                    self.target_fn, self.view)
     members = layout.sharding(layout.member_axis)
     data = layout.sharding() if resident else (
         layout.sharding(None, layout.batch_axes),
@@ -338,3 +345,4 @@ def make_apply_fn(apply_fn, num_members: int, strategy: str, mesh=None):
         :num_members, :len(x)]
 
   return apply
+

@@ -24,6 +24,7 @@ from tcn_jax import models
 from tcn_jax import mesh as mesh_lib
 from tcn_jax import record
 from tcn_jax import workdir as workdir_lib
+from tcn_jax.errors import TCNError
 
 
 def teacher_features(teacher, variables, x,
@@ -73,6 +74,10 @@ def choose_mode(run: record.Run) -> tuple[str, str]:
   mode = c.students.features or 'cached'
   if mode != 'auto':
     return mode, 'config.students.features'
+  if given_teacher.kind(c) and c.students.views:
+    raise TCNError(f'config.students.views={c.students.views!r} needs the '
+                   'teacher run online, on each view; a given teacher '
+                   f'({given_teacher.kind(c)}) is not: set students.views=""')
   if given_teacher.kind(c):   # Runs on the host, outside the students' step.
     return 'cached', 'a given teacher (ONNX, precomputed) is not run online'
   dim = models.output_shape(c.teacher.body, x.shape[1:], c.layers_impl,
@@ -84,6 +89,9 @@ def choose_mode(run: record.Run) -> tuple[str, str]:
     return 'cached', 'KDGAN needs cached features'
   if isinstance(x, input_pipeline.Stream) and x.transform.augments:
     return 'online', 'the training images are augmented every epoch'
+  if c.students.views:
+    return 'online', (f'the students see views {c.students.views!r} '
+                      '(config.students.views)')
   if mb > limit:
     return 'online', (f'they would take {mb:.0f} MB, over '
                       f'data.memory_limit_mb={limit}')

@@ -63,9 +63,14 @@ class OnlineTargets:
   """Targets computed from each batch inside the step: fn(context, x) ->
   a dict of (members, B, ...) targets, e.g. a frozen teacher's features of
   the (augmented) batch; `context` (the teacher's variables) is an
-  argument of the compiled step, not a constant folded into it."""
+  argument of the compiled step, not a constant folded into it. view(key,
+  x) -> x, if given, first replaces each batch by a random view of it
+  drawn on device from (view_seed, epoch, step) (`augment.view`), which
+  the targets and every member then see."""
   fn: Callable[[Any, Any], dict]
   context: Any
+  view: Callable[[Any, Any], Any] | None = None
+  view_seed: int = 0
 
 
 def fit(stage_dir, *, name, model, loss, tx, variables, x, targets, ids,
@@ -174,16 +179,20 @@ class _Streamed:
         self.seed, epoch, self.batch_size, train=True, state=position,
         process=self.process)
     step = step0
-    while step < self.steps:
-      end = min(step + self.k, self.steps)
-      if self.every:
-        end = min(end, (step // self.every + 1) * self.every)
-      chunk = [next(batches) for _ in range(end - step)]
-      index = np.stack([b['index'] for b in chunk])
-      yield step, engine.Fed(np.stack([b['image'] for b in chunk]),
-                             _take(self.targets, index) if self.targets
-                             else {}, **self.feed)
-      step = end
+    try:
+      while step < self.steps:
+        end = min(step + self.k, self.steps)
+        if self.every:
+          end = min(end, (step // self.every + 1) * self.every)
+        chunk = [next(batches) for _ in range(end - step)]
+        index = np.stack([b['index'] for b in chunk])
+        yield step, engine.Fed(np.stack([b['image'] for b in chunk]),
+                               _take(self.targets, index) if self.targets
+                               else {}, **self.feed)
+        step = end
+    finally:   # Its batches are all taken: workers and buffers go now.
+      if hasattr(batches, 'close'):
+        batches.close()
 
   def position(self):
     return self._batches.get_state()
@@ -202,15 +211,17 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
   val_metric(pred, target) per member after each epoch. Without stage_dir
   nothing is saved; without writer nothing goes to TensorBoard. x: arrays
   or a `input_pipeline.Stream`; a target_fn (`OnlineTargets`) adds targets
-  computed from each batch (arrays are then read as a Stream). On a mesh
+  computed from each batch (and may view each batch first). On a mesh
   of several devices (`mesh.use`) the state lives there as global arrays
   (what is checkpointed). Returns (state as numpy, history, training
   seconds).
   """
   n = len(ids)
   check_inputs(name, epochs, x, targets)
-  trainer = engine.Trainer(member_step, n, strategy,
-                           target_fn=target_fn and target_fn.fn)
+  trainer = engine.Trainer(
+      member_step, n, strategy, target_fn=target_fn and target_fn.fn,
+      view=None if target_fn is None or target_fn.view is None else (
+          target_fn.view, target_fn.view_seed))
   layout = trainer.layout(batch_size)
   abstract = layout.abstract_state
   with contextlib.ExitStack() as stack:
@@ -224,8 +235,6 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
       logging.info('[%s] resuming after epoch %d/%d', name, start, epochs)
     if start >= epochs:
       return mesh_lib.to_host(state), history, seconds
-    if target_fn is not None and not isinstance(x, input_pipeline.Stream):
-      x = input_pipeline.Stream(input_pipeline.ArraySource(x))
     source = (_Streamed(x, targets, batch_size, seed, layout)
               if isinstance(x, input_pipeline.Stream)
               else _Arrays(x, targets, batch_size, seed))

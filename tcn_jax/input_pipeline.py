@@ -510,7 +510,12 @@ class Stream:
     it = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=self.threads, prefetch_buffer_size=max(self.prefetch, 1)
         * batch_size))
-    if self.workers:
+    if self.workers:   # Batches come back pickled through a pipe, not in
+      # shared memory: a block Grain has in flight when an iterator is
+      # closed mid-epoch (Ctrl-C) can outlive the run (the resource tracker
+      # then warns of it), and a pipe costs one copy of the batch.
+      it = grain.experimental.WithOptionsIterDataset(
+          it, grain.experimental.DatasetOptions(min_shm_size=NO_SHARED_MEMORY))
       it = it.mp_prefetch(grain.MultiprocessingOptions(
           num_workers=self.workers, per_worker_buffer_size=self.prefetch))
     return it
@@ -567,9 +572,15 @@ class _SigintBlocked:
     signal.pthread_sigmask(signal.SIG_SETMASK, self._old)
 
 
+# Grain's `min_shm_size` above which worker batches would travel in shared
+# memory: none does.
+NO_SHARED_MEMORY = 1 << 62
+
+
 class _Workers:
   """A Grain iterator with worker processes: every step runs with SIGINT
-  blocked (`_SigintBlocked`); get_state, set_state and close pass through."""
+  blocked (`_SigintBlocked`); get_state, set_state and close pass
+  through."""
 
   def __init__(self, make):
     with _SigintBlocked():

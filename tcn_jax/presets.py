@@ -142,6 +142,16 @@ def _best(c):
   c.students.epochs = 20
 
 
+@register('consistent', "'best', with each student batch a random view "
+          '(padded crop, flip, mixup) on device and the teacher\'s features '
+          'of the same view computed online; 100 cosine student epochs '
+          '(Beyer et al. 2022)', False, ('fashion_mnist',))
+def _consistent(c):
+  PRESETS.get('best').apply(c)
+  c.students.views, c.students.features = 'pad_crop_flip_mixup', 'online'
+  c.students.epochs = 100
+
+
 def apply(c: Config, preset: str,
           extra: dict[str, Callable[[Config], None]] | None = None) -> Config:
   """Applies the comma-separated `preset` names to `c` in order, 'smoke'

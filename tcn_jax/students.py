@@ -8,6 +8,7 @@ an adversarial term against a discriminator each (`tcn_jax.gan`). On a mesh
 its 'students' axis; students never communicate.
 """
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -45,9 +46,15 @@ def _targets(loss_name, encoded, chunks, bounds, member_ids, lazy=False):
   return targets
 
 
-def _online_targets(online, loss_name, bounds, member_ids):
+# The views' random stream, apart from the members' (init, dropout).
+VIEW_STREAM = 0x76696577
+
+
+def _online_targets(online, loss_name, bounds, member_ids, seed):
   """The group's targets computed inside its step from the batch: the frozen
-  teacher's features (inference mode), encoded and cut as `_targets`."""
+  teacher's features (inference mode), encoded and cut as `_targets`; with
+  online['views'] (an augmentation's name), of each batch's random view
+  (`augment.view`), the one every student is trained on."""
   teacher = online['teacher']
   needs_feature = losses.STUDENT_LOSSES.get(loss_name).needs_feature
 
@@ -63,10 +70,15 @@ def _online_targets(online, loss_name, bounds, member_ids):
     return targets
 
   basis = online['chunker'].basis
+  views = online.get('views') or ''
   return fit.OnlineTargets(fn, {
       'teacher': online['variables'],
       'basis': None if basis is None else {k: jnp.asarray(v)
-                                           for k, v in basis.items()}})
+                                           for k, v in basis.items()}},
+      view=functools.partial(augment.view, augment.check_view(views))
+      if views else None,
+      view_seed=int(np.random.SeedSequence([seed, VIEW_STREAM])
+                    .generate_state(1)[0]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +125,10 @@ class Objective:
       head_variables, weight, temperature, chunker).
     gan: None for FF students, or a dict of GAN settings (`gan_settings`).
     online: None (targets are `features`), or the frozen teacher computing
-      them from each batch: {'teacher', 'variables', 'chunker'}.
+      them from each batch: {'teacher', 'variables', 'chunker'} and
+      optionally 'views', an augmentation's name (`augment.view`): each
+      batch is replaced on device by a random view of it, the teacher's
+      features computed from the same view.
   """
   loss: str = 'mse'
   loss_context: Any = None
@@ -216,7 +231,7 @@ def train_students(specs, x, features, num_students, *, epochs,
         name=stage_name(group.member_ids), x=x, ids=group.member_ids,
         targets=targets if online is None else {},
         target_fn=online and _online_targets(online, loss, bounds,
-                                             group.member_ids),
+                                             group.member_ids, seed),
         epochs=epochs, batch_size=batch_size, seed=seed, strategy=strategy,
         val_x=val_x, val_metric=metrics.mse, writer=writer,
         val_targets=np.stack([val_chunks[i] for i in group.member_ids]))
@@ -285,8 +300,8 @@ def key(run: record.Run, features_key: str) -> str:
       stage='students', features=features_key, n=c.num_students,
       method=c.method, chunking=c.chunking, pca_assignment=c.pca_assignment,
       students={**{k: v for k, v in c.students.to_dict().items()
-                   if v or k != 'features'},   # Keys from before the field.
-                'augment': augment.key_name(c.data.augment)},
+                   if v or k not in ('features', 'views')},   # Keys from
+                'augment': augment.key_name(c.data.augment)},   # before them.
       gan=c.gan.to_dict() if c.method == 'gan' else None,
       layers_impl=c.layers_impl, seed=c.seed, data=run.data_key,
       **workdir_lib.dtype_key(c))
@@ -329,7 +344,8 @@ def run_stage(run: record.Run, shared: dict,
   online = None
   if targets is None:   # Online features (features.run_stage chose).
     online = {'teacher': teacher_lib.model(run),
-              'variables': shared['teacher'], 'chunker': chunker}
+              'variables': shared['teacher'], 'chunker': chunker,
+              'views': s.views}
   if augment.get(c.data.augment).mirrored_copies:   # With their features.
     x = np.concatenate([x, augment.hflip(x)])
     if online is None:
