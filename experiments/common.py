@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import shlex
 import sys
 
@@ -152,3 +153,21 @@ def num(v):
   if v >= 1e3:
     return f'{v / 1e3:.2f}k'
   return f'{v:.0f}'
+
+
+def machine() -> dict:
+  """The CPU this process runs on, as `lscpu` names it: model, cores and
+  the vector extensions XLA:CPU can use (timings compare only on one)."""
+  info = {'cpu': platform.processor() or platform.machine(),
+          'cores': os.cpu_count()}
+  try:
+    with open('/proc/cpuinfo') as f:
+      text = f.read()
+    info['cpu'] = text.split('model name')[1].split(':', 1)[1].split('\n')[0]
+    flags = text.split('\nflags')[1].split(':', 1)[1].split('\n')[0].split()
+    info['avx512'] = 'avx512f' in flags
+    info['avx2'] = 'avx2' in flags
+  except (OSError, IndexError):
+    pass
+  info['cpu'] = info['cpu'].strip()
+  return info

@@ -192,6 +192,11 @@ def base_config() -> ml_collections.ConfigDict:
       # features are then computed online from the same view (preset
       # 'consistent'). The data stay in memory; the teacher is unchanged.
       views='',
+      # After each student epoch, the assembled TCN with the teacher's frozen
+      # head scored on val and test (history and results.json
+      # 'students_curve': patience curves; recipes are chosen on val). Needs
+      # identical student architectures; trains the same.
+      eval_tcn=False,
       # Not in the paper (off): + logit_weight * T^2 * KL between the
       # teacher's logits and its frozen head on the feature with this
       # student's chunk swapped in (losses.logit_matching).

@@ -75,7 +75,7 @@ class OnlineTargets:
 
 def fit(stage_dir, *, name, model, loss, tx, variables, x, targets, ids,
         epochs, batch_size, seed, strategy, val_x, val_targets, val_metric,
-        writer, weight_decay=0.0, target_fn=None):
+        writer, weight_decay=0.0, target_fn=None, evaluate=None):
   """Gradient descent on loss(model(x), target dict) (+ weight_decay * the
   L2 of the kernels) for a stacked group of Flax `variables`; BatchNorm statistics
   and other mutable collections update in train mode. See `fit_group`.
@@ -106,7 +106,8 @@ def fit(stage_dir, *, name, model, loss, tx, variables, x, targets, ids,
       state=state, predict=lambda s, xb: model.apply(s.variables(), xb),
       x=x, targets=targets, ids=ids, epochs=epochs, batch_size=batch_size,
       seed=seed, strategy=strategy, val_x=val_x, val_targets=val_targets,
-      val_metric=val_metric, writer=writer, target_fn=target_fn)
+      val_metric=val_metric, writer=writer, target_fn=target_fn,
+      evaluate=evaluate)
   return state.variables(), history, seconds
 
 
@@ -200,7 +201,7 @@ class _Streamed:
 
 def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
               epochs, batch_size, seed, strategy, val_x, val_targets,
-              val_metric, writer, target_fn=None):
+              val_metric, writer, target_fn=None, evaluate=None):
   """Trains a stacked group for `epochs` with the engine, resuming from
   `stage_dir` (per-epoch checkpoints of the whole state).
 
@@ -211,7 +212,10 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
   val_metric(pred, target) per member after each epoch. Without stage_dir
   nothing is saved; without writer nothing goes to TensorBoard. x: arrays
   or a `input_pipeline.Stream`; a target_fn (`OnlineTargets`) adds targets
-  computed from each batch (and may view each batch first). On a mesh
+  computed from each batch (and may view each batch first). evaluate(
+  outputs) -> a dict of scalars, with outputs(x) -> (members, B, ...) the
+  group's predictions, runs after each epoch (e.g. the assembled TCN's
+  accuracy): its values join the epoch's record and progress. On a mesh
   of several devices (`mesh.use`) the state lives there as global arrays
   (what is checkpointed). Returns (state as numpy, history, training
   seconds).
@@ -283,6 +287,8 @@ def fit_group(stage_dir, *, name, member_step, state, predict, x, targets, ids,
             record, losses = metrics.epoch_record(
                 name, epoch, ids, step_metrics, apply, state, val_x,
                 val_targets, val_metric, seconds, t0, stage_dir, bool(ckpt))
+            if evaluate is not None:
+              record.update(evaluate(lambda xb, s=state: apply(s, xb)))
             seconds = record['seconds']
             history.append(record)
             if ckpt:

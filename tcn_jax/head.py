@@ -55,14 +55,15 @@ def finetune_head(tcn, ds, *, epochs, batch_size=128, optimizer='adam',
 
   Returns:
     (tcn with the new head, info) with info = {'test_acc_before',
-    'test_acc_after', 'history', 'seconds'}.
+    'test_acc_after', 'val_acc_before', 'val_acc_after', 'history',
+    'seconds'}.
   """
   inputs.epochs('finetune_head', epochs)
   stage_dir = workdir and os.path.join(workdir, 'head')
-  # A finished head (resume) needs only the test outputs.
+  # A finished head (resume) needs only the val and test outputs.
   splits = ('train', 'val', 'test')
   if checkpoint.finished_epochs(stage_dir) >= epochs:
-    splits = ('test',)
+    splits = ('val', 'test')
   ds = inputs.dataset('finetune_head', ds, spec=tcn.groups[0].spec,
                       num_classes=tcn.num_classes, shape=tcn.input_shape,
                       splits=splits)
@@ -131,8 +132,9 @@ def _train(tcn, ds, feats, stage_dir, *, epochs, batch_size, optimizer,
   head = assemble.tcn_head(tcn)
   logits = lambda v, f: input_pipeline.batched(
       mesh_lib.forward(head.apply, v), f, eval_batch_size)
-  test_acc = lambda v: metrics.accuracy(logits(v, feats['test']), ds.test.y)
-  before = test_acc(tcn.head_variables)
+  acc = lambda v, split: metrics.accuracy(logits(v, feats[split]),
+                                         getattr(ds, split).y)
+  before = {s: acc(tcn.head_variables, s) for s in ('val', 'test')}
   seed = fit.stage_seed(seed, 'head')
   variables, history, seconds = fit.fit(
       stage_dir, name='head', model=head, loss=losses.classification,
@@ -147,8 +149,10 @@ def _train(tcn, ds, feats, stage_dir, *, epochs, batch_size, optimizer,
       val_metric=metrics.accuracy, writer=writer)
   tcn = dataclasses.replace(tcn,
                             head_variables=engine.unstack(variables, 1)[0])
-  after = test_acc(tcn.head_variables)
-  return tcn, {'test_acc_before': before, 'test_acc_after': after,
+  after = {s: acc(tcn.head_variables, s) for s in ('val', 'test')}
+  return tcn, {'test_acc_before': before['test'],
+               'test_acc_after': after['test'],
+               'val_acc_before': before['val'], 'val_acc_after': after['val'],
                'history': history, 'seconds': seconds}
 
 

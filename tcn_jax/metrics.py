@@ -137,13 +137,16 @@ def epoch_record(name, epoch, ids, step_metrics, apply, state, val_x,
 
 def report_epoch(name, ids, record, losses, writer, progress):
   """An epoch's record to TensorBoard (per member) and to the progress."""
+  scores = {k: v for k, v in record.items() if k.startswith('tcn_')}
   if writer:
     writer.scalars(record['epoch'], {
-        f'{name}/{k}/{i}': v for k, vs in record.items()
-        if k.startswith('train_') or k == 'val' for i, v in zip(ids, vs)})
+        **{f'{name}/{k}/{i}': v for k, vs in record.items()
+           if k.startswith('train_') or k == 'val' for i, v in zip(ids, vs)},
+        **{f'students/{k}': v for k, v in scores.items()}})
   progress.epoch(record['epoch'],
                  {'loss': float(losses[-len(losses) // 10 - 1:].mean()),
-                  _val_label.get(name, 'val'): float(np.mean(record['val']))})
+                  _val_label.get(name, 'val'): float(np.mean(record['val'])),
+                  **scores})
 
 
 def set_progress(mode: str) -> str:

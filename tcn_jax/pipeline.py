@@ -341,6 +341,10 @@ def _results(run, teacher, students, head, baselines_out, wall):
       'student_val_mse': [h[-1] if h else None for h in info['val_mse']],
       'tcn_test_acc_before_finetune': head.info['test_acc_before'],
       'tcn_test_acc_after_finetune': head.info['test_acc_after'],
+      # The validation split's, for choosing a recipe (e.g. whether to
+      # fine-tune the head).
+      'tcn_val_acc_before_finetune': head.info['val_acc_before'],
+      'tcn_val_acc_after_finetune': head.info['val_acc_after'],
       # The paper's Table 3 for this dataset, method and n (%).
       'paper': {'tcn': paper.tcn_accuracy(c.data.name, c.method, n),
                 'teacher': paper.teacher_accuracy(c.data.name)},
@@ -359,6 +363,11 @@ def _results(run, teacher, students, head, baselines_out, wall):
                         'students': info['seconds'],
                         'head': head.info['seconds']},
   }
+  curve = [{k: v for k, v in r.items() if k in ('epoch', 'seconds')
+            or k.startswith('tcn_')} for r in info['history'][0]
+           if any(k.startswith('tcn_') for k in r)] if info['history'] else []
+  if curve:   # config.students.eval_tcn: the TCN after each student epoch.
+    results['students_curve'] = curve
   if distributed.process_count() > 1:
     results['distributed'] = {'num_processes': distributed.process_count()}
   return results

@@ -12,6 +12,7 @@ import functools
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -140,7 +141,7 @@ def train_students(specs, x, features, num_students, *, epochs,
                    batch_size=128, optimizer: Optimizer = Optimizer(),
                    nets: Nets = Nets(), objective: Objective = Objective(),
                    val=None, seed=0, strategy='auto', workdir=None,
-                   writer=None, members=None):
+                   writer=None, members=None, evaluate=None):
   """Trains n students on the n contiguous chunks of `features`.
 
   Args:
@@ -161,6 +162,10 @@ def train_students(specs, x, features, num_students, *, epochs,
     writer: optional TensorBoard writer.
     members: train only these member ids; the groups returned hold only
       them.
+    evaluate: optional evaluate(outputs) -> a dict of scalars after each
+      epoch, outputs(x) -> (B, D) every student's output concatenated in
+      chunk order (e.g. the TCN's accuracy through a head); only when one
+      group trains every student (identical architectures), else unused.
 
   Returns:
     (groups, info): `assemble.StudentGroup`s with trained variables; info =
@@ -216,6 +221,10 @@ def train_students(specs, x, features, num_students, *, epochs,
                       epochs=epochs, steps_per_epoch=len(x) // batch_size)
   tx = optim.make_optimizer(optimizer.name, lr, 'config.students.optimizer')
   val_mse, histories, seconds = {}, [], 0.0
+  whole = len(groups) == 1 and (members is None
+                                or set(members) >= set(range(num_students)))
+  evaluate_group = evaluate and whole and (
+      lambda outputs: evaluate(lambda xb: _concatenate(outputs(xb))))
   for gi, group in enumerate(groups):
     if members is not None:   # gi stays the index among all groups.
       group.member_ids = [m for m in group.member_ids if m in members]
@@ -234,7 +243,8 @@ def train_students(specs, x, features, num_students, *, epochs,
                                              group.member_ids, seed),
         epochs=epochs, batch_size=batch_size, seed=seed, strategy=strategy,
         val_x=val_x, val_metric=metrics.mse, writer=writer,
-        val_targets=np.stack([val_chunks[i] for i in group.member_ids]))
+        val_targets=np.stack([val_chunks[i] for i in group.member_ids]),
+        evaluate=evaluate_group or None)
     stage_dir = workdir and os.path.join(workdir, 'students',
                                          f'group{gi}')
     if gan is None:
@@ -269,6 +279,11 @@ def train_students(specs, x, features, num_students, *, epochs,
                   'history': histories, 'seconds': seconds}
 
 
+def _concatenate(outputs):
+  """(members, B, d) outputs -> (B, members * d), member 0's first."""
+  return jnp.concatenate(list(outputs), axis=-1)
+
+
 def stage_name(ids) -> str:
   """A student group's name in logs and progress, by its members' ids (from
   0): `students[3]`, `students[0,1]`, `students[0-7]` (a run of 3 or more),
@@ -300,7 +315,8 @@ def key(run: record.Run, features_key: str) -> str:
       stage='students', features=features_key, n=c.num_students,
       method=c.method, chunking=c.chunking, pca_assignment=c.pca_assignment,
       students={**{k: v for k, v in c.students.to_dict().items()
-                   if v or k not in ('features', 'views')},   # Keys from
+                   if k != 'eval_tcn'   # Scores only: trains the same.
+                   and (v or k not in ('features', 'views'))},   # Keys from
                 'augment': augment.key_name(c.data.augment)},   # before them.
       gan=c.gan.to_dict() if c.method == 'gan' else None,
       layers_impl=c.layers_impl, seed=c.seed, data=run.data_key,
@@ -350,6 +366,16 @@ def run_stage(run: record.Run, shared: dict,
     x = np.concatenate([x, augment.hflip(x)])
     if online is None:
       targets = np.concatenate([targets, shared['train_flip']])
+  evaluate = None
+  if s.eval_tcn:   # The TCN with the teacher's frozen head, per epoch.
+    head, head_variables = context['head'], context['head_variables']
+    logits = jax.jit(lambda f: head.apply(head_variables, chunker.decode(f)))
+
+    def evaluate(outputs):
+      return {f'tcn_{split}_acc': metrics.accuracy(input_pipeline.batched(
+          lambda xb: logits(outputs(xb)), getattr(ds, split).x,
+          c.eval_batch_size), getattr(ds, split).y) for split in ('val',
+                                                                  'test')}
   groups, info = train_students(
       specs, x, targets, c.num_students, epochs=s.epochs,
       batch_size=s.batch_size,
@@ -358,5 +384,5 @@ def run_stage(run: record.Run, shared: dict,
       nets=Nets(s.out_relu, s.init, c.layers_impl, models.compute_dtype(c)),
       objective=Objective(s.loss, context, gan_settings(c), online),
       val=(ds.val.x, shared['val']), seed=c.seed, strategy=s.strategy,
-      workdir=run.workdir or None, writer=run.writer)
+      workdir=run.workdir or None, writer=run.writer, evaluate=evaluate)
   return record.Students(groups, chunker, info, shared['key'])

@@ -133,3 +133,25 @@ def test_online_views_train_students_in_memory_deterministically():
   assert any(not np.array_equal(a, b) for a, b in zip(runs[0][0],
                                                       runs[2][0]))
   assert np.all(np.isfinite(runs[0][1]['val_mse']))
+
+
+def test_evaluate_sees_every_student_after_each_epoch():
+  """train_students(evaluate=...) runs after each epoch on all students'
+  concatenated outputs; after the last it is what the trained students give
+  (the TCN curve's last point is the TCN before head fine-tuning)."""
+  from tcn_jax import students  # pylint: disable=g-import-not-at-top
+  x = np.random.default_rng(2).random((48, 8, 8, 1)).astype(np.float32)
+  f = np.random.default_rng(3).random((48, 6)).astype(np.float32)
+  probe = x[:5]
+  seen = []
+  groups, info = students.train_students(
+      'C4 MP F D8r', x, f, 2, epochs=3, batch_size=16, val=(x[:8], f[:8]),
+      evaluate=lambda outputs: seen.append(np.asarray(outputs(probe))) or {
+          'tcn_probe': float(len(seen))})
+  assert len(seen) == 3 and seen[0].shape == (5, 6)
+  assert [h['tcn_probe'] for h in info['history'][0]] == [1.0, 2.0, 3.0]
+  model = groups[0].model('auto', None)
+  final = [np.asarray(model.apply(jax.tree_util.tree_map(lambda a, i=i: a[i],
+                                                         groups[0].variables),
+                                  probe)) for i in range(2)]
+  np.testing.assert_allclose(seen[-1], np.concatenate(final, -1), atol=1e-6)

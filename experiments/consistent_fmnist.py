@@ -1,0 +1,119 @@
+"""Consistent, patient distillation on Fashion-MNIST: the `:consistent`
+recipe beside today's cached-feature `:best`, from one trained teacher.
+
+Every run takes the teacher of `--teacher` (a finished `:best` workdir, e.g.
+README command 1's; `teacher.init_from`), so only the students and the head
+train, and scores the assembled TCN with the teacher's frozen head on
+validation and test after every student epoch (`students.eval_tcn`: the
+"patience" curve). Runs go one after another in the background-friendly
+way of the command line: rerunning the same command resumes each from its
+checkpoints.
+
+  python -m experiments.consistent_fmnist --teacher runs/fmnist --root /data/consistent --runs best_s0,consistent_s0
+  python -m experiments.consistent_fmnist --root /data/consistent --report
+
+Runs: `<recipe>_s<seed>` with recipe one of RECIPES. The head is chosen on
+validation per run (fine-tuned or the teacher's frozen one, whichever
+scores higher on val), and that head's test accuracy is the run's result.
+Writes experiments/results/consistent_fmnist_cpu.{md,json}.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+from experiments import common
+
+FMNIST = os.path.join(common.REPO, 'configs', 'fashion_mnist.py')
+RECIPES = {
+    'best': ['best'],
+    'consistent': ['consistent'],
+    'consistent_n4': ['consistent', '--config.num_students=4'],
+    'consistent_n8': ['consistent,slim', '--config.num_students=8'],
+}
+
+
+def command(name, teacher, root):
+  recipe, seed = re.fullmatch(r'(\w+?)_s(\d+)', name).groups()
+  preset, *extra = RECIPES[recipe]
+  return [sys.executable, '-m', 'tcn_jax.main',
+          f'--config={FMNIST}:{preset}', f'--workdir={os.path.join(root, name)}',
+          f'--config.teacher.init_from={teacher}', f'--config.seed={seed}',
+          '--config.students.eval_tcn=True', *extra]
+
+
+def report(root):
+  rows = {}
+  for name in sorted(os.listdir(root)):
+    path = os.path.join(root, name, 'results.json')
+    if not os.path.exists(path):
+      continue
+    r = json.load(open(path))
+    tuned = r['tcn_val_acc_after_finetune'] > r['tcn_val_acc_before_finetune']
+    epochs = len(r.get('students_curve', []))
+    rows[name] = {
+        'num_students': r['num_students'],
+        'student_params': r['params']['students_total'],
+        'teacher_test_acc': r['teacher_test_acc'],
+        'head': 'fine-tuned' if tuned else 'frozen (teacher\'s)',
+        'val_acc': r['tcn_val_acc_after_finetune' if tuned
+                     else 'tcn_val_acc_before_finetune'],
+        'test_acc': r['tcn_test_acc_after_finetune' if tuned
+                      else 'tcn_test_acc_before_finetune'],
+        'val_acc_before_after_finetune': [r['tcn_val_acc_before_finetune'],
+                                          r['tcn_val_acc_after_finetune']],
+        'student_epochs': epochs,
+        'student_seconds_per_epoch': r['train_seconds']['students']
+                                     / max(epochs, 1),
+        'curve': r.get('students_curve', []),
+        'digests': r['digests'],
+    }
+  out = os.path.join(common.RESULTS, 'consistent_fmnist_cpu')
+  with open(out + '.json', 'w') as f:
+    json.dump({'machine': common.machine(), 'root': root, 'runs': rows}, f,
+              indent=1)
+  m = common.machine()
+  lines = ['# Consistent, patient distillation on Fashion-MNIST', '',
+           f'Machine: {m.get("cpu")}, {m.get("cores")} cores, AVX-512: '
+           f'{m.get("avx512")}. Commands: '
+           '`python -m experiments.consistent_fmnist --teacher T --root R '
+           '--runs NAME` (see the module).', '',
+           '| run | n | student params | head (chosen on val) | val | test '
+           '| teacher test | s / student epoch | epochs |',
+           '|---|---|---|---|---|---|---|---|---|']
+  for name, r in rows.items():
+    lines.append(
+        f'| {name} | {r["num_students"]} | {r["student_params"]:,} | '
+        f'{r["head"]} | {100 * r["val_acc"]:.2f} | {100 * r["test_acc"]:.2f}'
+        f' | {100 * r["teacher_test_acc"]:.2f} | '
+        f'{r["student_seconds_per_epoch"]:.0f} | {r["student_epochs"]} |')
+  lines += ['', '## Curves: the TCN (teacher\'s frozen head) after each '
+            'student epoch, val / test %', '']
+  for name, r in rows.items():
+    lines.append(f'- {name}: ' + ', '.join(
+        f'{p["epoch"]}: {100 * p["tcn_val_acc"]:.2f} / '
+        f'{100 * p["tcn_test_acc"]:.2f}' for p in r['curve']))
+  with open(out + '.md', 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--teacher', help='a finished `:best` workdir')
+  parser.add_argument('--root', required=True, help='where runs go')
+  parser.add_argument('--runs', default='', help='comma-separated names')
+  parser.add_argument('--report', action='store_true')
+  args = parser.parse_args()
+  for name in filter(None, args.runs.split(',')):
+    cmd = command(name, args.teacher, args.root)
+    print(' '.join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=common.REPO)
+  if args.report:
+    report(args.root)
+
+
+if __name__ == '__main__':
+  main()
