@@ -44,7 +44,8 @@ def command(name, teacher, root):
           '--config.students.eval_tcn=True', *extra]
 
 
-def report(root):
+def report(root, out=os.path.join(common.RESULTS, 'consistent_fmnist_cpu')):
+  """Every finished run under `root` into `out`.{md,json}."""
   rows = {}
   for name in sorted(os.listdir(root)):
     path = os.path.join(root, name, 'results.json')
@@ -70,7 +71,6 @@ def report(root):
         'curve': r.get('students_curve', []),
         'digests': r['digests'],
     }
-  out = os.path.join(common.RESULTS, 'consistent_fmnist_cpu')
   with open(out + '.json', 'w') as f:
     json.dump({'machine': common.machine(), 'root': root, 'runs': rows}, f,
               indent=1)

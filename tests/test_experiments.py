@@ -12,5 +12,6 @@ from helpers import ROOT
 with contextlib.ExitStack() as _stack:
   if importlib.util.find_spec('experiments') is None:   # Not installed.
     _stack.enter_context(pytest.MonkeyPatch.context()).syspath_prepend(ROOT)
+  from experiments.tests.test_consistent import *  # pylint: disable=wildcard-import,unused-wildcard-import  # noqa: F401,F403
   from experiments.tests.test_grid_launcher import *  # pylint: disable=wildcard-import,unused-wildcard-import  # noqa: F401,F403
   from experiments.tests.test_tables import *  # pylint: disable=wildcard-import,unused-wildcard-import  # noqa: F401,F403

@@ -1,0 +1,51 @@
+"""experiments.consistent_fmnist: its commands and its report (the head
+chosen on validation, its test accuracy reported)."""
+import json
+import os
+
+from experiments import consistent_fmnist
+
+
+def _results(val_before, val_after, test_before, test_after):
+  return {'num_students': 2, 'params': {'students_total': 51904},
+          'teacher_test_acc': 0.9239,
+          'tcn_val_acc_before_finetune': val_before,
+          'tcn_val_acc_after_finetune': val_after,
+          'tcn_test_acc_before_finetune': test_before,
+          'tcn_test_acc_after_finetune': test_after,
+          'train_seconds': {'students': 100.0},
+          'students_curve': [{'epoch': 1, 'seconds': 50.0,
+                              'tcn_val_acc': 0.8, 'tcn_test_acc': 0.79},
+                             {'epoch': 2, 'seconds': 100.0,
+                              'tcn_val_acc': val_before,
+                              'tcn_test_acc': test_before}],
+          'digests': {'teacher': 't', 'tcn': 'x'}}
+
+
+def test_report_chooses_the_head_on_validation(tmp_path):
+  root = tmp_path / 'runs'
+  for name, r in (('best_s0', _results(0.90, 0.91, 0.905, 0.902)),
+                  ('consistent_s0', _results(0.93, 0.92, 0.921, 0.925))):
+    os.makedirs(root / name)
+    (root / name / 'results.json').write_text(json.dumps(r))
+  os.makedirs(root / 'consistent_s1')   # Not finished: left out.
+  out = str(tmp_path / 'report')
+  consistent_fmnist.report(str(root), out)
+  runs = json.load(open(out + '.json'))['runs']
+  assert set(runs) == {'best_s0', 'consistent_s0'}
+  assert runs['best_s0']['head'] == 'fine-tuned'
+  assert runs['best_s0']['test_acc'] == 0.902   # Fine-tuned: val says so.
+  assert runs['consistent_s0']['head'].startswith('frozen')
+  assert runs['consistent_s0']['test_acc'] == 0.921
+  assert runs['consistent_s0']['student_seconds_per_epoch'] == 50.0
+  text = open(out + '.md').read()
+  assert '| consistent_s0 | 2 | 51,904 |' in text and '2: 93.00 / 92.10' in text
+
+
+def test_commands_take_the_teacher_and_score_each_epoch():
+  cmd = consistent_fmnist.command('consistent_n8_s1', '/t', '/r')
+  assert any(a.endswith('fashion_mnist.py:consistent,slim') for a in cmd)
+  assert '--config.num_students=8' in cmd and '--config.seed=1' in cmd
+  assert '--config.teacher.init_from=/t' in cmd
+  assert '--config.students.eval_tcn=True' in cmd
+  assert '--workdir=/r/consistent_n8_s1' in cmd
