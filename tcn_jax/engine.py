@@ -345,4 +345,3 @@ def make_apply_fn(apply_fn, num_members: int, strategy: str, mesh=None):
         :num_members, :len(x)]
 
   return apply
-
