@@ -106,20 +106,21 @@ def test_rerun_skips_finished_stages(run_dir):
 
 
 @pytest.mark.slow
-def test_finished_head_needs_only_test_outputs(run_dir):
-  """Resuming a finished head stage runs the students on the test split only
-  (train and val outputs are needed only to train the head)."""
+def test_finished_head_needs_no_train_outputs(run_dir):
+  """Resuming a finished head stage runs the students on the val and test
+  splits only (the train outputs are needed only to train the head; val
+  scores the head for choosing a recipe)."""
   config, workdir, r = run_dir
   _, tcn = assemble.load_tcn(os.path.join(workdir, 'tcn'))
   ds = data.load(config.data)
-  no_x = data.Split(x=None, y=ds.train.y)
-  test_only = dataclasses.replace(
-      ds, train=no_x, val=dataclasses.replace(no_x, y=ds.val.y))
+  no_train = dataclasses.replace(ds, train=data.Split(x=None, y=ds.train.y))
   _, info = head.finetune_head(
-      tcn, test_only, epochs=config_lib.resolve(config).head.epochs,
+      tcn, no_train, epochs=config_lib.resolve(config).head.epochs,
       batch_size=config.head.batch_size, workdir=workdir)
   assert info['test_acc_after'] == pytest.approx(
       r['tcn_test_acc_after_finetune'], abs=1e-6)
+  assert info['val_acc_after'] == pytest.approx(
+      r['tcn_val_acc_after_finetune'], abs=1e-6)
   assert checkpoint.finished_epochs(os.path.join(workdir, 'nothing')) == 0
   assert not os.path.exists(os.path.join(workdir, 'nothing'))
 
