@@ -11,7 +11,8 @@ and a third way, for the students alone (`config.students.views`):
 - on device: `view` changes every training batch inside the compiled step
   (a padded random crop, a flip, mixup between the batch's images), and the
   frozen teacher's features are computed online from the same view
-  ("consistent" distillation, Beyer et al. 2022). The data stay in memory.
+  ("consistent" distillation, Beyer et al. 2022). In-memory data stay on
+  device; a streamed split is viewed chunk by chunk the same way.
 
 A new augmentation is one `AUGMENTATIONS.register` here (what it does to an
 in-memory set, the Transform's flags it sets, or its fields `view` reads)

@@ -190,7 +190,7 @@ def base_config() -> ml_collections.ConfigDict:
       # augmentation drawn on device per step, by name (tcn_jax/augment.py:
       # 'flip', 'pad_crop_flip', 'pad_crop_flip_mixup'); the teacher's
       # features are then computed online from the same view (preset
-      # 'consistent'). The data stay in memory; the teacher is unchanged.
+      # 'consistent'). In memory or streamed; the teacher is unchanged.
       views='',
       # After each student epoch, the assembled TCN with the teacher's frozen
       # head scored on val and test (history and results.json
