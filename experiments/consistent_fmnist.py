@@ -39,7 +39,8 @@ def command(name, teacher, root):
   recipe, seed = re.fullmatch(r'(\w+?)_s(\d+)', name).groups()
   preset, *extra = RECIPES[recipe]
   return [sys.executable, '-m', 'tcn_jax.main',
-          f'--config={FMNIST}:{preset}', f'--workdir={os.path.join(root, name)}',
+          f'--config={FMNIST}:{preset}',
+          f'--workdir={os.path.join(root, name)}',
           f'--config.teacher.init_from={teacher}', f'--config.seed={seed}',
           '--config.students.eval_tcn=True', *extra]
 
