@@ -28,7 +28,6 @@ import os
 import statistics
 
 import jax
-import numpy as np
 
 from experiments import common
 from tcn_jax import chunking

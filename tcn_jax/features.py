@@ -15,7 +15,6 @@ import numpy as np
 
 from tcn_jax import augment
 from tcn_jax import checkpoint
-from tcn_jax import engine
 from tcn_jax import given_teacher
 from tcn_jax import input_pipeline
 from tcn_jax import inputs

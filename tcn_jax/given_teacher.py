@@ -182,8 +182,7 @@ def from_keras_file(run: record.Run) -> Given:
                            x.shape[1:], path)
   if problem:
     raise TCNError(problem)
-  teacher, variables = teacher_from_keras(model,
-                                                           x_example=x)
+  teacher, variables = teacher_from_keras(model, x_example=x)
   digest = onnx_teacher.file_digest(path)
   info = {'source': 'keras', 'path': path, 'digest': digest,
           'input_shape': [d for d in (shape[1:] if shape else [])],

@@ -579,8 +579,7 @@ NO_SHARED_MEMORY = 1 << 62
 
 class _Workers:
   """A Grain iterator with worker processes: every step runs with SIGINT
-  blocked (`_SigintBlocked`); get_state, set_state and close pass
-  through."""
+  blocked (`_SigintBlocked`); get_state, set_state and close pass through."""
 
   def __init__(self, make):
     with _SigintBlocked():
