@@ -4,15 +4,33 @@ import collections
 import copy
 import hashlib
 import os
+import shutil
+import tempfile
 
-import jax
-import pytest
+# One persistent XLA compilation cache per test session, set before JAX is
+# imported so the CLI subprocesses inherit it too. The suite's many tiny runs
+# compile the same programs over and over, and on a CPU compiling them is
+# most of their time; a hit returns the very executable a compile would, so
+# no result changes. The cache starts empty and is removed at the end.
+_XLA_CACHE = tempfile.mkdtemp(prefix='tcn_jax_test_xla_cache.')
+os.environ['JAX_COMPILATION_CACHE_DIR'] = _XLA_CACHE
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+
+import jax  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
+
+jax.config.update('jax_compilation_cache_dir', _XLA_CACHE)
 
 # Equivalence tests compare float32 results across code paths; accelerators
 # default to reduced-precision (TF32) matmuls and convolutions.
 jax.config.update('jax_default_matmul_precision', 'highest')
 
 from helpers import ROOT  # pylint: disable=g-import-not-at-top,unused-import
+
+
+def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
+  shutil.rmtree(_XLA_CACHE, ignore_errors=True)
 
 
 @pytest.fixture
@@ -37,6 +55,18 @@ def _files(workdir):
   return out
 
 
+def _shared_run(tmp_path_factory, name, config):
+  """Runs `config` once into a fresh workdir, yields (workdir, results), and
+  at the end of the session checks that no test changed either."""
+  from tcn_jax import pipeline  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp(name) / 'run')
+  results = pipeline.run(config, workdir)
+  files, kept = _files(workdir), copy.deepcopy(results)
+  yield workdir, results
+  assert _files(workdir) == files, f'a test changed the shared {name}'
+  assert results == kept, f"a test changed the shared {name}'s results"
+
+
 @pytest.fixture(scope='session')
 def tiny_run(tmp_path_factory):
   """A finished run of tiny_config(), built once per test session and shared:
@@ -44,10 +74,23 @@ def tiny_run(tmp_path_factory):
   change a finished run copies the workdir first (shutil.copytree). At the
   end of the session the workdir and the results are checked unchanged."""
   from helpers import tiny_config  # pylint: disable=g-import-not-at-top
-  from tcn_jax import pipeline  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path_factory.mktemp('tiny_run') / 'run')
-  results = pipeline.run(tiny_config(), workdir)
-  files, kept = _files(workdir), copy.deepcopy(results)
-  yield TinyRun(workdir, results)
-  assert _files(workdir) == files, 'a test changed the shared tiny run'
-  assert results == kept, "a test changed the shared tiny run's results"
+  for workdir, results in _shared_run(tmp_path_factory, 'tiny_run',
+                                      tiny_config()):
+    yield TinyRun(workdir, results)
+
+
+SmokeRun = collections.namedtuple('SmokeRun', 'config workdir results')
+
+
+@pytest.fixture(scope='session')
+def smoke_run(tmp_path_factory):
+  """A finished run of the smoke preset on real Fashion-MNIST (3,000 train
+  images, n = 2, with the KD and KDGAN baselines), built once per session
+  and shared like tiny_run: (config, workdir, results). A test that trains
+  other students on its teacher starts from helpers.reuse_teacher."""
+  import fashion_mnist  # pylint: disable=g-import-not-at-top
+  config = fashion_mnist.get_config('smoke')
+  config.num_students = 2
+  config.kd.enabled = config.kdgan.enabled = True
+  for workdir, results in _shared_run(tmp_path_factory, 'smoke_run', config):
+    yield SmokeRun(config, workdir, results)

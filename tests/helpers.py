@@ -3,6 +3,7 @@ object), the repository root, the Fashion-MNIST skip mark, and functions
 only the tests use, over the library's own (the library keeps what a run or
 the public API calls). Fixtures are in conftest.py."""
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -44,6 +45,17 @@ def tiny_config(**overrides):
     with section.ignore_type():   # Lets tests build wrongly typed configs.
       section[field] = value
   return config
+
+
+def reuse_teacher(finished: str, workdir: str) -> None:
+  """Starts `workdir` from a finished run's teacher, features and stage keys,
+  so that a run there trains only what its config changes downstream of the
+  teacher (the stage keys decide, as for any resumed run)."""
+  os.makedirs(workdir)
+  shutil.copytree(os.path.join(finished, 'teacher'),
+                  os.path.join(workdir, 'teacher'))
+  for name in ('features.npz', 'stage_keys.json'):
+    shutil.copy(os.path.join(finished, name), workdir)
 
 
 def unchunk(chunks) -> np.ndarray:

@@ -2,13 +2,13 @@
 teacher, features, students (FF and GAN), head, KD and KDGAN baselines."""
 import importlib
 import os
-import shutil
 
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from helpers import reuse_teacher
 from tcn_jax import assemble
 from tcn_jax import data
 from tcn_jax import metrics
@@ -43,11 +43,7 @@ def test_every_stage_on_mock_data(name, tmp_path):
     ff = pipeline.run(_config(name, 'smoke'), ff_dir)
     # The GAN run reuses the trained teacher (a resumed stage) and features,
     # with the keys they were computed from.
-    os.makedirs(gan_dir)
-    shutil.copytree(os.path.join(ff_dir, 'teacher'),
-                    os.path.join(gan_dir, 'teacher'))
-    shutil.copy(os.path.join(ff_dir, 'features.npz'), gan_dir)
-    shutil.copy(os.path.join(ff_dir, 'stage_keys.json'), gan_dir)
+    reuse_teacher(ff_dir, gan_dir)
     config = _config(name, 'gan,smoke')
     config.kd.enabled = config.kdgan.enabled = False   # Done in the FF run.
     gan = pipeline.run(config, gan_dir)

@@ -13,7 +13,7 @@ from tcn_jax import losses
 from tcn_jax import models
 from tcn_jax import pipeline
 from tcn_jax import students as students_lib
-from helpers import needs_fmnist
+from helpers import needs_fmnist, reuse_teacher
 from tcn_jax.errors import TCNError
 
 SPEC = 'C4 MP F D8r Do.1'
@@ -140,27 +140,31 @@ def test_bad_mse_target():
 
 @pytest.mark.slow
 @needs_fmnist
-def test_gan_pipeline_on_real_subset(tmp_path):
+def test_gan_pipeline_on_real_subset(smoke_run, tmp_path):
+  """GAN students and the head on the shared smoke run's teacher."""
   import fashion_mnist  # pylint: disable=g-import-not-at-top
   config = fashion_mnist.get_config('gan,smoke')
   config.num_students = 2
-  config.data.train_size = 800
   config.gan.mse_target = 'disc_reconstruction'
   config.gan.disc = '16 32'
-  results = pipeline.run(config, str(tmp_path))
+  config.students.epochs = 1   # 3,000 images (it was 4 epochs of 800).
+  workdir = tmp_path / 'run'
+  reuse_teacher(smoke_run.workdir, str(workdir))
+  results = pipeline.run(config, str(workdir))
+  assert results['digests']['teacher'] == (
+      smoke_run.results['digests']['teacher'])
   assert results['method'] == 'gan'
   assert len(results['student_val_mse']) == 2
   assert all(np.isfinite(results['student_val_mse']))
   # GAN students this short are chaotic: whether the TCN beats chance (0.1)
   # is decided by float rounding, which differs between CPU types (an AVX2
   # machine ended at 0.10, 0.102 with --xla_cpu_max_isa=AVX2). What does not
-  # depend on it: the FF teacher learns (0.72 either way), and the saved TCN
-  # predicts the accuracy the run reports.
-  assert results['teacher_test_acc'] > 0.5
+  # depend on it: the saved TCN predicts the accuracy the run reports (the
+  # FF teacher's floor is test_pipeline.py's).
   from tcn_jax import assemble  # pylint: disable=g-import-not-at-top
   from tcn_jax import data  # pylint: disable=g-import-not-at-top
   from tcn_jax import metrics  # pylint: disable=g-import-not-at-top
-  predict, tcn = assemble.load_tcn(str(tmp_path / 'tcn'))
+  predict, tcn = assemble.load_tcn(str(workdir / 'tcn'))
   assert tcn.num_students == 2
   test = data.load(config.data).test
   assert metrics.evaluate(predict, test.x, test.y, config.eval_batch_size
@@ -168,7 +172,7 @@ def test_gan_pipeline_on_real_subset(tmp_path):
       results['tcn_test_acc_after_finetune'], abs=1e-3)
   from tcn_jax import checkpoint  # pylint: disable=g-import-not-at-top
   with checkpoint.StageCheckpoint(
-      str(tmp_path / 'students' / 'group0')) as ckpt:
+      str(workdir / 'students' / 'group0')) as ckpt:
     record = ckpt.record()
   assert {'train_loss', 'train_d_loss', 'train_mse'} <= set(
       record['history'][-1])

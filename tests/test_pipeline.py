@@ -1,15 +1,17 @@
 """End to end on a real Fashion-MNIST subset: accuracy floors, checkpoints,
 rerun skipping finished stages, the assembled TCN, a changed config (kills,
 bad inputs and the command line: test_resume.py, test_bad_inputs.py)."""
+import copy
 import dataclasses
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from helpers import needs_fmnist, tiny_config
+from helpers import needs_fmnist, reuse_teacher, tiny_config
 from tcn_jax import assemble
 from tcn_jax import augment
 from tcn_jax import baselines
@@ -28,15 +30,11 @@ pytestmark = needs_fmnist
 N = 2   # Students in the end-to-end runs (keeps the suite fast).
 
 
-@pytest.fixture(scope='module')
-def run_dir(tmp_path_factory):
-  import fashion_mnist  # pylint: disable=g-import-not-at-top
-  config = fashion_mnist.get_config('smoke')
-  config.num_students = N
-  config.kd.enabled = config.kdgan.enabled = True
-  workdir = str(tmp_path_factory.mktemp('run'))
-  results = pipeline.run(config, workdir)
-  return config, workdir, results
+@pytest.fixture
+def run_dir(smoke_run):
+  """The shared smoke run (conftest.py): n = N students, KD and KDGAN."""
+  assert smoke_run.config.num_students == N
+  return smoke_run
 
 
 @pytest.mark.slow
@@ -95,8 +93,10 @@ def test_load_tcn_reproduces_accuracy(run_dir):
 
 
 @pytest.mark.slow
-def test_rerun_skips_finished_stages(run_dir):
-  config, workdir, r = run_dir
+def test_rerun_skips_finished_stages(run_dir, tmp_path):
+  config, finished, r = run_dir
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(finished, workdir)
   again = pipeline.run(config, workdir)
   for key in ('teacher_test_acc', 'tcn_test_acc_before_finetune',
               'tcn_test_acc_after_finetune', 'student_val_mse'):
@@ -156,15 +156,16 @@ def test_changed_config_is_refused(run_dir):
 
 
 @pytest.mark.slow
-def test_pca_chunks_run_and_basis_is_saved(tmp_path):
-  import fashion_mnist  # pylint: disable=g-import-not-at-top
-  config = fashion_mnist.get_config('smoke')
-  config.num_students = N
-  config.data.train_size = 1000
+def test_pca_chunks_run_and_basis_is_saved(run_dir, tmp_path):
+  """PCA chunks on the shared run's teacher: only students and head train."""
+  config = copy.deepcopy(run_dir.config)
+  config.kd.enabled = config.kdgan.enabled = False
   config.chunking = 'pca'
-  results = pipeline.run(config, str(tmp_path))
+  reuse_teacher(run_dir.workdir, str(tmp_path / 'run'))
+  results = pipeline.run(config, str(tmp_path / 'run'))
+  assert results['digests']['teacher'] == run_dir.results['digests']['teacher']
   assert results['chunking'] == 'pca (balanced)'
-  predict, tcn = assemble.load_tcn(str(tmp_path / 'tcn'))
+  predict, tcn = assemble.load_tcn(str(tmp_path / 'run' / 'tcn'))
   assert tcn.basis['matrix'].shape == (256, 256)
   ds = data.load(config.data)
   acc = float(np.mean(np.asarray(predict(ds.test.x)).argmax(-1) == ds.test.y))
