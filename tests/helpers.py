@@ -47,6 +47,14 @@ def tiny_config(**overrides):
   return config
 
 
+def forced_devices_env(count: int) -> dict:
+  """os.environ for a subprocess with `count` forced host CPU devices, the
+  XLA flags the tests run with kept (conftest.py)."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=' '.join(filter(
+      None, [flags, f'--xla_force_host_platform_device_count={count}'])))
+
+
 def reuse_teacher(finished: str, workdir: str) -> None:
   """Starts `workdir` from a finished run's teacher, features and stage keys,
   so that a run there trains only what its config changes downstream of the

@@ -147,7 +147,7 @@ def test_gan_pipeline_on_real_subset(smoke_run, tmp_path):
   config.num_students = 2
   config.gan.mse_target = 'disc_reconstruction'
   config.gan.disc = '16 32'
-  config.students.epochs = 1   # 3,000 images (it was 4 epochs of 800).
+  config.students.epochs = config.head.epochs = 1   # 3,000 images.
   workdir = tmp_path / 'run'
   reuse_teacher(smoke_run.workdir, str(workdir))
   results = pipeline.run(config, str(workdir))

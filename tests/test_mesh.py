@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from helpers import ROOT
+from helpers import forced_devices_env
 from helpers import needs_fmnist
 from helpers import tiny_config
 from tcn_jax import assemble
@@ -112,8 +113,7 @@ def test_mesh_equals_one_device_on_four_devices(tmp_path):
       [sys.executable, '-c', 'import sys; sys.path[:0] = ["tests", "."]; '
        f'import test_mesh; test_mesh._worker({str(tmp_path)!r})'],
       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
-      env=dict(os.environ, JAX_PLATFORMS='cpu',
-               XLA_FLAGS='--xla_force_host_platform_device_count=4'))
+      env=forced_devices_env(4))
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(tmp_path / 'results.json') as f:
     out = json.load(f)

@@ -14,7 +14,7 @@ from onnx import TensorProto
 import onnxruntime as ort
 import pytest
 
-from helpers import needs_fmnist, tiny_config
+from helpers import forced_devices_env, needs_fmnist, tiny_config
 import tcn_jax as tcn
 from tcn_jax import config as config_lib
 from tcn_jax import data as data_lib
@@ -380,8 +380,7 @@ np.testing.assert_array_equal(got, teacher.run_host(x)[1])
 print('OK')
 '''
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ,
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = forced_devices_env(2)
   out = subprocess.run([sys.executable, '-c', code], cwd=root, env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.stdout.strip().endswith('OK'), out.stderr[-2000:]

@@ -161,6 +161,7 @@ def test_pca_chunks_run_and_basis_is_saved(run_dir, tmp_path):
   config = copy.deepcopy(run_dir.config)
   config.kd.enabled = config.kdgan.enabled = False
   config.chunking = 'pca'
+  config.students.epochs = config.head.epochs = 1
   reuse_teacher(run_dir.workdir, str(tmp_path / 'run'))
   results = pipeline.run(config, str(tmp_path / 'run'))
   assert results['digests']['teacher'] == run_dir.results['digests']['teacher']

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import forced_devices_env
 from helpers import needs_fmnist
 from helpers import ROOT
 from helpers import SMOKE
@@ -23,7 +24,6 @@ from tcn_jax import models
 from test_engine import SPEC
 from test_engine import train_group
 
-FOUR_DEVICES = '--xla_force_host_platform_device_count=4'
 
 
 def apply_group(ids, strategy, outer_jit=False):
@@ -67,7 +67,7 @@ def _worker():
 
 
 def _run_four_devices(args, timeout=300, **kw):
-  env = dict(os.environ, XLA_FLAGS=FOUR_DEVICES, JAX_PLATFORMS='cpu')
+  env = forced_devices_env(4)
   return subprocess.run(args, cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout, check=False, **kw)
 
