@@ -45,12 +45,31 @@ def command(name, teacher, root):
           '--config.students.eval_tcn=True', *extra]
 
 
+def _curve_so_far(workdir):
+  """The curve of a run whose students are still training: the history of
+  their last checkpoint (one point per finished epoch), else None."""
+  from tcn_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  stage = os.path.join(workdir, 'students', 'group0')
+  if not checkpoint.finished_epochs(stage):
+    return None
+  with checkpoint.StageCheckpoint(stage, read_only=True) as ckpt:
+    history = ckpt.record()['history']
+  return [{'epoch': h['epoch'], 'tcn_val_acc': h['tcn_val_acc'],
+           'tcn_test_acc': h['tcn_test_acc']} for h in history
+          if 'tcn_val_acc' in h]
+
+
 def report(root, out=os.path.join(common.RESULTS, 'consistent_fmnist_cpu')):
-  """Every finished run under `root` into `out`.{md,json}."""
-  rows = {}
+  """Every run under `root` into `out`.{md,json}: a finished run's results,
+  and the curve so far of one still training (marked in progress)."""
+  rows, running = {}, {}
   for name in sorted(os.listdir(root)):
     path = os.path.join(root, name, 'results.json')
     if not os.path.exists(path):
+      curve = (os.path.isdir(os.path.join(root, name))
+               and _curve_so_far(os.path.join(root, name)))
+      if curve:
+        running[name] = curve
       continue
     r = json.load(open(path))
     tuned = r['tcn_val_acc_after_finetune'] > r['tcn_val_acc_before_finetune']
@@ -73,8 +92,8 @@ def report(root, out=os.path.join(common.RESULTS, 'consistent_fmnist_cpu')):
         'digests': r['digests'],
     }
   with open(out + '.json', 'w') as f:
-    json.dump({'machine': common.machine(), 'root': root, 'runs': rows}, f,
-              indent=1)
+    json.dump({'machine': common.machine(), 'root': root, 'runs': rows,
+               'in_progress': running}, f, indent=1)
   m = common.machine()
   lines = ['# Consistent, patient distillation on Fashion-MNIST', '',
            f'Machine: {m.get("cpu")}, {m.get("cores")} cores, AVX-512: '
@@ -92,10 +111,12 @@ def report(root, out=os.path.join(common.RESULTS, 'consistent_fmnist_cpu')):
         f'{r["student_seconds_per_epoch"]:.0f} | {r["student_epochs"]} |')
   lines += ['', '## Curves: the TCN (teacher\'s frozen head) after each '
             'student epoch, val / test %', '']
-  for name, r in rows.items():
+  curves = {**{n: r['curve'] for n, r in rows.items()},
+            **{f'{n} (in progress)': c for n, c in running.items()}}
+  for name, curve in curves.items():
     lines.append(f'- {name}: ' + ', '.join(
         f'{p["epoch"]}: {100 * p["tcn_val_acc"]:.2f} / '
-        f'{100 * p["tcn_test_acc"]:.2f}' for p in r['curve']))
+        f'{100 * p["tcn_test_acc"]:.2f}' for p in curve))
   with open(out + '.md', 'w') as f:
     f.write('\n'.join(lines) + '\n')
   print('\n'.join(lines))

@@ -3,7 +3,10 @@ chosen on validation, its test accuracy reported)."""
 import json
 import os
 
+import numpy as np
+
 from experiments import consistent_fmnist
+from tcn_jax import checkpoint
 
 
 def _results(val_before, val_after, test_before, test_after):
@@ -28,11 +31,19 @@ def test_report_chooses_the_head_on_validation(tmp_path):
                   ('consistent_s0', _results(0.93, 0.92, 0.921, 0.925))):
     os.makedirs(root / name)
     (root / name / 'results.json').write_text(json.dumps(r))
-  os.makedirs(root / 'consistent_s1')   # Not finished: left out.
+  os.makedirs(root / 'consistent_s1')   # Not started: left out.
+  with checkpoint.StageCheckpoint(   # Students training: its curve so far.
+      str(root / 'consistent_n4_s0' / 'students' / 'group0')) as ckpt:
+    ckpt.save(1, {'w': np.zeros(2, np.float32)}, {'history': [
+        {'epoch': 1, 'train_loss': [1.0], 'tcn_val_acc': 0.5,
+         'tcn_test_acc': 0.25}]})
   out = str(tmp_path / 'report')
   consistent_fmnist.report(str(root), out)
-  runs = json.load(open(out + '.json'))['runs']
+  report = json.load(open(out + '.json'))
+  runs = report['runs']
   assert set(runs) == {'best_s0', 'consistent_s0'}
+  assert report['in_progress'] == {'consistent_n4_s0': [
+      {'epoch': 1, 'tcn_val_acc': 0.5, 'tcn_test_acc': 0.25}]}
   assert runs['best_s0']['head'] == 'fine-tuned'
   assert runs['best_s0']['test_acc'] == 0.902   # Fine-tuned: val says so.
   assert runs['consistent_s0']['head'].startswith('frozen')
@@ -40,6 +51,7 @@ def test_report_chooses_the_head_on_validation(tmp_path):
   assert runs['consistent_s0']['student_seconds_per_epoch'] == 50.0
   text = open(out + '.md').read()
   assert '| consistent_s0 | 2 | 51,904 |' in text and '2: 93.00 / 92.10' in text
+  assert '- consistent_n4_s0 (in progress): 1: 50.00 / 25.00' in text
 
 
 def test_commands_take_the_teacher_and_score_each_epoch():
