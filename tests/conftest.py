@@ -93,12 +93,14 @@ SmokeRun = collections.namedtuple('SmokeRun', 'config workdir results')
 @pytest.fixture(scope='session')
 def smoke_run(tmp_path_factory):
   """A finished run of the smoke preset on real Fashion-MNIST (3,000 train
-  images, n = 2, with the KD and KDGAN baselines), built once per session
-  and shared like tiny_run: (config, workdir, results). A test that trains
-  other students on its teacher starts from helpers.reuse_teacher."""
+  images, n = 2, with the KD and KDGAN baselines for 2 epochs), built once
+  per session and shared like tiny_run: (config, workdir, results). A test
+  that trains other students on its teacher starts from
+  helpers.reuse_teacher."""
   import fashion_mnist  # pylint: disable=g-import-not-at-top
   config = fashion_mnist.get_config('smoke')
   config.num_students = 2
   config.kd.enabled = config.kdgan.enabled = True
+  config.kd.epochs = config.kdgan.epochs = 2
   for workdir, results in _shared_run(tmp_path_factory, 'smoke_run', config):
     yield SmokeRun(config, workdir, results)

@@ -140,20 +140,24 @@ def test_bad_mse_target():
 
 @pytest.mark.slow
 @needs_fmnist
-def test_gan_pipeline_on_real_subset(smoke_run, tmp_path):
-  """GAN students and the head on the shared smoke run's teacher."""
+def test_gan_pipeline_with_pca_chunks_on_real_subset(smoke_run, tmp_path):
+  """GAN students on PCA-balanced chunks, and the head, on the shared smoke
+  run's teacher: the run saves the PCA basis with the TCN, and the saved TCN
+  predicts what the run reports (FF students on PCA chunks: test_export)."""
   import fashion_mnist  # pylint: disable=g-import-not-at-top
   config = fashion_mnist.get_config('gan,smoke')
   config.num_students = 2
   config.gan.mse_target = 'disc_reconstruction'
   config.gan.disc = '16 32'
   config.students.epochs = config.head.epochs = 1   # 3,000 images.
+  config.chunking = 'pca'
   workdir = tmp_path / 'run'
   reuse_teacher(smoke_run.workdir, str(workdir))
   results = pipeline.run(config, str(workdir))
   assert results['digests']['teacher'] == (
       smoke_run.results['digests']['teacher'])
   assert results['method'] == 'gan'
+  assert results['chunking'] == 'pca (balanced)'
   assert len(results['student_val_mse']) == 2
   assert all(np.isfinite(results['student_val_mse']))
   # GAN students this short are chaotic: whether the TCN beats chance (0.1)
@@ -166,6 +170,7 @@ def test_gan_pipeline_on_real_subset(smoke_run, tmp_path):
   from tcn_jax import metrics  # pylint: disable=g-import-not-at-top
   predict, tcn = assemble.load_tcn(str(workdir / 'tcn'))
   assert tcn.num_students == 2
+  assert tcn.basis['matrix'].shape == (256, 256)
   test = data.load(config.data).test
   assert metrics.evaluate(predict, test.x, test.y, config.eval_batch_size
                           ) == pytest.approx(

@@ -1,7 +1,6 @@
 """End to end on a real Fashion-MNIST subset: accuracy floors, checkpoints,
 rerun skipping finished stages, the assembled TCN, a changed config (kills,
 bad inputs and the command line: test_resume.py, test_bad_inputs.py)."""
-import copy
 import dataclasses
 import json
 import os
@@ -11,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import needs_fmnist, reuse_teacher, tiny_config
+from helpers import needs_fmnist, tiny_config
 from tcn_jax import assemble
 from tcn_jax import augment
 from tcn_jax import baselines
@@ -153,25 +152,6 @@ def test_changed_config_is_refused(run_dir):
   changed.students.learning_rate = 0.5
   with pytest.raises(TCNError, match='students.learning_rate'):
     pipeline.run(changed, workdir)
-
-
-@pytest.mark.slow
-def test_pca_chunks_run_and_basis_is_saved(run_dir, tmp_path):
-  """PCA chunks on the shared run's teacher: only students and head train."""
-  config = copy.deepcopy(run_dir.config)
-  config.kd.enabled = config.kdgan.enabled = False
-  config.chunking = 'pca'
-  config.students.epochs = config.head.epochs = 1
-  reuse_teacher(run_dir.workdir, str(tmp_path / 'run'))
-  results = pipeline.run(config, str(tmp_path / 'run'))
-  assert results['digests']['teacher'] == run_dir.results['digests']['teacher']
-  assert results['chunking'] == 'pca (balanced)'
-  predict, tcn = assemble.load_tcn(str(tmp_path / 'run' / 'tcn'))
-  assert tcn.basis['matrix'].shape == (256, 256)
-  ds = data.load(config.data)
-  acc = float(np.mean(np.asarray(predict(ds.test.x)).argmax(-1) == ds.test.y))
-  assert acc == pytest.approx(results['tcn_test_acc_after_finetune'],
-                              abs=1e-3)
 
 
 def _adam_steps(stage_dir):
