@@ -12,7 +12,6 @@ import tempfile
 # compile the same programs over and over, and on a CPU compiling them is
 # most of their time; a hit returns the very executable a compile would, so
 # no result changes. The cache starts empty and is removed at the end.
-BACKEND_OPT_LEVEL = '--xla_backend_optimization_level=1'
 _XLA_CACHE = tempfile.mkdtemp(prefix='tcn_jax_test_xla_cache.')
 os.environ['JAX_COMPILATION_CACHE_DIR'] = _XLA_CACHE
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
@@ -22,6 +21,7 @@ os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 # larger ones as fast (measured on the tests' own runs). Every comparison a
 # test makes is between programs compiled alike, so the suite's properties
 # are the same; runs outside the tests keep XLA's default.
+BACKEND_OPT_LEVEL = '--xla_backend_optimization_level=1'
 os.environ['XLA_FLAGS'] = ' '.join(filter(None, [
     os.environ.get('XLA_FLAGS'), BACKEND_OPT_LEVEL]))
 
