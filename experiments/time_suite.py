@@ -21,7 +21,6 @@ import time
 
 from experiments import common
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIERS = {'fast': 'python -m pytest tests -m "not slow"',
          'full': 'python -m pytest tests'}   # The README's test command.
 
@@ -30,15 +29,16 @@ def run_tier(name: str, slowest: int) -> dict:
   cmd = [sys.executable, *shlex.split(TIERS[name])[1:],
          '-p', 'no:cacheprovider', f'--durations={slowest}']
   t = time.time()
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+  proc = subprocess.run(cmd, cwd=common.REPO, capture_output=True, text=True)
   wall = time.time() - t
   out = proc.stdout
   counts = {k: int(n) for n, k in re.findall(
-      r'(\d+) (passed|failed|skipped|deselected|errors?)', out.splitlines()[-1])}
+      r'(\d+) (passed|failed|skipped|deselected|errors?)',
+      out.splitlines()[-1])}
   durations = [[float(s), phase, test] for s, phase, test in re.findall(
       r'^([\d.]+)s (setup|call|teardown)\s+(\S+)$', out, re.M)]
-  return {'command': TIERS[name], 'returncode': proc.returncode, 'counts': counts,
-          'seconds': round(wall, 1), 'slowest': durations,
+  return {'command': TIERS[name], 'returncode': proc.returncode,
+          'counts': counts, 'seconds': round(wall, 1), 'slowest': durations,
           'tail': out.splitlines()[-3:] if proc.returncode else []}
 
 
@@ -76,8 +76,7 @@ def main():
              f'{sorted(TIERS)}')
   results = {'machine': common.machine(),
              'tiers': {name: run_tier(name, args.slowest) for name in tiers}}
-  write(results, os.path.join(ROOT, 'experiments', 'results',
-                              'test_suite_timing_cpu'))
+  write(results, os.path.join(common.RESULTS, 'test_suite_timing_cpu'))
   print(json.dumps({k: (v['counts'], v['seconds'])
                     for k, v in results['tiers'].items()}))
 
