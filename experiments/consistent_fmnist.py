@@ -30,6 +30,16 @@ FMNIST = os.path.join(common.REPO, 'configs', 'fashion_mnist.py')
 RECIPES = {
     'best': ['best'],
     'consistent': ['consistent'],
+    # Ablations of the views, chosen between on validation: no mixup, and
+    # mirror images only.
+    'consistent_nomix': ['consistent', '--config.students.views=pad_crop_flip'],
+    'consistent_flip': ['consistent', '--config.students.views=flip'],
+    # `:best`'s students regress their training features no better than
+    # their validation ones (they underfit): without dropout, and wider.
+    'best_nodrop': ['best', '--config.students.arch=C16lin BN R C16lin BN R '
+                    'MP C16lin BN R C16lin BN R MP F D48 BN R'],
+    'best_big': ['best', '--config.students.arch=C16lin BN R C16lin BN R '
+                 'MP C32lin BN R C32lin BN R MP F D48 BN R'],
     'consistent_n4': ['consistent', '--config.num_students=4'],
     'consistent_n8': ['consistent,slim', '--config.num_students=8'],
 }
@@ -57,6 +67,37 @@ def _curve_so_far(workdir):
   return [{'epoch': h['epoch'], 'tcn_val_acc': h['tcn_val_acc'],
            'tcn_test_acc': h['tcn_test_acc']} for h in history
           if 'tcn_val_acc' in h]
+
+
+def regression_mse(workdir, rows=12000):
+  """The finished run's students' mean squared error against the teacher's
+  features (feature space, the TCN's joined outputs) on its first `rows`
+  training images and on validation: {'train': ..., 'val': ...}. A gap says
+  they overfit (views may help); none says they underfit (capacity and
+  optimisation may). Training features are the run's cache, else its
+  teacher's (`teacher.init_from`: online runs cache only validation)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tcn_jax as tcn  # pylint: disable=g-import-not-at-top
+  from tcn_jax import assemble  # pylint: disable=g-import-not-at-top
+  config = json.load(open(os.path.join(workdir, 'config.json')))
+  features = np.load(os.path.join(workdir, 'features.npz'))
+  if 'train' not in features.files:
+    features = dict(features, train=np.load(os.path.join(
+        config['teacher']['init_from'], 'features.npz'))['train'])
+  d = config['data']
+  ds = tcn.load_dataset(d['name'], d['dir'], d['split_seed'],
+                        d['val_fraction'], d['train_size'], d['test_size'])
+  _, net = tcn.load_tcn(os.path.join(workdir, 'tcn'))
+  outputs = assemble.student_outputs_fn(net)
+  variables = [g.variables for g in net.groups]
+
+  def mse(x, target):
+    out = np.concatenate([np.asarray(outputs(variables, x[i:i + 1000]))
+                          for i in range(0, len(x), 1000)])
+    return float(np.mean((out - target) ** 2))
+
+  return {'train': mse(ds.train.x[:rows], features['train'][:rows]),
+          'val': mse(ds.val.x, features['val'])}
 
 
 def report(root, out=os.path.join(common.RESULTS, 'consistent_fmnist_cpu')):
@@ -89,6 +130,7 @@ def report(root, out=os.path.join(common.RESULTS, 'consistent_fmnist_cpu')):
         'student_seconds_per_epoch': r['train_seconds']['students']
                                      / max(epochs, 1),
         'curve': r.get('students_curve', []),
+        'feature_mse': regression_mse(os.path.join(root, name)),
         'digests': r['digests'],
     }
   with open(out + '.json', 'w') as f:
@@ -101,14 +143,16 @@ def report(root, out=os.path.join(common.RESULTS, 'consistent_fmnist_cpu')):
            '`python -m experiments.consistent_fmnist --teacher T --root R '
            '--runs NAME` (see the module).', '',
            '| run | n | student params | head (chosen on val) | val | test '
-           '| teacher test | s / student epoch | epochs |',
-           '|---|---|---|---|---|---|---|---|---|']
+           '| teacher test | s / student epoch | epochs | feature MSE train '
+           '/ val |',
+           '|---|---|---|---|---|---|---|---|---|---|']
   for name, r in rows.items():
     lines.append(
         f'| {name} | {r["num_students"]} | {r["student_params"]:,} | '
         f'{r["head"]} | {100 * r["val_acc"]:.2f} | {100 * r["test_acc"]:.2f}'
         f' | {100 * r["teacher_test_acc"]:.2f} | '
-        f'{r["student_seconds_per_epoch"]:.0f} | {r["student_epochs"]} |')
+        f'{r["student_seconds_per_epoch"]:.0f} | {r["student_epochs"]} | '
+        f'{r["feature_mse"]["train"]:.3f} / {r["feature_mse"]["val"]:.3f} |')
   lines += ['', '## Curves: the TCN (teacher\'s frozen head) after each '
             'student epoch, val / test %', '']
   curves = {**{n: r['curve'] for n, r in rows.items()},

@@ -25,7 +25,9 @@ def _results(val_before, val_after, test_before, test_after):
           'digests': {'teacher': 't', 'tcn': 'x'}}
 
 
-def test_report_chooses_the_head_on_validation(tmp_path):
+def test_report_chooses_the_head_on_validation(tmp_path, monkeypatch):
+  monkeypatch.setattr(consistent_fmnist, 'regression_mse',
+                      lambda workdir: {'train': 0.1, 'val': 0.25})
   root = tmp_path / 'runs'
   for name, r in (('best_s0', _results(0.90, 0.91, 0.905, 0.902)),
                   ('consistent_s0', _results(0.93, 0.92, 0.921, 0.925))):
@@ -51,6 +53,8 @@ def test_report_chooses_the_head_on_validation(tmp_path):
   assert runs['consistent_s0']['student_seconds_per_epoch'] == 50.0
   text = open(out + '.md').read()
   assert '| consistent_s0 | 2 | 51,904 |' in text and '2: 93.00 / 92.10' in text
+  assert runs['best_s0']['feature_mse'] == {'train': 0.1, 'val': 0.25}
+  assert '| 0.100 / 0.250 |' in text
   assert '- consistent_n4_s0 (in progress): 1: 50.00 / 25.00' in text
 
 
