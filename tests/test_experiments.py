@@ -17,12 +17,14 @@ with contextlib.ExitStack() as _stack:
   from experiments.tests.test_tables import *  # pylint: disable=wildcard-import,unused-wildcard-import  # noqa: F401,F403
 
 
+# Here rather than in experiments/tests: it needs the suite's shared smoke
+# run (conftest.py).
 @pytest.mark.slow
 def test_regression_mse_is_the_students_validation_mse(smoke_run):
   """experiments.consistent_fmnist.regression_mse on the shared smoke run (2
   students, equal contiguous chunks): its validation MSE in feature space is
-  the mean of the students' own last validation MSEs, and its training MSE
-  is measured on the training features."""
+  the mean of the students' own last validation MSEs; its training MSE, on
+  the run's cached training features, is of the same order."""
   from experiments import consistent_fmnist  # pylint: disable=g-import-not-at-top
   mse = consistent_fmnist.regression_mse(smoke_run.workdir, rows=1000)
   expected = sum(smoke_run.results['student_val_mse']) / 2
