@@ -148,7 +148,9 @@ def report(root, out=os.path.join(common.RESULTS, 'consistent_fmnist_cpu')):
            f'Machine: {m.get("cpu")}, {m.get("cores")} cores, AVX-512: '
            f'{m.get("avx512")}. Commands: '
            '`python -m experiments.consistent_fmnist --teacher T --root R '
-           '--runs NAME` (see the module).', '',
+           '--runs NAME` (see the module). s / student epoch: the run\'s '
+           'wall time, on a CPU it often shared with other runs; the '
+           'side-by-side cost per epoch is bench_views_cpu.md.', '',
            '| run | n | student params | head (chosen on val) | val | test '
            '| teacher test | s / student epoch | epochs | feature MSE train '
            '/ val |',
