@@ -86,6 +86,7 @@ def regression_mse(workdir, rows=12000):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tcn_jax as tcn  # pylint: disable=g-import-not-at-top
   from tcn_jax import assemble  # pylint: disable=g-import-not-at-top
+  from tcn_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   config = json.load(open(os.path.join(workdir, 'config.json')))
   features = np.load(os.path.join(workdir, 'features.npz'))
   if 'train' not in features.files:
@@ -99,8 +100,7 @@ def regression_mse(workdir, rows=12000):
   variables = [g.variables for g in net.groups]
 
   def mse(x, target):
-    out = np.concatenate([np.asarray(outputs(variables, x[i:i + 1000]))
-                          for i in range(0, len(x), 1000)])
+    out = input_pipeline.batched(lambda xb: outputs(variables, xb), x)
     return float(np.mean((out - target) ** 2))
 
   return {'train': mse(ds.train.x[:rows], features['train'][:rows]),
