@@ -28,18 +28,26 @@ import subprocess
 import sys
 
 from experiments import common
+from tcn_jax import presets
 
 FMNIST = os.path.join(common.REPO, 'configs', 'fashion_mnist.py')
-# `:best`'s students (wide, bn) without their two dropouts: 26.0k parameters
-# each, 51.9k for n = 2; and with their last two convolutions twice as wide
-# too: 47.6k each, 95.1k for n = 2.
-NODROP = 'C16lin BN R C16lin BN R MP C16lin BN R C16lin BN R MP F D48 BN R'
-BIG = 'C16lin BN R C16lin BN R MP C32lin BN R C32lin BN R MP F D48 BN R'
+# The students of `:consistent` at n = 2 (no dropout; the last two
+# convolutions 32 wide: 95.1k in all) and at n = 4 (no dropout: `:best`'s
+# n = 2 students without their two dropouts, 51.9k for n = 2).
+BIG, NODROP = presets.FULL_FMNIST['2'], presets.FULL_FMNIST['4']
+# `:consistent` as first measured: `:best`'s students (26.0k each, with
+# dropout) and 100 epochs.
+SMALL = ['consistent', '--config.students.epochs=100',
+         '--config.students.arch='
+         + presets.with_batchnorm(presets.WIDE_FMNIST)]
 RECIPES = {
     'best': ['best'],
     'consistent': ['consistent'],
+    'consistent_n4': ['consistent', '--config.num_students=4'],
+    'consistent_n8': ['consistent', '--config.num_students=8'],
+    'consistent_small': SMALL,
     # The views without mixup.
-    'consistent_nomix': ['consistent', '--config.students.views=pad_crop_flip'],
+    'consistent_small_nomix': SMALL + ['--config.students.views=pad_crop_flip'],
     # `:best`'s students regress their training features no better than
     # their validation ones (they underfit): without dropout, and wider.
     'best_nodrop': ['best', f'--config.students.arch={NODROP}'],
@@ -47,8 +55,6 @@ RECIPES = {
     # Patient on the clean images: three times `:best`'s schedule.
     'best_big_long': ['best', f'--config.students.arch={BIG}',
                       '--config.students.epochs=60'],
-    'consistent_n4': ['consistent', '--config.num_students=4'],
-    'consistent_n8': ['consistent,slim', '--config.num_students=8'],
 }
 
 

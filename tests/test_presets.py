@@ -52,10 +52,7 @@ def test_smoke_applies_last():
   assert a.to_dict() == b.to_dict() and a.students.epochs == 4
 
 
-def test_best_keeps_its_budget():
-  import fashion_mnist  # pylint: disable=g-import-not-at-top
-  c = config_lib.resolve(fashion_mnist.get_config('best'))
-  assert c.num_students >= 2 and c.chunking == 'pca'
+def _student_params(c):
   widths = chunking.chunk_sizes(256, c.num_students)
   total = 0
   for spec, width in zip(config_lib.student_specs(c), widths):
@@ -64,4 +61,22 @@ def test_best_keeps_its_budget():
         lambda net=net: net.init(jax.random.key(0),
                                  np.zeros((1, 28, 28, 1), np.float32)))
     total += models.num_params(variables['params'])
-  assert total <= 100_000, total
+  return total
+
+
+def test_best_keeps_its_budget():
+  import fashion_mnist  # pylint: disable=g-import-not-at-top
+  c = config_lib.resolve(fashion_mnist.get_config('best'))
+  assert c.num_students >= 2 and c.chunking == 'pca'
+  assert _student_params(c) <= 100_000
+
+
+@pytest.mark.parametrize('n', [2, 4, 8])
+def test_consistent_students_fill_the_budget_without_dropout(n):
+  import fashion_mnist  # pylint: disable=g-import-not-at-top
+  c = fashion_mnist.get_config('consistent')
+  c.num_students = n
+  c = config_lib.resolve(c)
+  assert 'Do' not in c.students.arch
+  # Within 100k in all, and at least 90k of it used.
+  assert 90_000 <= _student_params(c) <= 100_000

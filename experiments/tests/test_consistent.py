@@ -60,7 +60,7 @@ def test_report_chooses_the_head_on_validation(tmp_path, monkeypatch):
 
 def test_commands_take_the_teacher_and_score_each_epoch():
   cmd = consistent_fmnist.command('consistent_n8_s1', '/t', '/r')
-  assert any(a.endswith('fashion_mnist.py:consistent,slim') for a in cmd)
+  assert any(a.endswith('fashion_mnist.py:consistent') for a in cmd)
   assert '--config.num_students=8' in cmd and '--config.seed=1' in cmd
   assert '--config.teacher.init_from=/t' in cmd
   assert '--config.students.eval_tcn=True' in cmd
