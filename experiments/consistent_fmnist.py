@@ -18,7 +18,7 @@ or the teacher's frozen one, whichever scores higher on val), and that
 head's test accuracy is the run's result. The report also gives each
 finished run's feature MSE on training and on validation images
 (`regression_mse`: whether its students overfit or underfit). Writes
-experiments/results/consistent_fmnist_cpu.{md,json}.
+experiments/results/consistent_fmnist_cpu.{md,json,png}.
 """
 import argparse
 import json
@@ -115,14 +115,14 @@ def regression_mse(workdir, rows=12000):
 
 def report(root, out=os.path.join(common.RESULTS, 'consistent_fmnist_cpu')):
   """Every run under `root` into `out`.{md,json}: a finished run's results,
-  and the curve so far of one still training (marked in progress)."""
+  and the curve so far of one still training or stopped (unfinished)."""
   rows, running = {}, {}
   for name in sorted(os.listdir(root)):
     path = os.path.join(root, name, 'results.json')
     if not os.path.exists(path):
       curve = (os.path.isdir(os.path.join(root, name))
                and _curve_so_far(os.path.join(root, name)))
-      if curve:
+      if curve:   # Training, or stopped: what its checkpoint holds.
         running[name] = curve
       continue
     r = json.load(open(path))
@@ -148,7 +148,7 @@ def report(root, out=os.path.join(common.RESULTS, 'consistent_fmnist_cpu')):
     }
   with open(out + '.json', 'w') as f:
     json.dump({'machine': common.machine(), 'root': root, 'runs': rows,
-               'in_progress': running}, f, indent=1)
+               'unfinished': running}, f, indent=1)
   m = common.machine()
   lines = ['# Consistent, patient distillation on Fashion-MNIST', '',
            f'Machine: {m.get("cpu")}, {m.get("cores")} cores, AVX-512: '
@@ -171,14 +171,41 @@ def report(root, out=os.path.join(common.RESULTS, 'consistent_fmnist_cpu')):
   lines += ['', '## Curves: the TCN (teacher\'s frozen head) after each '
             'student epoch, val / test %', '']
   curves = {**{n: r['curve'] for n, r in rows.items()},
-            **{f'{n} (in progress)': c for n, c in running.items()}}
+            **{f'{n} (unfinished)': c for n, c in running.items()}}
   for name, curve in curves.items():
     lines.append(f'- {name}: ' + ', '.join(
         f'{p["epoch"]}: {100 * p["tcn_val_acc"]:.2f} / '
         f'{100 * p["tcn_test_acc"]:.2f}' for p in curve))
+  teacher = {r['teacher_test_acc'] for r in rows.values()}
+  lines += ['', f'![the curves]({os.path.basename(out)}.png)']
   with open(out + '.md', 'w') as f:
     f.write('\n'.join(lines) + '\n')
+  plot_curves(curves, teacher.pop() if len(teacher) == 1 else None,
+              out + '.png')
   print('\n'.join(lines))
+
+
+def plot_curves(curves, teacher_test_acc, path):
+  """The patience curves {name: [{'epoch', 'tcn_val_acc', 'tcn_test_acc'}]}
+  side by side, validation and test, into `path` (needs matplotlib)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+  for ax, split in zip(axes, ('val', 'test')):
+    for name, curve in curves.items():
+      ax.plot([p['epoch'] for p in curve],
+              [100 * p[f'tcn_{split}_acc'] for p in curve], label=name)
+    if split == 'test' and teacher_test_acc:
+      ax.axhline(100 * teacher_test_acc, color='k', ls=':', label='teacher')
+    ax.set_ylim(80, 94)
+    ax.set_xlabel('student epoch')
+    ax.set_title(f'TCN (teacher\'s frozen head), {split} accuracy (%)')
+    ax.grid(alpha=.3)
+  axes[1].legend(fontsize=7, loc='lower right')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 def main():

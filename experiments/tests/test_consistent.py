@@ -44,7 +44,7 @@ def test_report_chooses_the_head_on_validation(tmp_path, monkeypatch):
   report = json.load(open(out + '.json'))
   runs = report['runs']
   assert set(runs) == {'best_s0', 'consistent_s0'}
-  assert report['in_progress'] == {'consistent_n4_s0': [
+  assert report['unfinished'] == {'consistent_n4_s0': [
       {'epoch': 1, 'tcn_val_acc': 0.5, 'tcn_test_acc': 0.25}]}
   assert runs['best_s0']['head'] == 'fine-tuned'
   assert runs['best_s0']['test_acc'] == 0.902   # Fine-tuned: val says so.
@@ -55,7 +55,8 @@ def test_report_chooses_the_head_on_validation(tmp_path, monkeypatch):
   assert '| consistent_s0 | 2 | 51,904 |' in text and '2: 93.00 / 92.10' in text
   assert runs['best_s0']['feature_mse'] == {'train': 0.1, 'val': 0.25}
   assert '| 0.100 / 0.250 |' in text
-  assert '- consistent_n4_s0 (in progress): 1: 50.00 / 25.00' in text
+  assert '- consistent_n4_s0 (unfinished): 1: 50.00 / 25.00' in text
+  assert os.path.getsize(out + '.png') > 0 and '](report.png)' in text
 
 
 def test_commands_take_the_teacher_and_score_each_epoch():
