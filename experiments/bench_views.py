@@ -1,8 +1,8 @@
 """Benchmark: what online features and on-device views cost per student
 epoch, against cached features, side by side in one process.
 
-The `:best` Fashion-MNIST students (n = 2, wide + bn, PCA-balanced chunks,
-batch 128) train on `--rows` real training images from the features of a
+The `:consistent` Fashion-MNIST students (n = 2, PCA-balanced chunks,
+batch 128; the md names their architecture) train on `--rows` real training images from the features of a
 trained teacher (`--teacher`, a workdir of this library, e.g. README
 command 1's), three ways:
 

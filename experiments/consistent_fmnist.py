@@ -194,8 +194,9 @@ def plot_curves(curves, teacher_test_acc, path):
   fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
   for ax, split in zip(axes, ('val', 'test')):
     for name, curve in curves.items():
-      ax.plot([p['epoch'] for p in curve],
-              [100 * p[f'tcn_{split}_acc'] for p in curve], label=name)
+      ax.plot([p['epoch'] for p in curve],   # Views dashed.
+              [100 * p[f'tcn_{split}_acc'] for p in curve], label=name,
+              ls='--' if name.startswith('consistent') else '-')
     if split == 'test' and teacher_test_acc:
       ax.axhline(100 * teacher_test_acc, color='k', ls=':', label='teacher')
     ax.set_ylim(80, 94)
