@@ -31,9 +31,9 @@ from experiments import common
 from tcn_jax import presets
 
 FMNIST = os.path.join(common.REPO, 'configs', 'fashion_mnist.py')
-# The students of `:consistent` at n = 2 (no dropout; the last two
-# convolutions 32 wide: 95.1k in all) and at n = 4 (no dropout: `:best`'s
-# n = 2 students without their two dropouts, 51.9k for n = 2).
+# `:consistent`'s students (no dropout) at n = 2 (the last two convolutions
+# 32 wide: 95.1k in all) and at n = 4 (at n = 2: `:best`'s students without
+# their two dropouts, 51.9k in all).
 BIG, NODROP = presets.FULL_FMNIST['2'], presets.FULL_FMNIST['4']
 # `:consistent` as first measured: `:best`'s students (26.0k each, with
 # dropout) and 100 epochs.
@@ -47,7 +47,8 @@ RECIPES = {
     'consistent_n8': ['consistent', '--config.num_students=8'],
     'consistent_small': SMALL,
     # The views without mixup.
-    'consistent_small_nomix': SMALL + ['--config.students.views=pad_crop_flip'],
+    'consistent_small_nomix': SMALL + [
+        '--config.students.views=pad_crop_flip'],
     # `:best`'s students regress their training features no better than
     # their validation ones (they underfit): without dropout, and wider.
     'best_nodrop': ['best', f'--config.students.arch={NODROP}'],
@@ -114,7 +115,7 @@ def regression_mse(workdir, rows=12000):
 
 
 def report(root, out=os.path.join(common.RESULTS, 'consistent_fmnist_cpu')):
-  """Every run under `root` into `out`.{md,json}: a finished run's results,
+  """Every run under `root` into `out`.{md,json,png}: a finished run's results,
   and the curve so far of one still training or stopped (unfinished)."""
   rows, running = {}, {}
   for name in sorted(os.listdir(root)):
