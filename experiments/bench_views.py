@@ -2,9 +2,9 @@
 epoch, against cached features, side by side in one process.
 
 The `:consistent` Fashion-MNIST students (n = 2, PCA-balanced chunks,
-batch 128; the md names their architecture) train on `--rows` real training images from the features of a
-trained teacher (`--teacher`, a workdir of this library, e.g. README
-command 1's), three ways:
+batch 128; the md names their architecture) train on `--rows` real
+training images from the features of a trained teacher (`--teacher`, a
+workdir of this library, e.g. README command 1's), three ways:
 
   cached   the teacher's features computed once (the paper);
   online   the frozen teacher's forward pass inside every step;
