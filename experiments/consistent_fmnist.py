@@ -49,6 +49,8 @@ RECIPES = {
     # The views without mixup.
     'consistent_small_nomix': SMALL + [
         '--config.students.views=pad_crop_flip'],
+    # Mixup alone: no crops or flips, which cost these students most.
+    'consistent_mixup': ['consistent', '--config.students.views=mixup'],
     # `:best`'s students regress their training features no better than
     # their validation ones (they underfit): without dropout, and wider.
     'best_nodrop': ['best', f'--config.students.arch={NODROP}'],
@@ -83,13 +85,14 @@ def _curve_so_far(workdir):
           if 'tcn_val_acc' in h]
 
 
-def regression_mse(workdir, rows=12000):
+def regression_mse(workdir, rows=12000, datasets=None):
   """The finished run's students' mean squared error against the teacher's
   features (feature space, the TCN's joined outputs) on its first `rows`
   training images and on validation: {'train': ..., 'val': ...}. A gap says
   they overfit (views may help); none says they underfit (capacity and
   optimisation may). Training features are the run's cache, else its
-  teacher's (`teacher.init_from`: online runs cache only validation)."""
+  teacher's (`teacher.init_from`: online runs cache only validation).
+  `datasets`, a dict, keeps each dataset loaded for the next call."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tcn_jax as tcn  # pylint: disable=g-import-not-at-top
   from tcn_jax import assemble  # pylint: disable=g-import-not-at-top
@@ -100,8 +103,12 @@ def regression_mse(workdir, rows=12000):
     features = dict(features, train=np.load(os.path.join(
         config['teacher']['init_from'], 'features.npz'))['train'])
   d = config['data']
-  ds = tcn.load_dataset(d['name'], d['dir'], d['split_seed'],
-                        d['val_fraction'], d['train_size'], d['test_size'])
+  args = (d['name'], d['dir'], d['split_seed'], d['val_fraction'],
+          d['train_size'], d['test_size'])
+  datasets = {} if datasets is None else datasets
+  if args not in datasets:
+    datasets[args] = tcn.load_dataset(*args)
+  ds = datasets[args]
   _, net = tcn.load_tcn(os.path.join(workdir, 'tcn'))
   outputs = assemble.student_outputs_fn(net)
   variables = [g.variables for g in net.groups]
@@ -117,7 +124,7 @@ def regression_mse(workdir, rows=12000):
 def report(root, out=os.path.join(common.RESULTS, 'consistent_fmnist_cpu')):
   """Every run under `root` into `out`.{md,json,png}: a finished run's results,
   and the curve so far of one still training or stopped (unfinished)."""
-  rows, running = {}, {}
+  rows, running, datasets = {}, {}, {}
   for name in sorted(os.listdir(root)):
     path = os.path.join(root, name, 'results.json')
     if not os.path.exists(path):
@@ -144,7 +151,8 @@ def report(root, out=os.path.join(common.RESULTS, 'consistent_fmnist_cpu')):
         'student_seconds_per_epoch': r['train_seconds']['students']
                                      / max(epochs, 1),
         'curve': r.get('students_curve', []),
-        'feature_mse': regression_mse(os.path.join(root, name)),
+        'feature_mse': regression_mse(os.path.join(root, name),
+                                      datasets=datasets),
         'digests': r['digests'],
     }
   with open(out + '.json', 'w') as f:

@@ -78,6 +78,9 @@ AUGMENTATIONS.register('crop_flip', Augmentation(
 AUGMENTATIONS.register('pad_crop_flip', Augmentation(
     'a random crop of the image padded by 1/8 of its height, and a flip '
     '(students.views: per step, on device)', flip=True, pad=0.125))
+AUGMENTATIONS.register('mixup', Augmentation(
+    'mixup between the images of a batch alone (weight from Beta(1, 1); '
+    'students.views: per step, on device)', mixup=1.0))
 AUGMENTATIONS.register('pad_crop_flip_mixup', Augmentation(
     'pad_crop_flip, then mixup between the images of a batch (weight from '
     'Beta(1, 1); students.views: per step, on device)', flip=True,

@@ -188,8 +188,8 @@ def base_config() -> ml_collections.ConfigDict:
       features='',
       # The students' own views ('' = the training images as they come): an
       # augmentation drawn on device per step, by name (tcn_jax/augment.py:
-      # 'flip', 'pad_crop_flip', 'pad_crop_flip_mixup'); the teacher's
-      # features are then computed online from the same view (preset
+      # 'flip', 'pad_crop_flip', 'mixup', 'pad_crop_flip_mixup'); the
+      # teacher's features are then computed online from the same view (preset
       # 'consistent'). In memory or streamed; the teacher is unchanged.
       views='',
       # After each student epoch, the assembled TCN with the teacher's frozen

@@ -200,11 +200,11 @@ def test_schedules_are_the_optax_ones():
 
 def test_augmentations_by_name():
   assert augment.AUGMENTATIONS.names() == (
-      '', 'mirror', 'flip', 'crop_flip', 'pad_crop_flip',
+      '', 'mirror', 'flip', 'crop_flip', 'pad_crop_flip', 'mixup',
       'pad_crop_flip_mixup')
   assert [n for n in augment.AUGMENTATIONS.names()
           if augment.get(n).on_device] == [
-              '', 'flip', 'pad_crop_flip', 'pad_crop_flip_mixup']
+              '', 'flip', 'pad_crop_flip', 'mixup', 'pad_crop_flip_mixup']
   assert augment.get('mirror').mirrored_copies
   assert not augment.get('mirror').per_epoch
   assert augment.get('crop_flip').crop and augment.get('flip').per_epoch

@@ -42,8 +42,7 @@ def test_pad_crop_is_a_window_of_the_padded_image():
 
 
 def test_mixup_is_a_convex_mix_with_the_next_image():
-  aug = augment.Augmentation('mixup only', mixup=1.0)
-  out = np.asarray(augment.view(aug, jax.random.key(5), jnp.asarray(_X)))
+  out = np.asarray(augment.view(augment.get('mixup'), jax.random.key(5), jnp.asarray(_X)))
   partner = np.roll(_X, 1, axis=0)
   lam = ((out - partner) * (_X - partner)).sum() / ((_X - partner) ** 2).sum()
   assert 0 < lam < 1

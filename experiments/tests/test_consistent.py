@@ -26,8 +26,10 @@ def _results(val_before, val_after, test_before, test_after):
 
 
 def test_report_chooses_the_head_on_validation(tmp_path, monkeypatch):
+  caches = []   # Every run's MSE reads the datasets loaded once.
   monkeypatch.setattr(consistent_fmnist, 'regression_mse',
-                      lambda workdir: {'train': 0.1, 'val': 0.25})
+                      lambda workdir, datasets: caches.append(id(datasets))
+                      or {'train': 0.1, 'val': 0.25})
   root = tmp_path / 'runs'
   for name, r in (('best_s0', _results(0.90, 0.91, 0.905, 0.902)),
                   ('consistent_s0', _results(0.93, 0.92, 0.921, 0.925))):
@@ -54,6 +56,7 @@ def test_report_chooses_the_head_on_validation(tmp_path, monkeypatch):
   text = open(out + '.md').read()
   assert '| consistent_s0 | 2 | 51,904 |' in text and '2: 93.00 / 92.10' in text
   assert runs['best_s0']['feature_mse'] == {'train': 0.1, 'val': 0.25}
+  assert len(caches) == 2 and len(set(caches)) == 1
   assert '| 0.100 / 0.250 |' in text
   assert '- consistent_n4_s0 (unfinished): 1: 50.00 / 25.00' in text
   assert os.path.getsize(out + '.png') > 0 and '](report.png)' in text
