@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -51,6 +52,13 @@ RECIPES = {
         '--config.students.views=pad_crop_flip'],
     # Mixup alone: no crops or flips, which cost these students most.
     'consistent_mixup': ['consistent', '--config.students.views=mixup'],
+    # The head fine-tuned on the students' views, not the clean images.
+    'consistent_headviews': ['consistent',
+                             '--config.head.views=pad_crop_flip_mixup'],
+    'consistent_n4_headviews': ['consistent', '--config.num_students=4',
+                                '--config.head.views=pad_crop_flip_mixup'],
+    'consistent_n8_headviews': ['consistent', '--config.num_students=8',
+                                '--config.head.views=pad_crop_flip_mixup'],
     # `:best`'s students regress their training features no better than
     # their validation ones (they underfit): without dropout, and wider.
     'best_nodrop': ['best', f'--config.students.arch={NODROP}'],
@@ -60,15 +68,43 @@ RECIPES = {
                       '--config.students.epochs=60'],
 }
 
+# Recipes that change only the head of another recipe's run: they start
+# from a copy of its workdir (same seed), so they train the same students
+# and only the head again (`allow_config_change`).
+HEAD_OF = {'consistent_headviews': 'consistent',
+           'consistent_n4_headviews': 'consistent_n4',
+           'consistent_n8_headviews': 'consistent_n8'}
+
+
+def _parse(name):
+  return re.fullmatch(r'(\w+?)_s(\d+)', name).groups()
+
 
 def command(name, teacher, root):
-  recipe, seed = re.fullmatch(r'(\w+?)_s(\d+)', name).groups()
+  recipe, seed = _parse(name)
   preset, *extra = RECIPES[recipe]
+  if recipe in HEAD_OF:
+    extra.append('--config.allow_config_change=True')
   return [sys.executable, '-m', 'tcn_jax.main',
           f'--config={FMNIST}:{preset}',
           f'--workdir={os.path.join(root, name)}',
           f'--config.teacher.init_from={teacher}', f'--config.seed={seed}',
           '--config.students.eval_tcn=True', *extra]
+
+
+def prepare(name, root):
+  """A head-only recipe's workdir: a copy of its source run's (finished:
+  every stage but the head is reused), made once."""
+  recipe, seed = _parse(name)
+  workdir = os.path.join(root, name)
+  if recipe not in HEAD_OF or os.path.exists(workdir):
+    return
+  source = os.path.join(root, f'{HEAD_OF[recipe]}_s{seed}')
+  if not os.path.exists(os.path.join(source, 'results.json')):
+    raise SystemExit(f'{name} retrains the head of {source}, which is not '
+                     'finished: run it first')
+  shutil.copytree(source, workdir, ignore=shutil.ignore_patterns(
+      'head', 'tcn', 'export', 'results.json', 'tensorboard'))
 
 
 def _curve_so_far(workdir):
@@ -226,6 +262,7 @@ def main():
   parser.add_argument('--report', action='store_true')
   args = parser.parse_args()
   for name in filter(None, args.runs.split(',')):
+    prepare(name, args.root)
     cmd = command(name, args.teacher, args.root)
     print(' '.join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=common.REPO)

@@ -7,12 +7,14 @@ One registry serves both ways the data reaches training:
   image every epoch (seeded by (seed, epoch, row)), in `input_pipeline.
   Transform`, so the teacher's features are computed online.
 
-and a third way, for the students alone (`config.students.views`):
+and a third way, for the students (`config.students.views`) and the head
+(`config.head.views`):
 - on device: `view` changes every training batch inside the compiled step
-  (a padded random crop, a flip, mixup between the batch's images), and the
-  frozen teacher's features are computed online from the same view
-  ("consistent" distillation, Beyer et al. 2022). In-memory data stay on
-  device; a streamed split is viewed chunk by chunk the same way.
+  (a padded random crop, a flip, mixup between the batch's images, and
+  their labels for the head), and the frozen teacher's features (the
+  frozen students' outputs, for the head) are computed online from the
+  same view ("consistent" distillation, Beyer et al. 2022). In-memory data
+  stay on device; a streamed split is viewed chunk by chunk the same way.
 
 A new augmentation is one `AUGMENTATIONS.register` here (what it does to an
 in-memory set, the Transform's flags it sets, or its fields `view` reads)
@@ -111,23 +113,39 @@ def key_name(name: str) -> str:
   return 'flip' if get(name).mirrored_copies else ''
 
 
-def check_view(name: str) -> Augmentation:
-  """The augmentation `name` for config.students.views (TCNError unless it
-  can be drawn on device)."""
+def check_view(name: str, field: str = 'config.students.views'
+               ) -> Augmentation:
+  """The augmentation `name` for `field` (students.views, head.views):
+  TCNError unless it can be drawn on device."""
   aug = AUGMENTATIONS.get(name)
   if not aug.on_device:
     on_device = [n for n in AUGMENTATIONS.names()
                  if n and AUGMENTATIONS.get(n).on_device]
-    raise TCNError(f'config.students.views={name!r} cannot be drawn on '
-                   f'device; choose one of {on_device} (or data.augment for '
-                   'the whole run\'s images)')
+    raise TCNError(f'{field}={name!r} cannot be drawn on device; choose one '
+                   f'of {on_device} (or data.augment for the whole run\'s '
+                   'images)')
   return aug
 
 
-def view(aug: Augmentation, key: jax.Array, x: jax.Array) -> jax.Array:
+# The views' random stream, apart from the members' (init, dropout).
+VIEW_STREAM = 0x76696577
+
+
+def view_seed(stage_seed: int) -> int:
+  """The seed of a stage's views (`view`'s keys: (it, epoch, step))."""
+  return int(np.random.SeedSequence([stage_seed, VIEW_STREAM])
+             .generate_state(1)[0])
+
+
+def view(aug: Augmentation, key: jax.Array, x: jax.Array,
+         targets: dict | None = None) -> tuple[jax.Array, dict]:
   """A random view of the batch x (B, H, W, C) on device, drawn from `key`
   (the same key gives the same view: the teacher's features and every
-  student see it): `aug`'s padded crop, flip, then mixup."""
+  student see it): `aug`'s padded crop, flip, then mixup. Returns (view,
+  targets): with mixup, targets (members, B) 'label' gain 'mixed_label'
+  (the labels of the images mixed in) and 'mix_weight' (the weight of
+  'label'), for `losses.classification`; other targets are unchanged."""
+  targets = dict(targets or {})
   k_crop, k_flip, k_mix = jax.random.split(key, 3)
   b, h, w, _ = x.shape
   if aug.pad:
@@ -142,4 +160,8 @@ def view(aug: Augmentation, key: jax.Array, x: jax.Array) -> jax.Array:
   if aug.mixup:
     lam = jax.random.beta(k_mix, aug.mixup, aug.mixup).astype(x.dtype)
     x = lam * x + (1 - lam) * jnp.roll(x, 1, axis=0)
-  return x
+    if 'label' in targets:
+      targets['mixed_label'] = jnp.roll(targets['label'], 1, axis=1)
+      targets['mix_weight'] = jnp.full(targets['label'].shape, lam,
+                                       jnp.float32)
+  return x, targets

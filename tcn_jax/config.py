@@ -206,7 +206,12 @@ def base_config() -> ml_collections.ConfigDict:
       optimizer='', optimizer_by_n={'1': 'adam', '2': 'adam', '4': 'adam',
                                     '8': 'nadam'},
       learning_rate=1e-3, batch_size=128, keep_teacher_bn=False,
-      epochs=-1, epochs_by_n={'1': 5, '2': 30, '4': 20, '8': 10}))
+      epochs=-1, epochs_by_n={'1': 5, '2': 30, '4': 20, '8': 10},
+      # The head's own views ('' = the training images as they come): an
+      # augmentation drawn on device per step (as students.views), the
+      # frozen students' outputs computed from each view, mixup's labels
+      # mixed as its images. Validation and test are never viewed.
+      views=''))
   # GAN students (method='gan'). Discriminator widths per n (reference
   # Sec. 4).
   c.gan = ml_collections.ConfigDict(dict(
@@ -544,6 +549,8 @@ def check_combinations(c):
                    'are of the un-augmented images, so students would learn '
                    "other targets than their inputs; use students.features="
                    "'online' (or 'auto'), or data.augment=''")
+  if c.head.views:
+    augment.check_view(c.head.views, 'config.head.views')
   views = c.students.views
   if views:
     augment.check_view(views)

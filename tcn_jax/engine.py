@@ -143,8 +143,9 @@ def _scan_fn(member_step, num_members: int, strategy: str, resident: bool,
   """`run(state, data, keys, epoch, offset, context) -> (state, metrics
   (steps, members))`, a scan over the batches of `data`: (x, targets,
   order) gathered on device (`resident`) or fed (xs, ts). view = (fn,
-  seed): each batch is replaced by fn(key, xb), key depending only on
-  (seed, epoch, step), so every member sees the same view. target_fn(
+  seed): each batch and its targets are replaced by fn(key, xb, tb), key
+  depending only on (seed, epoch, step), so every member sees the same
+  view (and, with mixup, the labels mixed as the images). target_fn(
   context, xb) -> a dict of (members, batch, ...) targets computed from
   each (viewed) batch (online features) is added to its targets."""
   def run(state, data, keys, epoch, offset, context):
@@ -164,7 +165,7 @@ def _scan_fn(member_step, num_members: int, strategy: str, resident: bool,
       else:
         xb, tb, i = inp
       if view is not None:
-        xb = view[0](jax.random.fold_in(view_key, i), xb)
+        xb, tb = view[0](jax.random.fold_in(view_key, i), xb, tb)
       if target_fn is not None:
         tb = {**tb, **target_fn(context, xb)}
       return xb, tb, jax.vmap(jax.random.fold_in, (0, None))(epoch_keys, i)
@@ -192,7 +193,8 @@ class Trainer:
   (state, metrics)`: trains a group's stacked `state` on `batches`
   (`Resident` or `Fed`) in one compiled program per batch layout, on
   `group_mesh(strategy, mesh)`. keys: the members' keys (`member_keys`);
-  view: (fn(key, x) -> x, seed), each batch's random view (`_scan_fn`);
+  view: (fn(key, x, targets) -> (x, targets), seed), each batch's random
+  view (`_scan_fn`);
   context: the argument of target_fn (e.g. a frozen teacher's variables),
   placed once while the same object. Runs asynchronously: the metrics, a
   dict of (steps, members), are device arrays (read them to wait). The

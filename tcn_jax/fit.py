@@ -64,9 +64,11 @@ class OnlineTargets:
   a dict of (members, B, ...) targets, e.g. a frozen teacher's features of
   the (augmented) batch; `context` (the teacher's variables) is an
   argument of the compiled step, not a constant folded into it. view(key,
-  x) -> x, if given, first replaces each batch by a random view of it
-  drawn on device from (view_seed, epoch, step) (`augment.view`), which
-  the targets and every member then see."""
+  x, targets) -> (x, targets), if given, first replaces each batch by a
+  random view of it drawn on device from (view_seed, epoch, step)
+  (`augment.view`), which the targets and every member then see. A target
+  named 'input' (e.g. the frozen students' outputs of the view, for the
+  head) is the model's input in place of the batch (`fit`)."""
   fn: Callable[[Any, Any], dict]
   context: Any
   view: Callable[[Any, Any], Any] | None = None
@@ -87,17 +89,21 @@ def fit(stage_dir, *, name, model, loss, tx, variables, x, targets, ids,
     return model.apply({'params': p, **ms}, xb, train=True,
                        rngs={'dropout': key}, mutable=list(ms))
 
+  def model_input(xb, tb):   # An online 'input' target (OnlineTargets).
+    return tb['input'] if 'input' in tb else xb
+
   def objective(p, pred, tb):
     out = loss(pred, tb)
     return out + weight_decay * models.l2_penalty(p) if weight_decay else out
 
   if model_state:
     def loss_fn(p, ms, xb, tb, key):
-      pred, ms = apply_train(p, ms, xb, key)
+      pred, ms = apply_train(p, ms, model_input(xb, tb), key)
       return objective(p, pred, tb), ms
   else:
     def loss_fn(p, xb, tb, key):
-      return objective(p, apply_train(p, {}, xb, key)[0], tb)
+      return objective(p, apply_train(p, {}, model_input(xb, tb), key)[0],
+                       tb)
 
   state = state_lib.MemberState(params, jax.vmap(tx.init)(params),
                                 model_state)

@@ -3,9 +3,13 @@
 The head starts as the teacher's output layer and is trained with cross-
 entropy on the students' concatenated outputs (inference mode, so they are
 computed once); the paper reports test accuracy before and after (Table 2).
+With views (`config.head.views`, e.g. the students' own) the head trains
+on the students' outputs of a random view of each batch instead, computed
+in the step, with mixup's labels mixed as its images.
 """
 import contextlib
 import dataclasses
+import functools
 import glob
 import hashlib
 import os
@@ -16,6 +20,7 @@ import jax
 import numpy as np
 
 from tcn_jax import assemble
+from tcn_jax import augment
 from tcn_jax import checkpoint
 from tcn_jax import engine
 from tcn_jax import features as features_lib
@@ -33,7 +38,7 @@ from tcn_jax import workdir as workdir_lib
 
 def finetune_head(tcn, ds, *, epochs, batch_size=128, optimizer='adam',
                   learning_rate=1e-3, seed=0, strategy='auto',
-                  eval_batch_size=1000, workdir=None, writer=None):
+                  eval_batch_size=1000, workdir=None, writer=None, views=''):
   """Trains `tcn`'s head with CE on the frozen students' outputs.
 
   On the mesh in use (`mesh.use`, several devices) the students' outputs
@@ -52,6 +57,9 @@ def finetune_head(tcn, ds, *, epochs, batch_size=128, optimizer='adam',
     eval_batch_size: examples per call when computing the students' outputs.
     workdir: checkpoints go to `workdir/head` (None: nothing saved).
     writer: optional TensorBoard writer.
+    views: an augmentation's name (`augment.view`, drawn on device): the
+      head trains on the students' outputs of each batch's random view,
+      computed in the step (validation and test: the images as they are).
 
   Returns:
     (tcn with the new head, info) with info = {'test_acc_before',
@@ -59,6 +67,7 @@ def finetune_head(tcn, ds, *, epochs, batch_size=128, optimizer='adam',
     'seconds'}.
   """
   inputs.epochs('finetune_head', epochs)
+  aug = views and augment.check_view(views, 'config.head.views')
   stage_dir = workdir and os.path.join(workdir, 'head')
   # A finished head (resume) needs only the val and test outputs.
   splits = ('train', 'val', 'test')
@@ -69,6 +78,7 @@ def finetune_head(tcn, ds, *, epochs, batch_size=128, optimizer='adam',
                       splits=splits)
   streamed = 'train' in splits and isinstance(ds.train.x,
                                               input_pipeline.Stream)
+  online = 'train' in splits and bool(aug)   # Outputs of views, in the step.
   outputs = assemble.student_outputs_fn(tcn, strategy)
   students = [g.variables for g in tcn.groups]
   if tcn.input_shape is None:   # A TCN saved before students recorded it.
@@ -80,9 +90,16 @@ def finetune_head(tcn, ds, *, epochs, batch_size=128, optimizer='adam',
                                      lambda xb: outputs(students, xb))
   feats = {s: input_pipeline.batched(student_outputs, getattr(ds, s).x,
                              eval_batch_size)
-           for s in splits if s != 'train' or not streamed}
+           for s in splits if s != 'train' or not (streamed or online)}
+  target_fn = None
+  if online:   # The head's input: the students' outputs of each view.
+    feats['train'] = ds.train.x
+    target_fn = fit.OnlineTargets(
+        lambda ctx, xb: {'input': outputs(ctx, xb)[None]}, students,
+        view=functools.partial(augment.view, aug),
+        view_seed=augment.view_seed(fit.stage_seed(seed, 'head')))
   with contextlib.ExitStack() as stack:
-    if streamed:   # N x D outputs on disk, trained from as a Stream.
+    if streamed and not online:   # N x D outputs on disk, as a Stream.
       out_dir = stage_dir or stack.enter_context(tempfile.TemporaryDirectory())
       feats['train'] = train_outputs(
           out_dir, student_outputs, ds.train.x, eval_batch_size,
@@ -92,7 +109,8 @@ def finetune_head(tcn, ds, *, epochs, batch_size=128, optimizer='adam',
     tcn, info = _train(tcn, ds, feats, stage_dir, epochs=epochs,
                        batch_size=batch_size, optimizer=optimizer,
                        learning_rate=learning_rate, seed=seed,
-                       eval_batch_size=eval_batch_size, writer=writer)
+                       eval_batch_size=eval_batch_size, writer=writer,
+                       target_fn=target_fn)
   return tcn, info
 
 
@@ -127,8 +145,9 @@ class _Rows(input_pipeline.Transform):
 
 
 def _train(tcn, ds, feats, stage_dir, *, epochs, batch_size, optimizer,
-           learning_rate, seed, eval_batch_size, writer):
-  """Tests, fine-tunes and tests the head on the students' outputs."""
+           learning_rate, seed, eval_batch_size, writer, target_fn):
+  """Tests, fine-tunes and tests the head on the students' outputs
+  (feats['train'], or those target_fn computes of each training batch)."""
   head = assemble.tcn_head(tcn)
   logits = lambda v, f: input_pipeline.batched(
       mesh_lib.forward(head.apply, v), f, eval_batch_size)
@@ -146,7 +165,7 @@ def _train(tcn, ds, feats, stage_dir, *, epochs, batch_size, optimizer,
       targets={'label': ds.train.y[None]}, ids=[0], epochs=epochs,
       batch_size=batch_size, seed=seed, strategy='auto',
       val_x=feats.get('val'), val_targets=ds.val.y[None],
-      val_metric=metrics.accuracy, writer=writer)
+      val_metric=metrics.accuracy, writer=writer, target_fn=target_fn)
   tcn = dataclasses.replace(tcn,
                             head_variables=engine.unstack(variables, 1)[0])
   after = {s: acc(tcn.head_variables, s) for s in ('val', 'test')}
@@ -160,7 +179,9 @@ def key(run: record.Run, students_key: str) -> str:
   """The head stage's key."""
   c = run.config
   return workdir_lib.stage_key(
-      stage='head', students=students_key, head=c.head.to_dict(),
+      stage='head', students=students_key,
+      head={k: v for k, v in c.head.to_dict().items()
+            if v or k != 'views'},   # Keys from before head views.
       head_bn=c.teacher.head_bn, eval_batch_size=c.eval_batch_size,
       seed=c.seed, data=run.data_key, **workdir_lib.forward_key(c))
 
@@ -179,5 +200,5 @@ def run_stage(run: record.Run, teacher: record.Teacher,
       tcn, run.ds, epochs=h.epochs, batch_size=h.batch_size,
       optimizer=h.optimizer, learning_rate=h.learning_rate, seed=c.seed,
       strategy=c.students.strategy, eval_batch_size=c.eval_batch_size,
-      workdir=run.workdir or None, writer=run.writer)
+      workdir=run.workdir or None, writer=run.writer, views=h.views)
   return record.Head(tcn, info, key)

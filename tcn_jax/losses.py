@@ -1,7 +1,8 @@
 """Every loss of the pipeline, and the registry of the students' losses.
 
 Targets are dicts of arrays, one row per example: {'label'} for the teacher
-and the head, {'logits', 'label'} for Hinton KD, {'logits', 'feature',
+and the head (plus {'mixed_label', 'mix_weight'} on a mixup view of the
+head's, `augment.view`), {'logits', 'label'} for Hinton KD, {'logits', 'feature',
 'label'} for KDGAN, {'chunk'} for a student (plus {'feature', 'offset'} for
 a loss that needs the whole teacher feature, e.g. logit matching).
 
@@ -37,8 +38,15 @@ def bce(logits, label: float):
 
 
 def classification(logits, target):
-  """CE to target['label']: the teacher's and the head's loss."""
-  return ce(logits, target['label'])
+  """CE to target['label']: the teacher's and the head's loss. On a mixup
+  view (`augment.view`) the CE to the two labels mixed, weighted as their
+  images: mix_weight * CE(label) + (1 - mix_weight) * CE(mixed_label)."""
+  if 'mixed_label' not in target:
+    return ce(logits, target['label'])
+  per = optax.softmax_cross_entropy_with_integer_labels
+  w = target['mix_weight']
+  return (w * per(logits, target['label'])
+          + (1 - w) * per(logits, target['mixed_label'])).mean()
 
 
 def kd(temperature: float, alpha: float):

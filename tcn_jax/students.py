@@ -47,10 +47,6 @@ def _targets(loss_name, encoded, chunks, bounds, member_ids, lazy=False):
   return targets
 
 
-# The views' random stream, apart from the members' (init, dropout).
-VIEW_STREAM = 0x76696577
-
-
 def _online_targets(online, loss_name, bounds, member_ids, seed):
   """The group's targets computed inside its step from the batch: the frozen
   teacher's features (inference mode), encoded and cut as `_targets`; with
@@ -77,9 +73,7 @@ def _online_targets(online, loss_name, bounds, member_ids, seed):
       'basis': None if basis is None else {k: jnp.asarray(v)
                                            for k, v in basis.items()}},
       view=functools.partial(augment.view, augment.check_view(views))
-      if views else None,
-      view_seed=int(np.random.SeedSequence([seed, VIEW_STREAM])
-                    .generate_state(1)[0]))
+      if views else None, view_seed=augment.view_seed(seed))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -174,6 +174,8 @@ CONFIG_VALUES = [
     ('views not on device', {'students__views': 'crop_flip',
                              'students__features': 'online'},
      "config.students.views='crop_flip' cannot be drawn on device", None),
+    ('head views not on device', {'head__views': 'crop_flip'},
+     "config.head.views='crop_flip' cannot be drawn on device", None),
     ('views of unknown name', {'students__views': 'rotate',
                                'students__features': 'online'},
      "unknown augmentation 'rotate'", None),

@@ -17,7 +17,7 @@ _X = np.random.default_rng(0).random((16, 8, 8, 2)).astype(np.float32)
 
 def _view(name, seed=0, x=_X):
   return np.asarray(augment.view(augment.get(name), jax.random.key(seed),
-                                 jnp.asarray(x)))
+                                 jnp.asarray(x))[0])
 
 
 def test_flip_mirrors_some_images_and_keeps_the_others():
@@ -30,7 +30,7 @@ def test_flip_mirrors_some_images_and_keeps_the_others():
 
 def test_pad_crop_is_a_window_of_the_padded_image():
   aug = augment.Augmentation('crop only', pad=0.125)   # 1 pixel of 8.
-  out = np.asarray(augment.view(aug, jax.random.key(3), jnp.asarray(_X)))
+  out = np.asarray(augment.view(aug, jax.random.key(3), jnp.asarray(_X))[0])
   padded = np.pad(_X, ((0, 0), (1, 1), (1, 1), (0, 0)))
   offsets = []
   for o, p in zip(out, padded):
@@ -42,11 +42,35 @@ def test_pad_crop_is_a_window_of_the_padded_image():
 
 
 def test_mixup_is_a_convex_mix_with_the_next_image():
-  out = np.asarray(augment.view(augment.get('mixup'), jax.random.key(5), jnp.asarray(_X)))
+  out = _view('mixup', 5)
   partner = np.roll(_X, 1, axis=0)
   lam = ((out - partner) * (_X - partner)).sum() / ((_X - partner) ** 2).sum()
   assert 0 < lam < 1
   np.testing.assert_allclose(out, lam * _X + (1 - lam) * partner, atol=1e-5)
+
+
+def test_mixup_mixes_the_labels_as_the_images():
+  """The head's loss on a mixup view: CE to both labels, weighted as their
+  images were mixed; views without mixup leave the labels alone."""
+  from tcn_jax import losses  # pylint: disable=g-import-not-at-top
+  labels = np.arange(32, dtype=np.int32).reshape(2, 16) % 3
+  x, t = augment.view(augment.get('mixup'), jax.random.key(5),
+                      jnp.asarray(_X), {'label': jnp.asarray(labels)})
+  np.testing.assert_array_equal(np.asarray(x), _view('mixup', 5))
+  partner = np.roll(_X, 1, axis=0)
+  lam = ((np.asarray(x) - partner) * (_X - partner)).sum() / (
+      (_X - partner) ** 2).sum()
+  np.testing.assert_array_equal(t['mixed_label'], np.roll(labels, 1, axis=1))
+  np.testing.assert_allclose(t['mix_weight'], np.full((2, 16), lam),
+                             atol=1e-5)
+  logits = jnp.asarray(np.random.default_rng(1).normal(size=(16, 3)))
+  got = losses.classification(logits, {k: v[0] for k, v in t.items()})
+  want = (lam * losses.ce(logits, labels[0])
+          + (1 - lam) * losses.ce(logits, np.roll(labels[0], 1)))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  _, kept = augment.view(augment.get('pad_crop_flip'), jax.random.key(5),
+                         jnp.asarray(_X), {'label': jnp.asarray(labels)})
+  assert set(kept) == {'label'}
 
 
 def test_same_key_same_view_other_key_other_view():
@@ -72,8 +96,8 @@ def test_members_and_targets_see_the_same_view():
     del key
     return jnp.mean((xb - tb['chunk']) ** 2) + 0 * p['w'].sum()
 
-  def view_fn(key, xb):
-    return xb + jax.random.normal(key, xb.shape)
+  def view_fn(key, xb, tb):
+    return xb + jax.random.normal(key, xb.shape), tb
 
   target_fn = lambda ctx, xb: {'chunk': jnp.stack([xb, xb])}
   tx = optax.sgd(0.0)
@@ -98,7 +122,8 @@ def test_view_depends_on_epoch_and_step_not_on_the_members():
     tx = optax.sgd(0.1)
     trainer = engine.Trainer(engine.gradient_step(loss_fn, tx), len(ids),
                              'unrolled', view=(
-                                 lambda k, xb: xb * jax.random.uniform(k), 3))
+                                 lambda k, xb, tb: (
+                                     xb * jax.random.uniform(k), tb), 3))
     p = {'w': jnp.zeros((len(ids), 4))}
     state = MemberState(p, jax.vmap(tx.init)(p))
     state, _ = trainer(state, engine.Resident(x, {}, np.arange(16).reshape(

@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from experiments import consistent_fmnist
 from tcn_jax import checkpoint
@@ -69,3 +70,24 @@ def test_commands_take_the_teacher_and_score_each_epoch():
   assert '--config.teacher.init_from=/t' in cmd
   assert '--config.students.eval_tcn=True' in cmd
   assert '--workdir=/r/consistent_n8_s1' in cmd
+
+
+def test_a_head_only_recipe_starts_from_its_source_run(tmp_path):
+  """consistent_headviews_s1 copies consistent_s1 (not its head or
+  results) and may change the config (the head's): the students are the
+  source run's."""
+  source = tmp_path / 'consistent_s1'
+  for sub in ('students/group0', 'head'):
+    os.makedirs(source / sub)
+  (source / 'results.json').write_text('{}')
+  (source / 'features.npz').write_text('f')
+  consistent_fmnist.prepare('consistent_headviews_s1', str(tmp_path))
+  copy = tmp_path / 'consistent_headviews_s1'
+  assert sorted(os.listdir(copy)) == ['features.npz', 'students']
+  cmd = consistent_fmnist.command('consistent_headviews_s1', '/t',
+                                  str(tmp_path))
+  assert '--config.head.views=pad_crop_flip_mixup' in cmd
+  assert '--config.allow_config_change=True' in cmd
+  consistent_fmnist.prepare('consistent_s1', str(tmp_path))   # Not one.
+  with pytest.raises(SystemExit, match='consistent_n4_s0'):
+    consistent_fmnist.prepare('consistent_n4_headviews_s0', str(tmp_path))
