@@ -203,13 +203,15 @@ def report(root, out=os.path.join(common.RESULTS, 'consistent_fmnist_cpu')):
            'wall time, on a CPU it often shared with other runs; the '
            'side-by-side cost per epoch is bench_views_cpu.md.', '',
            '| run | n | student params | head (chosen on val) | val | test '
-           '| teacher test | s / student epoch | epochs | feature MSE train '
-           '/ val |',
-           '|---|---|---|---|---|---|---|---|---|---|']
+           '| val: frozen / fine-tuned head | teacher test | s / student '
+           'epoch | epochs | feature MSE train / val |',
+           '|---|---|---|---|---|---|---|---|---|---|---|']
   for name, r in rows.items():
+    frozen, tuned = r['val_acc_before_after_finetune']
     lines.append(
         f'| {name} | {r["num_students"]} | {r["student_params"]:,} | '
         f'{r["head"]} | {100 * r["val_acc"]:.2f} | {100 * r["test_acc"]:.2f}'
+        f' | {100 * frozen:.2f} / {100 * tuned:.2f}'
         f' | {100 * r["teacher_test_acc"]:.2f} | '
         f'{r["student_seconds_per_epoch"]:.0f} | {r["student_epochs"]} | '
         f'{r["feature_mse"]["train"]:.3f} / {r["feature_mse"]["val"]:.3f} |')

@@ -59,6 +59,7 @@ def test_report_chooses_the_head_on_validation(tmp_path, monkeypatch):
   assert runs['best_s0']['feature_mse'] == {'train': 0.1, 'val': 0.25}
   assert len(caches) == 2 and len(set(caches)) == 1
   assert '| 0.100 / 0.250 |' in text
+  assert '| 93.00 / 92.00 | 92.39 |' in text   # Val by head, teacher test.
   assert '- consistent_n4_s0 (unfinished): 1: 50.00 / 25.00' in text
   assert os.path.getsize(out + '.png') > 0 and '](report.png)' in text
 
