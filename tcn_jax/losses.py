@@ -2,9 +2,10 @@
 
 Targets are dicts of arrays, one row per example: {'label'} for the teacher
 and the head (plus {'mixed_label', 'mix_weight'} on a mixup view of the
-head's, `augment.view`), {'logits', 'label'} for Hinton KD, {'logits', 'feature',
-'label'} for KDGAN, {'chunk'} for a student (plus {'feature', 'offset'} for
-a loss that needs the whole teacher feature, e.g. logit matching).
+head's, `augment.view`), {'logits', 'label'} for Hinton KD, {'logits',
+'feature', 'label'} for KDGAN, {'chunk'} for a student (plus {'feature',
+'offset'} for a loss that needs the whole teacher feature, e.g. logit
+matching).
 
 A student loss is picked by name (`config.students.loss`) from
 `STUDENT_LOSSES`: a builder `make(width, **context) -> loss(pred, target)`,
