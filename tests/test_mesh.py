@@ -83,6 +83,14 @@ def _worker(out_dir):
   out['head_acc'] = [[one_head[k], four_head[k]]
                      for k in ('test_acc_before', 'test_acc_after')]
   out['teacher_acc'] = [one_acc, four_acc]
+  # The head on views (head.views): the students' outputs of each batch's
+  # view in the step, the batch (and mixup's partner images) split over
+  # the data axis.
+  views = dict(head_kw, views='pad_crop_flip_mixup')
+  one_v = tcn.finetune_head(net, ds, **views)[0]
+  with mesh_lib.use(mesh):
+    four_v = tcn.finetune_head(net, ds, **views)[0]
+  out['head_views'] = _max_diff(one_v.head_variables, four_v.head_variables)
   x, feats, val = _students_data()
   kw = dict(epochs=2, batch_size=50, seed=5, val=val,
             optimizer=tcn.students.Optimizer(learning_rate=1e-2))
@@ -126,6 +134,7 @@ def test_mesh_equals_one_device_on_four_devices(tmp_path):
   # device to float32 rounding (1e-5); the head, trained data-parallel, to
   # 1e-5; the test accuracies exactly.
   assert out['student_outputs'] < 1e-5 and out['head'] < 1e-5, out
+  assert out['head_views'] < 1e-5, out
   assert all(a == b for a, b in out['head_acc']), out
   assert out['teacher_acc'][0] == out['teacher_acc'][1], out
   for n in ('3',):
