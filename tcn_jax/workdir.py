@@ -131,7 +131,7 @@ def check_config(path: str, config: dict, allow_change: bool):
   config_path = os.path.join(path, 'config.json')
   if allow_change or not os.path.isfile(config_path):
     return
-  changes = diff(_read_json(config_path), config)
+  changes = diff(config_lib.upgrade(_read_json(config_path)), config)
   if changes:
     raise TCNError(f'workdir {path} holds a run with another config '
                    f'({"; ".join(changes)}); use a new workdir or '

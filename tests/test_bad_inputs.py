@@ -680,3 +680,17 @@ def test_config_diff_ignores_options_added_since_the_run():
   old = {'students': {'epochs': 10}}
   assert workdir_lib.diff({'students': {'epochs': 10, 'gone': 0}}, old) == [
       "students.gone: 0 -> '<unset>'"]
+
+
+def test_rerun_check_reads_an_old_config_json_as_todays(tmp_path):
+  """The check before any data is read (`workdir.check_config`) upgrades
+  the recorded config as the workdir does: a field added since the run
+  (head.views) is not a change; another value is, named."""
+  new = config_lib.to_json(config_lib.resolve(config_lib.base_config()))
+  old = copy.deepcopy(new)
+  del old['head']['views'], old['students']['views']
+  (tmp_path / 'config.json').write_text(json.dumps(old))
+  workdir_lib.check_config(str(tmp_path), new, False)
+  new['head']['views'] = 'mixup'
+  with pytest.raises(TCNError, match="head.views: '' -> 'mixup'"):
+    workdir_lib.check_config(str(tmp_path), new, False)
