@@ -36,29 +36,29 @@ FMNIST = os.path.join(common.REPO, 'configs', 'fashion_mnist.py')
 # 32 wide: 95.1k in all) and at n = 4 (at n = 2: `:best`'s students without
 # their two dropouts, 51.9k in all).
 BIG, NODROP = presets.FULL_FMNIST['2'], presets.FULL_FMNIST['4']
-# `:consistent` as first measured: `:best`'s students (26.0k each, with
+# `:consistent`'s views as first measured: padded crops, flips, mixup.
+CROPS = ['consistent', '--config.students.views=pad_crop_flip_mixup']
+# `:consistent` as first built: `:best`'s students (26.0k each, with
 # dropout) and 100 epochs.
-SMALL = ['consistent', '--config.students.epochs=100',
-         '--config.students.arch='
+SMALL = ['--config.students.epochs=100', '--config.students.arch='
          + presets.with_batchnorm(presets.WIDE_FMNIST)]
 RECIPES = {
     'best': ['best'],
     'consistent': ['consistent'],
     'consistent_n4': ['consistent', '--config.num_students=4'],
     'consistent_n8': ['consistent', '--config.num_students=8'],
-    'consistent_small': SMALL,
-    # The views without mixup.
-    'consistent_small_nomix': SMALL + [
-        '--config.students.views=pad_crop_flip'],
-    # Mixup alone: no crops or flips, which cost these students most.
-    'consistent_mixup': ['consistent', '--config.students.views=mixup'],
+    # Padded crops and flips before the mixup.
+    'consistent_crops': CROPS,
+    'consistent_crops_n4': CROPS + ['--config.num_students=4'],
+    'consistent_crops_n8': CROPS + ['--config.num_students=8'],
     # The head fine-tuned on the students' views, not the clean images.
-    'consistent_headviews': ['consistent',
-                             '--config.head.views=pad_crop_flip_mixup'],
-    'consistent_n4_headviews': ['consistent', '--config.num_students=4',
-                                '--config.head.views=pad_crop_flip_mixup'],
-    'consistent_n8_headviews': ['consistent', '--config.num_students=8',
-                                '--config.head.views=pad_crop_flip_mixup'],
+    'consistent_crops_headviews': CROPS + [
+        '--config.head.views=pad_crop_flip_mixup'],
+    'consistent_small': CROPS + SMALL,
+    # The views without mixup.
+    'consistent_small_nomix': ['consistent',
+                               '--config.students.views=pad_crop_flip',
+                               *SMALL],
     # `:best`'s students regress their training features no better than
     # their validation ones (they underfit): without dropout, and wider.
     'best_nodrop': ['best', f'--config.students.arch={NODROP}'],
@@ -67,13 +67,10 @@ RECIPES = {
     'best_big_long': ['best', f'--config.students.arch={BIG}',
                       '--config.students.epochs=60'],
 }
-
 # Recipes that change only the head of another recipe's run: they start
 # from a copy of its workdir (same seed), so they train the same students
 # and only the head again (`allow_config_change`).
-HEAD_OF = {'consistent_headviews': 'consistent',
-           'consistent_n4_headviews': 'consistent_n4',
-           'consistent_n8_headviews': 'consistent_n8'}
+HEAD_OF = {'consistent_crops_headviews': 'consistent_crops'}
 
 
 def _parse(name):

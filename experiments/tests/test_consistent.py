@@ -74,21 +74,21 @@ def test_commands_take_the_teacher_and_score_each_epoch():
 
 
 def test_a_head_only_recipe_starts_from_its_source_run(tmp_path):
-  """consistent_headviews_s1 copies consistent_s1 (not its head or
-  results) and may change the config (the head's): the students are the
-  source run's."""
-  source = tmp_path / 'consistent_s1'
+  """consistent_crops_headviews_s1 copies consistent_crops_s1 (not its
+  head or results) and may change the config (the head's): the students
+  are the source run's."""
+  source = tmp_path / 'consistent_crops_s1'
   for sub in ('students/group0', 'head'):
     os.makedirs(source / sub)
   (source / 'results.json').write_text('{}')
   (source / 'features.npz').write_text('f')
-  consistent_fmnist.prepare('consistent_headviews_s1', str(tmp_path))
-  copy = tmp_path / 'consistent_headviews_s1'
+  consistent_fmnist.prepare('consistent_crops_headviews_s1', str(tmp_path))
+  copy = tmp_path / 'consistent_crops_headviews_s1'
   assert sorted(os.listdir(copy)) == ['features.npz', 'students']
-  cmd = consistent_fmnist.command('consistent_headviews_s1', '/t',
+  cmd = consistent_fmnist.command('consistent_crops_headviews_s1', '/t',
                                   str(tmp_path))
   assert '--config.head.views=pad_crop_flip_mixup' in cmd
   assert '--config.allow_config_change=True' in cmd
-  consistent_fmnist.prepare('consistent_s1', str(tmp_path))   # Not one.
-  with pytest.raises(SystemExit, match='consistent_n4_s0'):
-    consistent_fmnist.prepare('consistent_n4_headviews_s0', str(tmp_path))
+  consistent_fmnist.prepare('consistent_crops_s1', str(tmp_path))  # Not one.
+  with pytest.raises(SystemExit, match='consistent_crops_s0'):
+    consistent_fmnist.prepare('consistent_crops_headviews_s0', str(tmp_path))
