@@ -13,7 +13,8 @@ checkpoints.
   python -m experiments.consistent_fmnist --root /data/consistent --report
 
 Runs: `<recipe>_s<seed>` with recipe one of RECIPES (`:best`, `:consistent`
-and their ablations). The head is chosen on validation per run (fine-tuned
+and their ablations); a recipe of HEAD_OF trains only the head again, in a
+copy of its source run's workdir (`prepare`). The head is chosen on validation per run (fine-tuned
 or the teacher's frozen one, whichever scores higher on val), and that
 head's test accuracy is the run's result. The report also gives each
 finished run's feature MSE on training and on validation images
