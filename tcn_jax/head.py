@@ -180,8 +180,7 @@ def key(run: record.Run, students_key: str) -> str:
   c = run.config
   return workdir_lib.stage_key(
       stage='head', students=students_key,
-      head={k: v for k, v in c.head.to_dict().items()
-            if v or k != 'views'},   # Keys from before head views.
+      head=workdir_lib.section_key(c.head.to_dict(), added=('views',)),
       head_bn=c.teacher.head_bn, eval_batch_size=c.eval_batch_size,
       seed=c.seed, data=run.data_key, **workdir_lib.forward_key(c))
 

@@ -308,10 +308,11 @@ def key(run: record.Run, features_key: str) -> str:
   return workdir_lib.stage_key(
       stage='students', features=features_key, n=c.num_students,
       method=c.method, chunking=c.chunking, pca_assignment=c.pca_assignment,
-      students={**{k: v for k, v in c.students.to_dict().items()
-                   if k != 'eval_tcn'   # Scores only: trains the same.
-                   and (v or k not in ('features', 'views'))},   # Keys from
-                'augment': augment.key_name(c.data.augment)},   # before them.
+      students={**workdir_lib.section_key(
+          {k: v for k, v in c.students.to_dict().items()
+           if k != 'eval_tcn'},   # Scores only: trains the same.
+          added=('features', 'views')),
+          'augment': augment.key_name(c.data.augment)},
       gan=c.gan.to_dict() if c.method == 'gan' else None,
       layers_impl=c.layers_impl, seed=c.seed, data=run.data_key,
       **workdir_lib.dtype_key(c))

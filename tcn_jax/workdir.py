@@ -44,6 +44,13 @@ def dtype_key(config) -> dict:
   return {} if config.dtype == 'float32' else {'dtype': config.dtype}
 
 
+def section_key(section: dict, added: tuple[str, ...] = ()) -> dict:
+  """A config section as a stage key's entry: the fields in `added` (added
+  since runs were made) left out while unset, so those runs' keys stay the
+  same."""
+  return {k: v for k, v in section.items() if v or k not in added}
+
+
 def forward_key(config) -> dict:
   """A stage key's `forward_impl` entry: none when unset (as above)."""
   return {'forward_impl': config.forward_impl} if config.forward_impl else {}
@@ -124,18 +131,30 @@ def lock_directory(path: str) -> int:
   return fd
 
 
-def check_config(path: str, config: dict, allow_change: bool):
-  """Refuses, before any data is read, a rerun in `path` with another config
-  (unless `allow_change`): the same rule and line as `Workdir` applies when
-  it opens the directory (this only reads config.json)."""
+def recorded_changes(path: str, config: dict) -> list[str]:
+  """The fields in which `config` differs from the run recorded in `path`
+  (its config.json read through `config.upgrade`: fields added since that
+  run are not changes); [] when none is recorded."""
   config_path = os.path.join(path, 'config.json')
-  if allow_change or not os.path.isfile(config_path):
-    return
-  changes = diff(config_lib.upgrade(_read_json(config_path)), config)
+  if not os.path.exists(config_path):
+    return []
+  return diff(config_lib.upgrade(_read_json(config_path)), config)
+
+
+def refuse_changes(path: str, changes: list[str]):
+  """The one line refusing a rerun with another config."""
   if changes:
     raise TCNError(f'workdir {path} holds a run with another config '
                    f'({"; ".join(changes)}); use a new workdir or '
                    '--config.allow_config_change=True')
+
+
+def check_config(path: str, config: dict, allow_change: bool):
+  """Refuses, before any data is read, a rerun in `path` with another config
+  (unless `allow_change`): the same rule and line as `Workdir` applies when
+  it opens the directory (this only reads config.json)."""
+  if not allow_change:
+    refuse_changes(path, recorded_changes(path, config))
 
 
 class Workdir:
@@ -159,14 +178,9 @@ class Workdir:
       raise
 
   def _open(self, config, keys):
-    config_path = os.path.join(self.path, 'config.json')
-    changes = []
-    if os.path.exists(config_path):
-      changes = diff(config_lib.upgrade(_read_json(config_path)), config)
-      if changes and not self.allow_change:
-        raise TCNError(f'workdir {self.path} holds a run with another config '
-                       f'({"; ".join(changes)}); use a new workdir or '
-                       '--config.allow_config_change=True')
+    changes = recorded_changes(self.path, config)
+    if not self.allow_change:
+      refuse_changes(self.path, changes)
     keys_path = os.path.join(self.path, KEYS_FILE)
     self.keys = (_read_json(keys_path) if os.path.exists(keys_path) else {})
     stale = [s for s, k in keys.items() if self._exists(s)
@@ -183,7 +197,7 @@ class Workdir:
         self._remove(name, 'the last results')
     self.keys.update(keys)
     checkpoint.write_json(keys_path, self.keys)
-    checkpoint.write_json(config_path, config)
+    checkpoint.write_json(os.path.join(self.path, 'config.json'), config)
 
   def _exists(self, stage):
     return os.path.exists(os.path.join(self.path, OUTPUTS[stage]))
