@@ -16,9 +16,10 @@ Runs: `<recipe>_s<seed>` with recipe one of RECIPES (`:best`, `:consistent`
 and their ablations); a recipe of HEAD_OF trains only the head again, in a
 copy of its source run's workdir (`prepare`). The head is chosen on
 validation per run (fine-tuned or the teacher's frozen one, whichever
-scores higher on val), and that head's test accuracy is the run's result. The report also gives each
-finished run's feature MSE on training and on validation images
-(`regression_mse`: whether its students overfit or underfit). Writes
+scores higher on val), and that head's test accuracy is the run's result.
+The report also gives each finished run's feature MSE on training and on
+validation images (`regression_mse`: whether its students overfit or
+underfit). Writes
 experiments/results/consistent_fmnist_cpu.{md,json,png}.
 """
 import argparse
