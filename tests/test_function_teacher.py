@@ -89,7 +89,7 @@ def test_keras_teacher_from_python():
   L = keras.layers
   keras.utils.set_random_seed(0)
   inp = keras.Input((8, 8, 1))
-  flat = L.Flatten()(inp)
+  flat = L.Flatten(name='flatten')(inp)
   feat = L.Concatenate(name='feat')([
       L.ReLU()(L.Dense(8, activation='tanh')(flat)),
       L.Dense(8, activation='relu')(flat)])

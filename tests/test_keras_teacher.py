@@ -49,7 +49,7 @@ def _fmnist_teacher():
 
 def _logits_and_features(model, x):
   """Keras' pre-softmax logits and the output layer's input."""
-  feats = np.asarray(keras.Model(model.inputs, model.layers[-1].input)(x))
+  feats = np.asarray(keras.Model(model.inputs[0], model.layers[-1].input)(x))
   out = model.layers[-1]
   return feats @ out.kernel.numpy() + out.bias.numpy(), feats
 
