@@ -49,6 +49,8 @@ RECIPES = {
     'consistent': ['consistent'],
     'consistent_n4': ['consistent', '--config.num_students=4'],
     'consistent_n8': ['consistent', '--config.num_students=8'],
+    # GAN students (a discriminator per student) on the same views.
+    'consistent_gan': ['consistent', '--config.method=gan'],
     # Padded crops and flips before the mixup.
     'consistent_crops': CROPS,
     'consistent_crops_n4': CROPS + ['--config.num_students=4'],

@@ -132,7 +132,9 @@ def test_view_depends_on_epoch_and_step_not_on_the_members():
   np.testing.assert_array_equal(got[1], got[2])
 
 
-def test_online_views_train_students_in_memory_deterministically():
+def _train_online(views, gan=None):
+  """Two students of a toy teacher's features, computed online from each
+  batch's view, for 2 epochs in memory: (their variables, info)."""
   from tcn_jax import chunking  # pylint: disable=g-import-not-at-top
   from tcn_jax import features  # pylint: disable=g-import-not-at-top
   from tcn_jax import models  # pylint: disable=g-import-not-at-top
@@ -142,19 +144,39 @@ def test_online_views_train_students_in_memory_deterministically():
   t_vars = teacher.init(jax.random.key(0), x[:1])
   f_val = features.teacher_features(teacher, t_vars, x[64:])
   chunker = chunking.fit('contiguous', f_val, 2)
-  runs = []
-  for views in ('pad_crop_flip_mixup', 'pad_crop_flip_mixup', ''):
-    groups, info = students.train_students(
-        'C4 MP F D8r', x[:64], None, 2, epochs=2, batch_size=16,
-        val=(x[64:], chunker.encode(f_val)), objective=students.Objective(
-            online={'teacher': teacher, 'variables': t_vars,
-                    'chunker': chunker, 'views': views}))
-    runs.append((jax.tree_util.tree_leaves(groups[0].variables), info))
+  groups, info = students.train_students(
+      'C4 MP F D8r', x[:64], None, 2, epochs=2, batch_size=16,
+      val=(x[64:], chunker.encode(f_val)), objective=students.Objective(
+          gan=gan, online={'teacher': teacher, 'variables': t_vars,
+                           'chunker': chunker, 'views': views}))
+  return jax.tree_util.tree_leaves(groups[0].variables), info
+
+
+def test_online_views_train_students_in_memory_deterministically():
+  runs = [_train_online(v) for v in ('pad_crop_flip_mixup',
+                                     'pad_crop_flip_mixup', '')]
   for a, b in zip(runs[0][0], runs[1][0]):
     np.testing.assert_array_equal(a, b)
   assert any(not np.array_equal(a, b) for a, b in zip(runs[0][0],
                                                       runs[2][0]))
   assert np.all(np.isfinite(runs[0][1]['val_mse']))
+
+
+def test_gan_students_train_on_online_mixup_views():
+  """GAN students (`:consistent` with `--config.method=gan`) on online
+  mixup views: seeded, and trained otherwise than FF students."""
+  import fashion_mnist  # pylint: disable=g-import-not-at-top
+  from tcn_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from tcn_jax import students  # pylint: disable=g-import-not-at-top
+  config = fashion_mnist.get_config('consistent')
+  config.method = 'gan'
+  settings = students.gan_settings(config_lib.resolve(config))
+  a, b = (_train_online('mixup', settings) for _ in range(2))
+  for u, v in zip(a[0], b[0]):
+    np.testing.assert_array_equal(u, v)
+  ff = _train_online('mixup')
+  assert any(not np.array_equal(u, v) for u, v in zip(a[0], ff[0]))
+  assert np.all(np.isfinite(a[1]['val_mse']))
 
 
 def test_evaluate_sees_every_student_after_each_epoch():
