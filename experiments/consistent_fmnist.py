@@ -162,6 +162,10 @@ def report(root, out=os.path.join(common.RESULTS, 'consistent_fmnist_cpu')):
   """Every run under `root` into `out`.{md,json,png}: a finished run's results,
   and the curve so far of one still training or stopped (unfinished)."""
   rows, running, datasets = {}, {}, {}
+  # A run's feature MSE from the last report, where its digests (teacher,
+  # students, head) are still the same: only new or rerun runs are scored.
+  last = (json.load(open(out + '.json'))['runs']
+          if os.path.exists(out + '.json') else {})
   for name in sorted(os.listdir(root)):
     path = os.path.join(root, name, 'results.json')
     if not os.path.exists(path):
@@ -188,8 +192,11 @@ def report(root, out=os.path.join(common.RESULTS, 'consistent_fmnist_cpu')):
         'student_seconds_per_epoch': r['train_seconds']['students']
                                      / max(epochs, 1),
         'curve': r.get('students_curve', []),
-        'feature_mse': regression_mse(os.path.join(root, name),
-                                      datasets=datasets),
+        'feature_mse': (
+            last[name]['feature_mse']
+            if last.get(name, {}).get('digests') == r['digests']
+            else regression_mse(os.path.join(root, name),
+                                datasets=datasets)),
         'digests': r['digests'],
     }
   with open(out + '.json', 'w') as f:

@@ -62,6 +62,13 @@ def test_report_chooses_the_head_on_validation(tmp_path, monkeypatch):
   assert '| 93.00 / 92.00 | 92.39 |' in text   # Val by head, teacher test.
   assert '- consistent_n4_s0 (unfinished): 1: 50.00 / 25.00' in text
   assert os.path.getsize(out + '.png') > 0 and '](report.png)' in text
+  # Again: each run's feature MSE is the last report's while its digests
+  # stay; a rerun run (other digests) is scored anew.
+  r = _results(0.93, 0.92, 0.921, 0.925)
+  r['digests'] = {'teacher': 't', 'tcn': 'other'}
+  (root / 'consistent_s0' / 'results.json').write_text(json.dumps(r))
+  consistent_fmnist.report(str(root), out)
+  assert len(caches) == 3
 
 
 def test_commands_take_the_teacher_and_score_each_epoch():
