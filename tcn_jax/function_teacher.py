@@ -235,7 +235,7 @@ def teacher_from_keras(model, *, x_example, feature_layer: str | None = None):
                else out_layer.input)
   except ValueError as e:
     raise TCNError(f'teacher_from_keras: feature_layer: {e}') from None
-  inputs = model.inputs  # one tensor, not a list of one: as the model is called
+  inputs = model.inputs   # Called on one tensor, not a list of one.
   feature_model = keras.Model(inputs[0] if len(inputs) == 1 else inputs,
                               feature)
   model_variables = {v.path: jnp.asarray(v.value) for v in model.variables}

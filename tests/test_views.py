@@ -166,11 +166,11 @@ def test_gan_students_train_on_online_mixup_views():
   """GAN students (`:consistent` with `--config.method=gan`) on online
   mixup views: seeded, and trained otherwise than FF students."""
   import fashion_mnist  # pylint: disable=g-import-not-at-top
-  from tcn_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from tcn_jax import config  # pylint: disable=g-import-not-at-top
   from tcn_jax import students  # pylint: disable=g-import-not-at-top
-  config = fashion_mnist.get_config('consistent')
-  config.method = 'gan'
-  settings = students.gan_settings(config_lib.resolve(config))
+  c = fashion_mnist.get_config('consistent')
+  c.method = 'gan'
+  settings = students.gan_settings(config.resolve(c))
   a, b = (_train_online('mixup', settings) for _ in range(2))
   for u, v in zip(a[0], b[0]):
     np.testing.assert_array_equal(u, v)
