@@ -11,8 +11,11 @@ import tempfile
 # imported so the CLI subprocesses inherit it too. The suite's many tiny runs
 # compile the same programs over and over, and on a CPU compiling them is
 # most of their time; a hit returns the very executable a compile would, so
-# no result changes. The cache starts empty and is removed at the end.
-_XLA_CACHE = tempfile.mkdtemp(prefix='tcn_jax_test_xla_cache.')
+# no result changes. The cache starts empty and is removed at the end. The
+# suite's worker processes (pytest-xdist) share their controller's cache.
+_XLA_CACHE = (os.environ.get('TCN_JAX_TEST_XLA_CACHE')
+              or tempfile.mkdtemp(prefix='tcn_jax_test_xla_cache.'))
+os.environ['TCN_JAX_TEST_XLA_CACHE'] = _XLA_CACHE
 os.environ['JAX_COMPILATION_CACHE_DIR'] = _XLA_CACHE
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
@@ -24,6 +27,10 @@ os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 BACKEND_OPT_LEVEL = '--xla_backend_optimization_level=1'
 os.environ['XLA_FLAGS'] = ' '.join(filter(None, [
     os.environ.get('XLA_FLAGS'), BACKEND_OPT_LEVEL]))
+
+# The suite runs in two worker processes (pyproject.toml's addopts): on an
+# accelerator each takes memory as it needs it, not most of it up front.
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
 import jax  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
@@ -38,7 +45,8 @@ from helpers import ROOT  # pylint: disable=g-import-not-at-top,unused-import
 
 
 def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
-  shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+  if 'PYTEST_XDIST_WORKER' not in os.environ:   # The controller, last.
+    shutil.rmtree(_XLA_CACHE, ignore_errors=True)
 
 
 @pytest.fixture
