@@ -18,6 +18,7 @@ import shlex
 import subprocess
 import sys
 import time
+import tomllib
 
 from experiments import common
 
@@ -47,7 +48,9 @@ def write(results: dict, path: str) -> None:
   lines = ['# How long the test suite takes', '',
            f"Machine: {m['cpu']}, {m['cores']} cores, AVX-512: "
            f"{m.get('avx512')}. Command: `python -m experiments.time_suite`, "
-           'from a fresh clone, nothing else running.', '',
+           'from a fresh clone, nothing else running. pytest options from '
+           f"pyproject.toml: `{results.get('addopts', '')}`; a test's "
+           'seconds are measured beside the other workers, if any.', '',
            '| tier | command | result | wall |', '|---|---|---|---|']
   for name, r in results['tiers'].items():
     counts = ', '.join(f'{n} {k}' for k, n in r['counts'].items())
@@ -74,7 +77,9 @@ def main():
   if unknown:
     sys.exit(f'error: --tiers: unknown tier(s) {unknown}; known: '
              f'{sorted(TIERS)}')
-  results = {'machine': common.machine(),
+  with open(os.path.join(common.REPO, 'pyproject.toml'), 'rb') as f:
+    addopts = tomllib.load(f)['tool']['pytest']['ini_options']['addopts']
+  results = {'machine': common.machine(), 'addopts': addopts,
              'tiers': {name: run_tier(name, args.slowest) for name in tiers}}
   write(results, os.path.join(common.RESULTS, 'test_suite_timing_cpu'))
   print(json.dumps({k: (v['counts'], v['seconds'])
